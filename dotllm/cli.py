@@ -1,0 +1,179 @@
+"""`dotllm`: the command line, a drop-in for `vllm serve`.
+
+    dotllm [serve] [MODEL] [vllm serve options] [DotLLM options]
+    dotllm --version
+    dotllm model build [--output DIR] [--force]
+
+Without a model, the embedded tiny model is served (built on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+from dotllm import __version__, embedded_model, serve_defaults
+from dotllm.model_check import model_problem
+
+PROG = "dotllm"
+USAGE = "dotllm [serve] [model_tag] [options]"
+DESCRIPTION = """Serve a model with vLLM's OpenAI-compatible API, with DotLLM's structured
+outputs. Takes every `vllm serve` option with vLLM's meaning. Without a model, serves
+DotLLM's embedded tiny model (built offline on first use).
+
+Search by using: `--help=<ConfigGroup>` to explore options by section (e.g.,
+--help=ModelConfig, --help=DotLLM)."""
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for, reported in one line (exit status 2)."""
+
+
+def fail(message: str, status: int = 1) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def versions() -> dict[str, str]:
+    from dotllm.vllm_ext import serve_cli
+
+    def dist_version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "dotllm": __version__,
+        **serve_cli.versions(),
+        "torch": dist_version("torch"),
+        "outlines-core": dist_version("outlines_core"),
+    }
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse prints the whole usage before an error; vLLM's usage is hundreds of lines."""
+
+    def error(message: str):
+        raise UsageError(f"{message} (see `dotllm --help`)")
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _one_line_errors(sub)
+    return parser
+
+
+def add_dotllm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DotLLM", "DotLLM's own options.")
+    group.add_argument(
+        "--dotllm-cache-dir",
+        default=None,
+        help="Where DotLLM keeps what it builds (the embedded model). "
+        "Default: $DOTLLM_CACHE_DIR, else ~/.cache/dotllm.",
+    )
+
+
+def build_serve_parser(on_gpu: bool) -> argparse.ArgumentParser:
+    from dotllm.vllm_ext import serve_cli
+
+    parser = serve_cli.build_parser(PROG, USAGE, DESCRIPTION)
+    add_dotllm_options(parser)
+    # None means "not given": serve the embedded model instead of vLLM's default.
+    parser.set_defaults(model=None, **serve_defaults.option_defaults(on_gpu))
+    return _one_line_errors(parser)
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """Settle which model to serve, building the embedded one if none was named."""
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    if args.model is None:
+        print(f"{PROG}: no model given, serving the embedded model", file=sys.stderr)
+        args.model = str(embedded_model.build())
+        if args.served_model_name is None:
+            args.served_model_name = [embedded_model.NAME]
+    args.model_tag = args.model
+    if problem := model_problem(args.model):
+        raise UsageError(problem)
+
+
+def serve(argv: list[str]) -> int:
+    from dotllm.vllm_ext import plugin, serve_cli
+
+    # Before vLLM is imported: the plugin reads it in every process vLLM starts.
+    plugin.activate()
+    on_gpu = serve_defaults.has_gpu()
+    serve_defaults.apply_environment(os.environ, on_gpu)
+
+    if "-h" in argv or "--help" in argv:
+        argv = [a for a in argv if a not in ("-h", "--help")] + ["--help=all"]
+    try:
+        parser = build_serve_parser(on_gpu)
+        args = parser.parse_args(argv)
+        if args.dotllm_cache_dir:
+            os.environ["DOTLLM_CACHE_DIR"] = args.dotllm_cache_dir
+        resolve_model(args)
+        serve_cli.validate(args)
+    except UsageError as e:
+        return fail(str(e), 2)
+    except (ValueError, TypeError, KeyError) as e:
+        return fail(str(e).removeprefix("Error: "), 2)
+
+    try:
+        serve_cli.serve(args)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        where = args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
+        return fail(f"cannot listen on {where}: address already in use (choose another --port)")
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def model_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dotllm model",
+        description="Manage DotLLM's embedded default model (built offline, never downloaded).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="Build the embedded model and print its directory.")
+    build.add_argument(
+        "--output", type=Path, default=None,
+        help=f"Directory to build into (default: {embedded_model.default_model_dir()})",
+    )
+    build.add_argument("--force", action="store_true", help="Rebuild even if already built.")
+    sub.add_parser("path", help="Print where the embedded model is (or will be) built.")
+    _one_line_errors(parser)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return fail(str(e).replace("dotllm --help", "dotllm model --help"), 2)
+    if args.action == "path":
+        print(embedded_model.default_model_dir())
+    else:
+        print(embedded_model.build(args.output, force=args.force))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-v"], ["--version"]):
+        for name, version in versions().items():
+            print(f"{name} {version}")
+        return 0
+    if argv[:1] == ["model"]:
+        return model_command(argv[1:])
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The embedded default model: a tiny random-weight Llama on Mistral's Tekken tokenizer.
+
+Nothing can be downloaded on the machines DotLLM is developed and tested on, so the
+default model is built offline from what the installed packages ship: mistral_common
+carries the Tekken vocabulary (131,072 ids, the size real models use), transformers
+converts it to a Hugging Face tokenizer, and the weights are random (seeded). The
+output is gibberish; the shapes, tokenizer and chat template are real, which is what
+serving and constrained decoding need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+NAME = "tiny-llama-tekken"
+# Bump when the recipe below changes, so that a cached build is not reused.
+RECIPE_VERSION = 1
+_DONE_MARKER = "dotllm-model.json"
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+LLAMA_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+)
+
+
+def cache_root() -> Path:
+    """Where DotLLM keeps what it builds: $DOTLLM_CACHE_DIR, else the user's cache dir."""
+    if env := os.environ.get("DOTLLM_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dotllm"
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / NAME
+
+
+def is_built(path: Path) -> bool:
+    marker = path / _DONE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("recipe") == RECIPE_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def build(path: Path | None = None, *, force: bool = False, seed: int = 0) -> Path:
+    """Build the model into `path` (default: the cache) unless a build is already there.
+
+    The model is written to a temporary sibling directory and renamed into place, so an
+    interrupted build never leaves a directory that looks complete.
+    """
+    path = Path(path) if path is not None else default_model_dir()
+    if is_built(path) and not force:
+        return path
+
+    import torch
+    from mistral_common import __file__ as mistral_common_init
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    tekken = Path(mistral_common_init).parent / "data" / "tekken_240718.json"
+    tokenizer = convert_tekken_tokenizer(str(tekken), chat_template=CHAT_TEMPLATE)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16",
+        **LLAMA_CONFIG,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARKER).write_text(
+            json.dumps({"name": NAME, "recipe": RECIPE_VERSION, "seed": seed}) + "\n"
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

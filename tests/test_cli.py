@@ -1,0 +1,187 @@
+"""The `dotllm` command line: a drop-in for `vllm serve`, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dotllm import __version__, cli
+from dotllm.embedded_model import NAME
+from tests.conftest import DOTLLM, free_port
+
+
+def run(*args: str, timeout: float = 180, env: dict | None = None):
+    return subprocess.run(
+        [str(DOTLLM), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "dotllm: error:" in line]
+
+
+def test_version_lists_dotllm_vllm_torch_and_outlines_core():
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["dotllm"] == __version__
+    assert lines["vllm"] == "0.26.0"
+    assert lines["torch"].startswith("2.11.0")
+    assert lines["outlines-core"] == "0.2.14"
+
+
+def test_help_lists_every_vllm_serve_option_and_dotllm_group():
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    stock = make_arg_parser(FlexibleArgumentParser())
+    stock_options = {o for a in stock._actions for o in a.option_strings if o.startswith("--")}
+    for args in (["--help"], ["serve", "--help"]):
+        result = run(*args)
+        assert result.returncode == 0, result.stderr
+        assert "usage: dotllm [serve]" in result.stdout
+        missing = [o for o in stock_options if o not in result.stdout]
+        assert not missing, missing
+        assert "--tensor-parallel-size" in result.stdout
+        assert "\nDotLLM:\n" in result.stdout
+        assert "--dotllm-cache-dir" in result.stdout
+
+
+def test_help_search_by_group_works_as_in_vllm():
+    result = run("serve", "--help=DotLLM")
+    assert result.returncode == 0
+    assert "--dotllm-cache-dir" in result.stdout
+    assert "--tensor-parallel-size" not in result.stdout
+
+
+def test_unknown_option_is_one_line_and_exit_2():
+    result = run("serve", "--no-such-option")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "dotllm: error: unrecognized arguments: --no-such-option (see `dotllm --help`)"
+    ]
+    assert "Traceback" not in result.stderr
+    assert "usage:" not in result.stderr
+
+
+def test_invalid_option_value_is_one_line():
+    result = run("serve", "--tensor-parallel-size", "two")
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "--tensor-parallel-size" in line and "'two'" in line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["serve", "/no/such/model"], id="serve-positional"),
+        pytest.param(["serve", "--model", "/no/such/model"], id="serve-model-option"),
+        pytest.param(["--model", "/no/such/model"], id="model-option-only"),
+        pytest.param(["/no/such/model", "--port", "0"], id="positional-only"),
+    ],
+)
+def test_missing_model_path_is_one_line(args):
+    result = run(*args)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "dotllm: error: model path '/no/such/model' does not exist"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_hub_model_offline_is_one_line():
+    result = run("serve", "nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "'nobody/no-such-model'" in line and "HF_HUB_OFFLINE" in line
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        pytest.param(lambda m, p: ["serve", m, "--port", p], id="serve-positional"),
+        pytest.param(lambda m, p: ["serve", "--model", m, "--port", p], id="serve-model-option"),
+        pytest.param(lambda m, p: ["--model", m, "--port", p], id="model-option-only"),
+        pytest.param(lambda m, p: ["--port", p], id="embedded-default"),
+    ],
+)
+def test_every_form_starts_the_server_and_port_in_use_is_one_line(form, embedded_model):
+    """Each form gets as far as binding the port (after parsing and validation)."""
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", port))
+        busy.listen()
+        result = run(*form(str(embedded_model), str(port)))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert error_lines(result.stderr)[-1].endswith(
+        f"dotllm: error: cannot listen on 0.0.0.0:{port}: address already in use "
+        "(choose another --port)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def parse(argv: list[str], on_gpu: bool = False):
+    args = cli.build_serve_parser(on_gpu).parse_args(argv)
+    cli.resolve_model(args)
+    return args
+
+
+def test_parse_forms_agree(embedded_model):
+    m = str(embedded_model)
+    forms = [[m, "-tp", "1"], ["--model", m, "-tp", "1"], ["-tp", "1", "--model", m]]
+    parsed = [parse(f) for f in forms]
+    assert {a.model for a in parsed} == {m}
+    assert {a.tensor_parallel_size for a in parsed} == {1}
+
+
+def test_no_model_serves_the_embedded_one_under_its_name(embedded_model):
+    args = parse([])
+    assert args.model == str(embedded_model)
+    assert args.served_model_name == [NAME]
+    args = parse(["--served-model-name", "mine"])
+    assert args.served_model_name == ["mine"]
+
+
+def test_cpu_defaults_are_overridable(embedded_model):
+    assert parse([]).dtype == "float32"
+    assert parse(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert parse([], on_gpu=True).dtype == "auto"
+
+
+def test_vllm_options_keep_their_meaning(embedded_model):
+    args = parse(["--max-model-len", "1K", "--enable-prefix-caching", "--port", "9001",
+                  "--structured-outputs-config.backend", "xgrammar"])
+    assert args.max_model_len == 1024
+    assert args.enable_prefix_caching is True
+    assert args.port == 9001
+    assert args.structured_outputs_config.backend == "xgrammar"
+
+
+def test_model_build_and_path(tmp_path):
+    out = tmp_path / "m"
+    result = run("model", "build", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert (out / "config.json").is_file()
+    result = run("model", "path", env={"DOTLLM_CACHE_DIR": str(tmp_path)})
+    assert result.stdout.strip() == str(tmp_path / "models" / NAME)
+
+
+def test_model_command_errors_are_one_line():
+    result = run("model", "frobnicate")
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "frobnicate" in line and "dotllm model --help" in line
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "dotllm.cli", "--version"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"dotllm {__version__}\n")

@@ -1,0 +1,95 @@
+"""The `vllm.general_plugins` entry point: active under `dotllm`, idle under plain vLLM."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dotllm.vllm_ext import plugin
+
+# Loads plugins exactly as vLLM does in each of its processes, then reports what changed.
+PROBE = """
+import json, multiprocessing, os, sys
+from vllm.plugins import load_general_plugins
+if os.environ.get("PROBE_AS_LAUNCHER") and "DOTLLM_SERVE" not in os.environ:
+    os.environ["DOTLLM_SERVE"] = str(os.getpid())
+# Spawned children re-import this module before they know they are children.
+load_general_plugins()
+
+def report():
+    api = sys.modules.get("vllm.entrypoints.openai.api_server")
+    return {"api_server_loaded": api is not None,
+            "patched": getattr(getattr(api, "build_app", None), "dotllm_patch", None)}
+
+def child(queue):
+    load_general_plugins()
+    queue.put(report())
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=child, args=(queue,))
+    p.start()
+    out = {"main": report(), "child": queue.get(timeout=120)}
+    p.join()
+    print(json.dumps(out))
+"""
+
+
+def probe(active: bool, tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != plugin.ACTIVE_ENV}
+    if active:
+        env["PROBE_AS_LAUNCHER"] = "1"
+    script = tmp_path / "probe.py"  # spawn re-imports the main module: it must be a file
+    script.write_text(PROBE)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_is_registered():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert [ep.value for ep in eps if ep.name == "dotllm"] == ["dotllm.vllm_ext.plugin:register"]
+
+
+def test_plain_vllm_process_stays_stock(tmp_path):
+    out = probe(active=False, tmp_path=tmp_path)
+    assert out["main"] == {"api_server_loaded": False, "patched": None}
+    assert out["child"] == {"api_server_loaded": False, "patched": None}
+
+
+def test_dotllm_patches_the_api_server_only(tmp_path):
+    out = probe(active=True, tmp_path=tmp_path)
+    assert out["main"] == {"api_server_loaded": True, "patched": "server_identity"}
+    # Engine-core and worker processes are children: no API-server code is pulled in.
+    assert out["child"] == {"api_server_loaded": False, "patched": None}
+
+
+def test_register_is_idempotent(monkeypatch):
+    import vllm.entrypoints.openai.api_server as api_server
+
+    original = api_server.build_app
+    monkeypatch.setattr(api_server, "build_app", original)
+    monkeypatch.setenv(plugin.ACTIVE_ENV, str(os.getpid()))
+    assert plugin.register() == ["server_identity"]
+    once = api_server.build_app
+    assert plugin.register() == ["server_identity"]
+    assert api_server.build_app is once
+    assert once.__wrapped__ is original
+
+
+def test_register_does_nothing_without_the_flag(monkeypatch):
+    monkeypatch.delenv(plugin.ACTIVE_ENV, raising=False)
+    assert plugin.register() == []
+
+
+@pytest.mark.parametrize("value", ["0", "", "1x", "-5"])
+def test_only_the_exact_flag_activates(monkeypatch, value):
+    monkeypatch.setenv(plugin.ACTIVE_ENV, value)
+    assert plugin.register() == []

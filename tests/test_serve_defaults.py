@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from dotllm import serve_defaults
+from dotllm.model_check import looks_like_path, model_problem
+
+
+def test_cpu_environment_defaults_fill_only_what_is_unset():
+    env = {"HF_HUB_OFFLINE": "0"}
+    added = serve_defaults.apply_environment(env, on_gpu=False)
+    assert added == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert env == {"HF_HUB_OFFLINE": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def test_gpu_gets_no_cpu_defaults():
+    env: dict[str, str] = {}
+    assert serve_defaults.apply_environment(env, on_gpu=True) == {}
+    assert env == {}
+    assert serve_defaults.option_defaults(on_gpu=True) == {}
+    assert serve_defaults.option_defaults(on_gpu=False) == {"dtype": "float32"}
+
+
+def test_looks_like_path():
+    assert looks_like_path("/models/x")
+    assert looks_like_path("./x")
+    assert looks_like_path("~/x")
+    assert looks_like_path("a/b/c")
+    assert not looks_like_path("org/name")
+    assert not looks_like_path("gpt2")
+
+
+def test_model_problem(tmp_path):
+    assert model_problem(str(tmp_path)) is None
+    missing = str(tmp_path / "nope")
+    assert model_problem(missing) == f"model path {missing!r} does not exist"
+    assert model_problem("org/name", environ={}) is None  # online: vLLM may download it
+    offline = model_problem("org/name", environ={"HF_HUB_OFFLINE": "1"})
+    assert offline and "Hugging Face cache" in offline
+    assert model_problem("not a valid id", environ={"HF_HUB_OFFLINE": "1"})
