@@ -118,3 +118,17 @@ def stock_vllm_server(embedded_model, tmp_path_factory) -> Iterator[Server]:
     server = start_server(cmd, port, log, env=env)
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+@pytest.fixture(scope="session")
+def vocabulary(tokenizer):
+    from dotllm.compiler.vocabulary import Vocabulary
+
+    return Vocabulary.from_tokenizer(tokenizer)

@@ -1,0 +1,1 @@
+"""Constraint compilation: spec -> canonical key -> regex -> outlines-core index -> mask table."""

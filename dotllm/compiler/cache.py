@@ -1,0 +1,200 @@
+"""Compiled indexes kept in memory, on disk and in a remote store, each filling those above.
+
+- memory: an LRU bounded in bytes, holding ready `CompiledIndex` objects;
+- disk: one file per key in a directory, written atomically (temp file + rename);
+- remote: any fsspec URL (a shared directory, s3://bucket/prefix, ...), so replicas behind
+  a load balancer compile each schema once between them.
+
+Entries are `CompiledIndex.to_bytes()`; one that fails its checksum or is truncated is
+logged, deleted and reported as a miss, so it is recompiled rather than served. Keys
+already include the vocabulary and the outlines-core version (`cache_key`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from dotllm.compiler.compiled import FORMAT_VERSION, CompiledIndex, CorruptEntry
+
+logger = logging.getLogger(__name__)
+
+OUTLINES_CORE_VERSION = importlib.metadata.version("outlines_core")
+
+
+def cache_key(vocabulary_digest: str, spec_key: str) -> str:
+    text = f"{FORMAT_VERSION}|{OUTLINES_CORE_VERSION}|{vocabulary_digest}|{spec_key}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class MemoryLRU:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[str, CompiledIndex] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> CompiledIndex | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: str, item: CompiledIndex) -> None:
+        if item.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                self.nbytes -= self._items.pop(key).nbytes
+            self._items[key] = item
+            self.nbytes += item.nbytes
+            while self.nbytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.nbytes -= evicted.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class DiskStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.idx"
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+
+class RemoteStore:
+    """An fsspec URL; written under a unique temporary name, then moved into place."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        with contextlib.suppress(Exception):
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}.idx"
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._path(key))
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        tmp = f"{self.root}/.tmp-{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, self._path(key))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(key))
+
+
+class IndexCache:
+    """Memory -> disk -> remote. `get` returns (CompiledIndex or None, level it came from)."""
+
+    LEVELS = ("memory", "disk", "remote")
+
+    def __init__(self, memory_bytes: int = 1 << 30, disk_dir: Path | None = None,
+                 remote_url: str | None = None,
+                 on_event: Callable[[str, str], None] | None = None):
+        self.memory = MemoryLRU(memory_bytes)
+        self.disk = DiskStore(disk_dir) if disk_dir is not None else None
+        self.remote = RemoteStore(remote_url) if remote_url else None
+        self._on_event = on_event or (lambda event, level: None)
+
+    def get(self, key: str) -> tuple[CompiledIndex | None, str | None]:
+        if (item := self.memory.get(key)) is not None:
+            self._on_event("hit", "memory")
+            return item, "memory"
+        for level, store in (("disk", self.disk), ("remote", self.remote)):
+            if store is None:
+                continue
+            data = self._read(store, level, key)
+            if data is None:
+                continue
+            try:
+                item = CompiledIndex.from_bytes(data)
+            except (CorruptEntry, ValueError) as e:
+                logger.warning("dropping corrupt %s cache entry %s: %s", level, key, e)
+                self._on_event("corrupt", level)
+                self._delete(store, level, key)
+                continue
+            self._on_event("hit", level)
+            self.memory.put(key, item)
+            if level == "remote" and self.disk is not None:
+                self._write(self.disk, "disk", key, data)
+            return item, level
+        self._on_event("miss", "all")
+        return None, None
+
+    def put(self, key: str, item: CompiledIndex, data: bytes | None = None) -> None:
+        self.memory.put(key, item)
+        data = data if data is not None else item.to_bytes()
+        for level, store in (("disk", self.disk), ("remote", self.remote)):
+            if store is not None:
+                self._write(store, level, key, data)
+
+    # A store that fails (full disk, unreachable bucket) costs a compile, not the request.
+    @staticmethod
+    def _read(store, level: str, key: str) -> bytes | None:
+        try:
+            return store.read(key)
+        except Exception as e:
+            logger.warning("%s cache read failed for %s: %s", level, key, e)
+            return None
+
+    @staticmethod
+    def _write(store, level: str, key: str, data: bytes) -> None:
+        try:
+            store.write(key, data)
+        except Exception as e:
+            logger.warning("%s cache write failed for %s: %s", level, key, e)
+
+    @staticmethod
+    def _delete(store, level: str, key: str) -> None:
+        try:
+            store.delete(key)
+        except Exception as e:
+            logger.warning("%s cache delete failed for %s: %s", level, key, e)

@@ -1,0 +1,83 @@
+"""A compiled constraint: the outlines-core index and its mask table, with their bytes.
+
+The same bytes travel from a pool worker, sit in the disk and remote caches, and are
+checked on load: a truncated or corrupt entry fails `from_bytes`, never serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import outlines_core
+
+from dotllm.compiler.mask_table import MaskTable
+
+_MAGIC = b"DOTLLMIX"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQQQ32s")  # magic, version, meta, index, table sizes, sha256
+
+
+class CorruptEntry(ValueError):
+    """Bytes that are not a complete compiled index of this format."""
+
+
+@dataclass(frozen=True)
+class CompiledIndex:
+    index: outlines_core.Index
+    table: MaskTable
+    index_bytes: bytes
+
+    @classmethod
+    def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int) -> CompiledIndex:
+        index = outlines_core.Index(regex, vocabulary)
+        return cls(index, MaskTable.build(index, vocab_size, eos_token_id),
+                   _index_to_bytes(index))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.index_bytes) + self.table.nbytes
+
+    @property
+    def num_states(self) -> int:
+        return len(self.table.state_rows)
+
+    def to_bytes(self) -> bytes:
+        states = sorted(self.table.state_rows.items())
+        meta = json.dumps({
+            "rows": list(self.table.rows.shape),
+            "states": [s for s, _ in states],
+            "state_rows": [r for _, r in states],
+        }).encode()
+        table = self.table.rows.tobytes()
+        body = meta + self.index_bytes + table
+        header = _HEADER.pack(_MAGIC, FORMAT_VERSION, len(meta), len(self.index_bytes),
+                              len(table), hashlib.sha256(body).digest())
+        return header + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CompiledIndex:
+        if len(data) < _HEADER.size:
+            raise CorruptEntry("shorter than its header")
+        magic, version, n_meta, n_index, n_table, digest = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != FORMAT_VERSION:
+            raise CorruptEntry("not a DotLLM index of this format")
+        body = memoryview(data)[_HEADER.size:]
+        if len(body) != n_meta + n_index + n_table:
+            raise CorruptEntry("truncated or padded")
+        if hashlib.sha256(body).digest() != digest:
+            raise CorruptEntry("checksum mismatch")
+        meta = json.loads(bytes(body[:n_meta]))
+        index_bytes = bytes(body[n_meta:n_meta + n_index])
+        rows = np.frombuffer(body[n_meta + n_index:], dtype=np.int32).reshape(meta["rows"])
+        table = MaskTable(rows.copy(), dict(zip(meta["states"], meta["state_rows"], strict=True)))
+        return cls(outlines_core.Index.from_binary(index_bytes), table, index_bytes)
+
+
+def _index_to_bytes(index: outlines_core.Index) -> bytes:
+    # Index pickles as (Index.from_binary, (bincode bytes,)).
+    constructor, (data,) = index.__reduce__()
+    return bytes(data)

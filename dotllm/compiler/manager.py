@@ -1,0 +1,108 @@
+"""`CompilationManager`: one compiled index per canonical constraint, however many ask.
+
+A request's constraint is looked up in the cache (memory, disk, remote); on a miss it is
+compiled once in the process pool, while every other request for the same key waits on
+the same Future. A constraint that failed to compile (invalid, too large, too slow, or
+crashed its worker) is remembered, so the same bad input does not cost a compile, or a
+worker, on every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from dotllm.compiler.cache import IndexCache, cache_key
+from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.pool import CompileFailed, CompilePool
+from dotllm.compiler.spec import ConstraintError, ConstraintSpec
+from dotllm.compiler.vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+_MAX_REMEMBERED_FAILURES = 4096
+
+
+class CompilationManager:
+    def __init__(self, vocabulary: Vocabulary, cache: IndexCache, pool: CompilePool):
+        self.vocabulary = vocabulary
+        self.cache = cache
+        self.pool = pool
+        self.stats: Counter[str] = Counter()
+        self.compile_seconds: list[float] = []
+        self._inflight: dict[str, Future] = {}
+        self._failures: OrderedDict[str, Exception] = OrderedDict()
+        self._lock = threading.Lock()
+        # Lookups wait on disk, remote stores and the pool: threads, not CPU.
+        self._lookups = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dotllm-lookup")
+
+    def key_for(self, spec: ConstraintSpec) -> str:
+        return cache_key(self.vocabulary.digest, spec.key)
+
+    def get(self, spec: ConstraintSpec) -> Future:
+        """Future[CompiledIndex]; its exception is a ConstraintError or CompileFailed."""
+        key = self.key_for(spec)
+        with self._lock:
+            if (failure := self._failures.get(key)) is not None:
+                self.stats["remembered_failure"] += 1
+                return _done(exception=failure)
+            if (item := self.cache.memory.get(key)) is not None:
+                self.stats["hit_memory"] += 1
+                return _done(result=item)
+            if (future := self._inflight.get(key)) is not None:
+                self.stats["deduplicated"] += 1
+                return future
+            future = self._inflight[key] = Future()
+        self._lookups.submit(self._resolve, key, spec, future)
+        return future
+
+    def _resolve(self, key: str, spec: ConstraintSpec, future: Future) -> None:
+        try:
+            item, level = self.cache.get(key)
+            if item is not None:
+                self.stats[f"hit_{level}"] += 1
+            else:
+                item = self._compile(key, spec)
+            future.set_result(item)
+        except (ConstraintError, CompileFailed) as e:
+            self._remember_failure(key, e)
+            future.set_exception(e)
+        except Exception as e:
+            logger.exception("constraint lookup failed")
+            future.set_exception(CompileFailed(f"compiling the constraint failed: {e}", "crash"))
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _compile(self, key: str, spec: ConstraintSpec) -> CompiledIndex:
+        regex = spec.to_regex()
+        self.stats["compiles"] += 1
+        started = time.monotonic()
+        data = self.pool.submit(regex).result()
+        self.compile_seconds.append(time.monotonic() - started)
+        item = CompiledIndex.from_bytes(data)
+        self.cache.put(key, item, data)
+        return item
+
+    def _remember_failure(self, key: str, error: Exception) -> None:
+        self.stats[f"failed_{getattr(error, 'kind', 'invalid')}"] += 1
+        with self._lock:
+            self._failures[key] = error
+            while len(self._failures) > _MAX_REMEMBERED_FAILURES:
+                self._failures.popitem(last=False)
+
+    def shutdown(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
+
+
+def _done(result=None, exception: Exception | None = None) -> Future:
+    future: Future = Future()
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
+    return future

@@ -1,0 +1,67 @@
+"""Per-state token masks, computed once when an index is built.
+
+`Guide.write_mask_into` costs ~124 us a call at V=131,072 (up to ~430 us inside free
+text), too slow for every row of every step. An index has few states (p50 ~150), and
+many share one mask (every position inside a string), so the distinct masks are packed
+once into one contiguous int32 array `[rows, ceil(V/32)]` (vLLM's bitmask layout: token
+t is bit t & 31 of word t >> 5) with a state -> row map. A step then copies one row per
+request, and the same table can later live on the GPU and be gathered by row id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import outlines_core
+
+
+def words_for(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def pack_tokens(token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """A packed int32 mask row with exactly `token_ids` allowed."""
+    allowed = np.zeros(words_for(vocab_size) * 32, dtype=bool)
+    allowed[token_ids] = True
+    return np.packbits(allowed, bitorder="little").view(np.int32)
+
+
+@dataclass(frozen=True)
+class MaskTable:
+    rows: np.ndarray  # int32 [num_rows, words], C-contiguous
+    state_rows: dict[int, int]  # index state -> row in `rows`
+
+    @classmethod
+    def build(cls, index: outlines_core.Index, vocab_size: int, eos_token_id: int) -> MaskTable:
+        finals = set(index.get_final_states())
+        rows: list[np.ndarray] = []
+        row_of_mask: dict[bytes, int] = {}
+        state_rows: dict[int, int] = {}
+        for state, transitions in index.get_transitions().items():
+            ids = np.fromiter(transitions.keys(), dtype=np.int64, count=len(transitions))
+            if state in finals:
+                ids = np.append(ids, eos_token_id)
+            state_rows[state] = cls._intern(pack_tokens(ids, vocab_size), rows, row_of_mask)
+        # Final states without outgoing transitions allow only EOS.
+        eos_only = pack_tokens(np.array([eos_token_id]), vocab_size)
+        for state in finals - state_rows.keys():
+            state_rows[state] = cls._intern(eos_only, rows, row_of_mask)
+        table = np.ascontiguousarray(np.stack(rows)) if rows else np.zeros(
+            (0, words_for(vocab_size)), dtype=np.int32)
+        return cls(table, state_rows)
+
+    @staticmethod
+    def _intern(row: np.ndarray, rows: list[np.ndarray], row_of_mask: dict[bytes, int]) -> int:
+        key = row.tobytes()
+        if key not in row_of_mask:
+            row_of_mask[key] = len(rows)
+            rows.append(row)
+        return row_of_mask[key]
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + 16 * len(self.state_rows)
+
+    def row(self, state: int) -> np.ndarray:
+        return self.rows[self.state_rows[state]]

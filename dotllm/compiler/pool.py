@@ -1,0 +1,182 @@
+"""A pool of compile processes that can really be stopped.
+
+outlines-core builds an index single-threaded, holds the GIL-free state in Rust, and its
+release build aborts the whole process on a panic or a failed allocation. So each compile
+runs in a worker process of its own: a compile past its time is stopped by killing that
+worker (a thread cannot be stopped), a worker that dies fails only the compile it was
+running, and either way a fresh worker takes its place. Each worker holds the vocabulary,
+sent once when it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+class CompileFailed(Exception):
+    """A compile did not produce an index; `reason` says why in words a client can read."""
+
+    def __init__(self, reason: str, kind: str):
+        super().__init__(reason)
+        self.kind = kind  # "invalid", "timeout", "too_large", "crash"
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    timeout_s: float = 60.0
+    max_index_bytes: int = 256 * 2**20
+    # Address-space cap for a worker (0: none); over it, outlines-core's allocation fails
+    # and the worker dies instead of the machine swapping.
+    max_worker_memory_bytes: int = 0
+
+
+def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
+    if limits.max_worker_memory_bytes:
+        import resource
+
+        cap = limits.max_worker_memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    vocabulary: Vocabulary = pickle.loads(vocabulary_blob)
+    conn.send(("ready",))
+    while True:
+        try:
+            regex = conn.recv()
+        except (EOFError, OSError):  # the parent went away
+            return
+        try:
+            compiled = CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
+                                           vocabulary.eos_token_id)
+        except ValueError as e:  # outlines-core's word for a regex it cannot build
+            conn.send(("error", "invalid", f"cannot compile constraint: {e}"))
+            continue
+        if compiled.nbytes > limits.max_index_bytes:
+            conn.send(("error", "too_large",
+                       f"compiled constraint needs {compiled.nbytes / 2**20:.0f} MiB, over the "
+                       f"{limits.max_index_bytes / 2**20:.0f} MiB limit"))
+            continue
+        conn.send(("ok", compiled.to_bytes()))
+
+
+class _Worker:
+    def __init__(self, ctx, vocabulary_blob: bytes, limits: PoolLimits):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, vocabulary_blob, limits),
+                                   daemon=True, name="dotllm-compile")
+        self.process.start()
+        child.close()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if not self.conn.poll(timeout_s):
+            raise CompileFailed("compile worker did not start", "crash")
+        self.conn.recv()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+        self.conn.close()
+
+
+class CompilePool:
+    """`submit(regex)` -> Future[bytes of a CompiledIndex]; at most `workers` at once."""
+
+    def __init__(self, vocabulary: Vocabulary, workers: int = 2, limits: PoolLimits | None = None,
+                 start_timeout_s: float = 120.0):
+        self.limits = limits or PoolLimits()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._blob = pickle.dumps(vocabulary)
+        self._start_timeout_s = start_timeout_s
+        self._jobs: queue.Queue = queue.Queue()
+        self._closed = False
+        self.restarts = 0
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"dotllm-compile-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def queue_length(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, regex: str) -> Future:
+        if self._closed:
+            raise RuntimeError("compile pool is shut down")
+        future: Future = Future()
+        self._jobs.put((regex, future))
+        return future
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _start_worker(self) -> _Worker:
+        worker = _Worker(self._ctx, self._blob, self.limits)
+        try:
+            worker.wait_ready(self._start_timeout_s)
+        except (CompileFailed, EOFError, OSError):
+            worker.stop()
+            raise
+        return worker
+
+    def _serve(self) -> None:
+        worker: _Worker | None = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                regex, future = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    if worker is None:
+                        worker = self._start_worker()
+                    future.set_result(self._run(worker, regex))
+                except CompileFailed as e:
+                    if e.kind in ("timeout", "crash") and worker is not None:
+                        worker.stop()
+                        worker = None
+                        self.restarts += 1
+                    future.set_exception(e)
+                except Exception as e:  # never leave a waiter hanging
+                    logger.exception("compile pool error")
+                    future.set_exception(CompileFailed(f"compile failed: {e}", "crash"))
+                    if worker is not None:
+                        worker.stop()
+                        worker = None
+        finally:
+            if worker is not None:
+                worker.stop()
+
+    def _run(self, worker: _Worker, regex: str) -> bytes:
+        started = time.monotonic()
+        try:
+            worker.conn.send(regex)
+            if not worker.conn.poll(self.limits.timeout_s):
+                raise CompileFailed(
+                    f"compiling the constraint took longer than {self.limits.timeout_s:g} s",
+                    "timeout")
+            reply = worker.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            code = worker.process.exitcode if not worker.process.is_alive() else None
+            raise CompileFailed(
+                f"the compile worker died (exit code {code}) compiling this constraint",
+                "crash") from None
+        logger.debug("compiled in %.3f s", time.monotonic() - started)
+        if reply[0] == "ok":
+            return reply[1]
+        raise CompileFailed(reply[2], reply[1])

@@ -1,0 +1,121 @@
+"""What a request constrains its output to, in a canonical form that keys caches.
+
+Two requests that ask for the same constraint spelled differently (JSON key order,
+whitespace) share one key, so they share one compiled index. The order of a schema's
+`properties` is kept: outlines-core emits fields in that order, so it is part of what
+the client asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from outlines_core.json_schema import build_regex_from_schema
+
+from dotllm.compiler.schema_support import unenforced_keywords
+
+# Keys whose object value is an ordered list of members, not a set of keywords.
+_ORDERED_MEMBERS = frozenset({"properties"})
+
+# Any JSON value, for json_object requests: outlines-core builds it from an empty schema.
+_ANY_JSON_OBJECT_SCHEMA = {"type": "object"}
+
+
+class ConstraintError(ValueError):
+    """The constraint itself is invalid or unsupported: the client's error (HTTP 400)."""
+
+
+class ConstraintKind(enum.Enum):
+    JSON = "json"
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    CHOICE = "choice"
+
+
+def _canonical(value, ordered: bool = False):
+    if isinstance(value, dict):
+        items = value.items() if ordered else sorted(value.items())
+        return {k: _canonical(v, ordered=k in _ORDERED_MEMBERS) for k, v in items}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    kind: ConstraintKind
+    source: str  # canonical: JSON text for JSON and CHOICE, the pattern for REGEX
+    whitespace_pattern: str | None = None
+
+    @classmethod
+    def json_schema(cls, schema: str | dict, whitespace_pattern: str | None = None):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"JSON schema is not valid JSON: {e}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ConstraintError("JSON schema must be an object or a boolean")
+        return cls(ConstraintKind.JSON, _dumps(_canonical(schema)), whitespace_pattern)
+
+    @classmethod
+    def json_object(cls, whitespace_pattern: str | None = None):
+        return cls(ConstraintKind.JSON_OBJECT, _dumps(_ANY_JSON_OBJECT_SCHEMA),
+                   whitespace_pattern)
+
+    @classmethod
+    def regex(cls, pattern: str):
+        if not isinstance(pattern, str) or not pattern:
+            raise ConstraintError("regex must be a non-empty string")
+        return cls(ConstraintKind.REGEX, pattern)
+
+    @classmethod
+    def choice(cls, choices: list[str] | str):
+        if isinstance(choices, str):
+            try:
+                choices = json.loads(choices)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"choice is not a JSON list of strings: {e}") from None
+        if not isinstance(choices, list) or not choices:
+            raise ConstraintError("choice must be a non-empty list of strings")
+        if not all(isinstance(c, str) for c in choices):
+            raise ConstraintError("every choice must be a string")
+        return cls(ConstraintKind.CHOICE, _dumps(choices))
+
+    @cached_property
+    def key(self) -> str:
+        """A short stable digest of everything that determines the compiled index."""
+        text = json.dumps([self.kind.value, self.whitespace_pattern, self.source])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def to_regex(self) -> str:
+        """The regex outlines-core compiles (raises ConstraintError when there is none)."""
+        if self.kind is ConstraintKind.REGEX:
+            pattern = self.source
+        elif self.kind is ConstraintKind.CHOICE:
+            pattern = "|".join(f"({re.escape(c)})" for c in json.loads(self.source))
+        else:
+            if self.kind is ConstraintKind.JSON and (
+                    found := list(unenforced_keywords(json.loads(self.source)))):
+                where = ", ".join(f"{k} at {p}" for k, p in found[:5])
+                more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+                raise ConstraintError(
+                    f"JSON schema uses keywords DotLLM cannot enforce yet: {where}{more}")
+            try:
+                pattern = build_regex_from_schema(self.source, self.whitespace_pattern)
+            except (ValueError, TypeError) as e:
+                raise ConstraintError(f"unsupported JSON schema: {e}") from None
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConstraintError(f"invalid regex: {e}") from None
+        return pattern

@@ -1,0 +1,89 @@
+"""Per-request progress through a compiled index: accept, validate, roll back, fill a row.
+
+Tokens move the request from state to state of the outlines-core index; EOS is accepted
+only in a final state and ends the request. Masks come from the index's per-state table,
+so filling a row is one copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dotllm.compiler.compiled import CompiledIndex
+
+
+class Guide:
+    def __init__(self, compiled: CompiledIndex, eos_token_id: int):
+        self._index = compiled.index
+        self._table = compiled.table
+        self._eos = eos_token_id
+        self._initial = self._index.get_initial_state()
+        self._finals = frozenset(self._index.get_final_states())
+        self._states = [self._initial]  # one entry per accepted token, for rollback
+        self._terminated = False
+
+    @property
+    def state(self) -> int:
+        return self._states[-1]
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self._states) - 1
+
+    def is_terminated(self) -> bool:
+        """True once EOS has been accepted."""
+        return self._terminated
+
+    def _next(self, state: int, token: int) -> int | None:
+        if token == self._eos:
+            return state if state in self._finals else None
+        return self._index.get_next_state(state, token)
+
+    def _walk(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """States after each token of the longest acceptable prefix, and whether it ends in EOS."""
+        states: list[int] = []
+        if self._terminated:
+            return states, True
+        state = self.state
+        for token in tokens:
+            if (state := self._next(state, token)) is None:
+                break
+            states.append(state)
+            if token == self._eos:
+                return states, True
+        return states, False
+
+    def accept_tokens(self, tokens: list[int]) -> bool:
+        """Advance through all of `tokens`, or through none of them and return False."""
+        states, terminated = self._walk(tokens)
+        if len(states) != len(tokens):
+            return False
+        self._states.extend(states)
+        self._terminated = terminated
+        return True
+
+    def validate_tokens(self, tokens: list[int]) -> list[int]:
+        """The longest prefix of `tokens` that would be accepted; the state does not move."""
+        states, _ = self._walk(tokens)
+        return list(tokens[: len(states)])
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        num_tokens = min(num_tokens, self.num_accepted)
+        del self._states[len(self._states) - num_tokens:]
+        self._terminated = False
+
+    def reset(self) -> None:
+        self._states = [self._initial]
+        self._terminated = False
+
+    def fill_row(self, out: np.ndarray) -> None:
+        """Write this state's mask into `out` (int32 `[ceil(V/32)]`); -1 once terminated."""
+        if self._terminated:
+            out.fill(-1)
+            return
+        row = self._table.row(self.state)
+        n = min(len(row), len(out))
+        out[:n] = row[:n]
+        out[n:] = 0

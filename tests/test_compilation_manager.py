@@ -1,0 +1,121 @@
+"""CompilationManager over a real process pool: dedupe, cache levels, timeouts, crashes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+from dotllm.compiler.cache import IndexCache
+from dotllm.compiler.manager import CompilationManager
+from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
+from dotllm.compiler.spec import ConstraintError, ConstraintSpec
+
+# A DFA with ~2^k states: far too slow to finish within a short timeout.
+EXPLODING = ConstraintSpec.regex("[ab]*a[ab]{22}")
+QUICK = ConstraintSpec.regex("[0-9]{1,3}")
+
+
+def workers_of(pool_owner_pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pool_owner_pid).children()
+            if "spawn_main" in " ".join(p.cmdline())]
+
+
+@pytest.fixture
+def make_manager(vocabulary, tmp_path):
+    made: list[CompilationManager] = []
+
+    def make(workers=2, timeout_s=60.0, max_index_bytes=256 * 2**20, disk=True):
+        pool = CompilePool(vocabulary, workers=workers,
+                           limits=PoolLimits(timeout_s=timeout_s, max_index_bytes=max_index_bytes))
+        cache = IndexCache(disk_dir=tmp_path / "cache" if disk else None)
+        manager = CompilationManager(vocabulary, cache, pool)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.shutdown()
+
+
+def test_one_compile_per_key_however_many_wait(make_manager):
+    manager = make_manager()
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    # Same schema, other spellings: one canonical key.
+    specs = [ConstraintSpec.json_schema(schema),
+             ConstraintSpec.json_schema('{"properties": {"x": {"type": "integer"}},\n'
+                                        ' "type": "object"}')] * 10
+    futures = [manager.get(s) for s in specs]
+    results = [f.result(timeout=120) for f in futures]
+    assert all(r is results[0] for r in results)
+    assert manager.stats["compiles"] == 1
+    assert manager.stats["deduplicated"] + manager.stats["hit_memory"] == 19
+
+
+def test_restart_serves_from_disk_with_zero_compiles(make_manager):
+    first = make_manager()
+    first.get(QUICK).result(timeout=120)
+    assert first.stats["compiles"] == 1
+    restarted = make_manager()
+    restarted.get(QUICK).result(timeout=120)
+    assert restarted.stats["compiles"] == 0 and restarted.stats["hit_disk"] == 1
+
+
+def test_pool_compiles_as_many_at_once_as_it_has_workers(make_manager):
+    manager = make_manager(workers=2, timeout_s=3)
+    started = time.monotonic()
+    futures = [manager.get(ConstraintSpec.regex(f"[ab]*a[ab]{{{n}}}")) for n in (22, 23)]
+    for f in futures:
+        with pytest.raises(CompileFailed):
+            f.result(timeout=60)
+    # Two 3 s timeouts side by side, not one after the other.
+    assert time.monotonic() - started < 5.9
+
+
+def test_timeout_kills_the_worker_and_the_pool_recovers(make_manager):
+    manager = make_manager(workers=1, timeout_s=2)
+    with pytest.raises(CompileFailed, match="longer than 2 s") as info:
+        manager.get(EXPLODING).result(timeout=120)
+    assert info.value.kind == "timeout"
+    assert manager.pool.restarts == 1
+    assert manager.get(QUICK).result(timeout=120).num_states > 0
+    # Remembered: the same constraint fails at once, without a worker.
+    started = time.monotonic()
+    with pytest.raises(CompileFailed):
+        manager.get(EXPLODING).result(timeout=5)
+    assert time.monotonic() - started < 1
+    assert manager.stats["compiles"] == 2
+
+
+def test_a_worker_that_dies_fails_only_its_own_compile(make_manager):
+    import os
+
+    manager = make_manager(workers=1, timeout_s=120)
+    manager.get(QUICK).result(timeout=120)  # the worker is up
+    doomed = manager.get(EXPLODING)
+    [worker] = workers_of(os.getpid())
+    threading.Timer(1.0, worker.kill).start()  # as outlines-core aborting on a panic would
+    with pytest.raises(CompileFailed, match="worker died") as info:
+        doomed.result(timeout=60)
+    assert info.value.kind == "crash"
+    ok = manager.get(ConstraintSpec.regex("[xyz]{2}"))
+    assert ok.result(timeout=120).num_states > 0
+
+
+def test_index_over_the_size_budget_is_refused(make_manager):
+    manager = make_manager(max_index_bytes=1000)
+    with pytest.raises(CompileFailed, match="over the 0 MiB limit") as info:
+        manager.get(ConstraintSpec.regex("[a-z]{1,20}")).result(timeout=120)
+    assert info.value.kind == "too_large"
+
+
+def test_invalid_constraints_fail_without_a_compile(make_manager):
+    manager = make_manager()
+    with pytest.raises(ConstraintError):
+        manager.get(ConstraintSpec.regex("(unclosed")).result(timeout=10)
+    # Python's re accepts lookarounds; outlines-core does not.
+    with pytest.raises(CompileFailed, match="cannot compile") as info:
+        manager.get(ConstraintSpec.regex("a(?=b)")).result(timeout=120)
+    assert info.value.kind == "invalid"

@@ -1,0 +1,206 @@
+"""Constraint specs, the vocabulary, per-state mask tables and compiled-index bytes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import outlines_core
+import pytest
+import torch
+
+from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
+from dotllm.compiler.mask_table import MaskTable, pack_tokens, words_for
+from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
+from dotllm.compiler.vocabulary import Vocabulary, token_bytes
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def test_same_schema_other_key_order_or_whitespace_same_key():
+    a = ConstraintSpec.json_schema(json.dumps(PERSON))
+    b = ConstraintSpec.json_schema(json.dumps(
+        {"required": ["name", "age"], "properties": PERSON["properties"], "type": "object"},
+        indent=4))
+    assert a.key == b.key
+    assert a.to_regex() == b.to_regex()
+
+
+def test_property_order_is_part_of_the_key():
+    swapped = dict(PERSON, properties=dict(reversed(list(PERSON["properties"].items()))))
+    a, b = ConstraintSpec.json_schema(PERSON), ConstraintSpec.json_schema(swapped)
+    assert a.key != b.key
+    assert a.to_regex().index('"name"') < a.to_regex().index('"age"')
+    assert b.to_regex().index('"age"') < b.to_regex().index('"name"')
+
+
+def test_whitespace_pattern_changes_key_and_regex():
+    a = ConstraintSpec.json_schema(PERSON)
+    b = ConstraintSpec.json_schema(PERSON, whitespace_pattern="")
+    assert a.key != b.key
+    assert "[ ]?" in a.to_regex() and "[ ]?" not in b.to_regex()
+
+
+def test_kinds_differ_in_key():
+    keys = {ConstraintSpec.regex("yes|no").key, ConstraintSpec.choice(["yes", "no"]).key,
+            ConstraintSpec.json_object().key}
+    assert len(keys) == 3
+
+
+def test_choice_regex_escapes():
+    spec = ConstraintSpec.choice('["a.b", "(c)"]')
+    assert spec.kind is ConstraintKind.CHOICE
+    assert spec.to_regex() == r"(a\.b)|(\(c\))"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ConstraintSpec.json_schema("{not json"), "not valid JSON"),
+        (lambda: ConstraintSpec.json_schema("[1, 2]"), "object or a boolean"),
+        (lambda: ConstraintSpec.json_schema({"type": "foo"}).to_regex(), "Unsupported type"),
+        (lambda: ConstraintSpec.regex(""), "non-empty"),
+        (lambda: ConstraintSpec.regex("(a").to_regex(), "invalid regex"),
+        (lambda: ConstraintSpec.choice([]), "non-empty list"),
+        (lambda: ConstraintSpec.choice(["a", 1]), "every choice must be a string"),
+        (lambda: ConstraintSpec.choice("nope"), "not a JSON list"),
+    ],
+)
+def test_invalid_constraints_name_the_problem(make, message):
+    with pytest.raises(ConstraintError, match=message):
+        make()
+
+
+def test_vocabulary_bytes_round_trip_text(tokenizer, vocabulary):
+    table = token_bytes(tokenizer)
+    text = 'Héllo {"a": [1, 2.5e3]} 日本語 ✓'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(table[i] for i in ids).decode() == text
+    assert vocabulary.size == 131072
+    assert vocabulary.eos_token_id == tokenizer.eos_token_id
+
+
+def test_special_and_control_tokens_are_never_text(tokenizer):
+    table = token_bytes(tokenizer)
+    assert min(table) >= 1000  # Tekken's first 1,000 ids are control tokens
+    for token in ("<s>", "</s>", "[INST]", "[/INST]"):
+        assert tokenizer.convert_tokens_to_ids(token) not in table
+
+
+def test_vocabulary_digest_is_stable_and_content_sensitive(tokenizer, vocabulary):
+    assert Vocabulary.from_tokenizer(tokenizer).digest == vocabulary.digest
+
+    class Shifted:
+        eos_token_id = 3
+        all_special_ids: list[int] = []
+        added_tokens_decoder: dict = {}
+        backend_tokenizer = None
+
+        def get_vocab(self):
+            return {"a": 4, "b": 5}
+
+        def __len__(self):
+            return 6
+
+    other = Vocabulary.from_tokenizer(Shifted())
+    assert other.digest != vocabulary.digest
+    assert other.size == 6
+
+
+def test_pack_tokens_layout():
+    row = pack_tokens(np.array([0, 31, 32, 69]), 70)
+    assert row.dtype == np.int32 and len(row) == words_for(70) == 3
+    assert row[0] == np.int32(1 | (1 << 31) - (1 << 32))  # bits 0 and 31
+    assert row[1] == 1
+    assert row[2] == 1 << 5
+
+
+def test_mask_table_matches_outlines_guide_in_every_state(vocabulary):
+    regex = ConstraintSpec.json_schema(PERSON).to_regex()
+    index = outlines_core.Index(regex, vocabulary.inner)
+    table = MaskTable.build(index, vocabulary.size, vocabulary.eos_token_id)
+    assert table.rows.flags["C_CONTIGUOUS"] and table.rows.dtype == np.int32
+    assert len(table.rows) < len(table.state_rows)  # identical masks are stored once
+    buf = torch.zeros(words_for(vocabulary.size), dtype=torch.int32)
+    for state in index.get_transitions():
+        guide = outlines_core.Guide(index)
+        # Reach `state` by walking any path; compare masks there.
+        path = _path_to(index, state)
+        for token in path:
+            guide.advance(token)
+        guide.write_mask_into(buf.data_ptr(), buf.numel(), 4)
+        assert np.array_equal(buf.numpy(), table.row(state)), state
+
+
+def _path_to(index, target: int) -> list[int]:
+    transitions = index.get_transitions()
+    start = index.get_initial_state()
+    frontier, seen = [(start, [])], {start}
+    while frontier:
+        state, path = frontier.pop(0)
+        if state == target:
+            return path
+        for token, nxt in transitions.get(state, {}).items():
+            if nxt not in seen:
+                seen.add(nxt)
+                frontier.append((nxt, [*path, token]))
+    raise AssertionError(f"state {target} unreachable")
+
+
+def test_compiled_index_bytes_round_trip(vocabulary):
+    compiled = CompiledIndex.build("[0-9]{1,3}", vocabulary.inner, vocabulary.size,
+                                   vocabulary.eos_token_id)
+    again = CompiledIndex.from_bytes(compiled.to_bytes())
+    assert np.array_equal(again.table.rows, compiled.table.rows)
+    assert again.table.state_rows == compiled.table.state_rows
+    assert again.index.get_initial_state() == compiled.index.get_initial_state()
+    assert again.index.get_transitions() == compiled.index.get_transitions()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b[:-1], "truncated"),
+        (lambda b: b[:20], "shorter than its header"),
+        (lambda b: b + b"x", "truncated or padded"),
+        (lambda b: b"X" + b[1:], "not a DotLLM index"),
+        (lambda b: b[:-5] + bytes([b[-5] ^ 0xFF]) + b[-4:], "checksum"),
+    ],
+)
+def test_damaged_bytes_are_detected(vocabulary, damage, message):
+    data = CompiledIndex.build("ab|cd", vocabulary.inner, vocabulary.size,
+                               vocabulary.eos_token_id).to_bytes()
+    with pytest.raises(CorruptEntry, match=message):
+        CompiledIndex.from_bytes(damage(data))
+
+
+def test_unenforced_keywords_are_refused_with_where_they_are():
+    from dotllm.compiler.schema_support import unenforced_keywords
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 0},
+            "minimum": {"type": "string"},  # a property *named* like a keyword is fine
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            "any": {"anyOf": [{"type": "integer"}, {"type": "number", "multipleOf": 2}]},
+        },
+        "additionalProperties": False,
+        "$defs": {"a/b": {"not": {"type": "null"}}},
+        "enum": [{"maximum": 1}],  # values are data, not schemas
+    }
+    assert sorted(unenforced_keywords(schema)) == [
+        ("minimum", "/properties/age"),
+        ("multipleOf", "/properties/any/anyOf/1"),
+        ("not", "/$defs/a~1b"),
+        ("uniqueItems", "/properties/tags"),
+    ]
+    assert list(unenforced_keywords({"type": "object", "additionalProperties": False})) == [
+        ("additionalProperties", "/")]
+    assert not list(unenforced_keywords({"type": "array", "uniqueItems": False}))
+    with pytest.raises(ConstraintError, match="cannot enforce yet: minimum at /properties/age"):
+        ConstraintSpec.json_schema(schema).to_regex()

@@ -1,0 +1,84 @@
+"""IndexCache: memory LRU -> disk -> remote (fsspec), atomic writes, corruption handling."""
+
+from __future__ import annotations
+
+import pytest
+
+from dotllm.compiler.cache import IndexCache, MemoryLRU, cache_key
+from dotllm.compiler.compiled import CompiledIndex
+
+
+@pytest.fixture(scope="module")
+def items(vocabulary):
+    def build(regex):
+        return CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
+                                   vocabulary.eos_token_id)
+    return {"a": build("[0-9]{1,3}"), "b": build("yes|no"), "c": build("[a-c]{2}")}
+
+
+def test_key_depends_on_vocabulary_and_spec():
+    assert cache_key("v1", "s1") != cache_key("v2", "s1")
+    assert cache_key("v1", "s1") != cache_key("v1", "s2")
+    assert cache_key("v1", "s1") == cache_key("v1", "s1")
+
+
+def test_memory_lru_is_bounded_in_bytes(items):
+    lru = MemoryLRU(max_bytes=sum(item.nbytes for item in items.values()) - 1)
+    lru.put("a", items["a"])
+    lru.put("b", items["b"])
+    assert lru.get("a") is items["a"]  # now most recent
+    lru.put("c", items["c"])
+    assert lru.get("b") is None and lru.get("a") is items["a"] and lru.get("c") is items["c"]
+    assert lru.nbytes <= lru.max_bytes
+    MemoryLRU(max_bytes=10).put("a", items["a"])  # larger than the whole cache: skipped
+
+
+def test_disk_survives_a_restart(tmp_path, items):
+    events = []
+    IndexCache(disk_dir=tmp_path).put("k", items["a"])
+    restarted = IndexCache(disk_dir=tmp_path, on_event=lambda e, lvl: events.append((e, lvl)))
+    item, level = restarted.get("k")
+    assert level == "disk"
+    assert item.table.state_rows == items["a"].table.state_rows
+    assert restarted.get("k")[1] == "memory"
+    assert events == [("hit", "disk"), ("hit", "memory")]
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_remote_fills_disk_and_memory(tmp_path, items, scheme):
+    url = f"file://{tmp_path}/shared" if scheme == "file" else f"memory://dotllm-{tmp_path.name}"
+    IndexCache(disk_dir=tmp_path / "replica1", remote_url=url).put("k", items["b"])
+    replica2 = IndexCache(disk_dir=tmp_path / "replica2", remote_url=url)
+    assert replica2.get("k")[1] == "remote"
+    fresh = IndexCache(disk_dir=tmp_path / "replica2")  # no remote: disk was filled
+    assert fresh.get("k")[1] == "disk"
+
+
+def test_corrupt_disk_entry_is_dropped_not_served(tmp_path, items):
+    cache = IndexCache(disk_dir=tmp_path)
+    cache.put("k", items["a"])
+    [path] = list(tmp_path.rglob("*.idx"))
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    events = []
+    restarted = IndexCache(disk_dir=tmp_path, on_event=lambda e, lvl: events.append((e, lvl)))
+    assert restarted.get("k") == (None, None)
+    assert events == [("corrupt", "disk"), ("miss", "all")]
+    assert not path.exists()
+
+
+def test_corrupt_remote_entry_falls_through(tmp_path, items):
+    remote = f"file://{tmp_path}/shared"
+    IndexCache(disk_dir=None, remote_url=remote).put("k", items["a"])
+    [path] = list((tmp_path / "shared").glob("*.idx"))
+    path.write_bytes(b"garbage")
+    assert IndexCache(disk_dir=tmp_path / "d", remote_url=remote).get("k") == (None, None)
+    assert not path.exists()
+
+
+def test_unreachable_remote_costs_a_miss_not_an_error(tmp_path, items):
+    cache = IndexCache(disk_dir=tmp_path / "d", remote_url=f"file://{tmp_path}/shared")
+    (tmp_path / "shared").rmdir()
+    (tmp_path / "shared").write_text("not a directory")
+    cache.put("k", items["a"])  # remote write fails, logged
+    assert IndexCache(disk_dir=tmp_path / "d").get("k")[1] == "disk"
