@@ -22,9 +22,18 @@ if os.environ.get("PROBE_AS_LAUNCHER") and "DOTLLM_SERVE" not in os.environ:
 load_general_plugins()
 
 def report():
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.structured_output import StructuredOutputManager
+
     api = sys.modules.get("vllm.entrypoints.openai.api_server")
+    chat = sys.modules.get("vllm.entrypoints.openai.chat_completion.protocol")
+    targets = [getattr(api, "build_app", None),
+               SamplingParams._validate_structured_outputs,
+               getattr(getattr(chat, "ChatCompletionRequest", None),
+                       "extract_structured_outputs", None),
+               StructuredOutputManager.__init__]
     return {"api_server_loaded": api is not None,
-            "patched": getattr(getattr(api, "build_app", None), "dotllm_patch", None)}
+            "patched": [getattr(t, "dotllm_patch", None) for t in targets]}
 
 def child(queue):
     load_general_plugins()
@@ -60,28 +69,45 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": None}
-    assert out["child"] == {"api_server_loaded": False, "patched": None}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 4}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 4}
 
 
-def test_dotllm_patches_the_api_server_only(tmp_path):
+def test_dotllm_patches_each_process_for_its_role(tmp_path):
     out = probe(active=True, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": True, "patched": "server_identity"}
+    assert out["main"] == {
+        "api_server_loaded": True,
+        "patched": ["server_identity", "request_validation", "legacy_fields", "engine_backend"],
+    }
     # Engine-core and worker processes are children: no API-server code is pulled in.
-    assert out["child"] == {"api_server_loaded": False, "patched": None}
+    assert out["child"] == {
+        "api_server_loaded": False,
+        "patched": [None, "request_validation", None, "engine_backend"],
+    }
 
 
 def test_register_is_idempotent(monkeypatch):
     import vllm.entrypoints.openai.api_server as api_server
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.structured_output import StructuredOutputManager
 
+    targets = [(api_server, "build_app"), (SamplingParams, "_validate_structured_outputs"),
+               (ChatCompletionRequest, "extract_structured_outputs"),
+               (CompletionRequest, "extract_structured_outputs"),
+               (StructuredOutputManager, "__init__"),
+               (StructuredOutputManager, "_create_grammar")]
+    for owner, name in targets:  # restored after the test
+        monkeypatch.setattr(owner, name, getattr(owner, name))
     original = api_server.build_app
-    monkeypatch.setattr(api_server, "build_app", original)
     monkeypatch.setenv(plugin.ACTIVE_ENV, str(os.getpid()))
-    assert plugin.register() == ["server_identity"]
-    once = api_server.build_app
-    assert plugin.register() == ["server_identity"]
-    assert api_server.build_app is once
-    assert once.__wrapped__ is original
+    names = ["server_identity", "request_validation", "legacy_fields", "engine_backend"]
+    assert plugin.register() == names
+    once = [getattr(owner, name) for owner, name in targets]
+    assert plugin.register() == names
+    assert [getattr(owner, name) for owner, name in targets] == once
+    assert api_server.build_app.__wrapped__ is original
 
 
 def test_register_does_nothing_without_the_flag(monkeypatch):

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 
-from dotllm.vllm_ext import server_identity
+from dotllm.vllm_ext import (
+    engine_backend,
+    legacy_fields,
+    request_validation,
+    server_identity,
+)
 
 ACTIVE_ENV = "DOTLLM_SERVE"
 
 # Each patch is a module with NAME and apply(in_launcher: bool) -> bool (True when it
 # patched something in this process). apply() must be idempotent.
-PATCHES = (server_identity,)
+PATCHES = (server_identity, request_validation, legacy_fields, engine_backend)
 
 
 def activate(environ=os.environ) -> None:

@@ -12,8 +12,8 @@ of `--api-server-count`), never in engine-core or worker processes.
 from __future__ import annotations
 
 import functools
-import importlib
-import sys
+
+from dotllm.vllm_ext.processes import api_server_module
 
 NAME = "server_identity"
 _TARGET = "vllm.entrypoints.openai.api_server"
@@ -47,11 +47,9 @@ def _add_identity_route(build_app):
 
 
 def apply(in_launcher: bool) -> bool:
-    api_server = sys.modules.get(_TARGET)
+    api_server = api_server_module(_TARGET, in_launcher)
     if api_server is None:
-        if not in_launcher:
-            return False
-        api_server = importlib.import_module(_TARGET)
+        return False
     if getattr(api_server.build_app, "dotllm_patch", None) != NAME:
         api_server.build_app = _add_identity_route(api_server.build_app)
     return True

@@ -1,0 +1,56 @@
+"""Patch `engine_backend`: DotLLM compiles, caches and guides every structured output.
+
+Targets (vLLM 0.26, engine-core process):
+- `StructuredOutputManager.__init__`: preset `backend` with DotLLM's; vLLM builds its own
+  only while `backend is None`. Built at engine start so that the first request does not
+  pay for the vocabulary and the compile workers.
+- `StructuredOutputManager.executor`: vLLM sizes it for CPU-bound compiles (1 thread on 2
+  cores); DotLLM's compiles run in its process pool and its cache lookups wait on I/O, so
+  a compiling schema must not hold up a cached one queued behind it.
+- `StructuredOutputManager._create_grammar`: pass the request's whole
+  `StructuredOutputsParams` (whitespace pattern included), not vLLM's (type, text) key.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+NAME = "engine_backend"
+_GRAMMAR_THREADS = 64
+
+
+def _patched(manager_cls):
+    from dotllm.vllm_ext.backend import DotllmBackend
+    from dotllm.vllm_ext.constraints import spec_from_params
+
+    original_init = manager_cls.__init__
+    original_create = manager_cls._create_grammar
+
+    def __init__(self, vllm_config):
+        original_init(self, vllm_config)
+        if vllm_config.model_config.skip_tokenizer_init:
+            return
+        self.backend = DotllmBackend(vllm_config, tokenizer=self.tokenizer,
+                                     vocab_size=vllm_config.model_config.get_vocab_size())
+        self.executor.shutdown(wait=False)
+        self.executor = ThreadPoolExecutor(max_workers=_GRAMMAR_THREADS,
+                                           thread_name_prefix="dotllm-grammar")
+
+    def _create_grammar(self, request):
+        if not isinstance(self.backend, DotllmBackend):
+            return original_create(self, request)
+        spec = spec_from_params(request.structured_output_request.params)
+        return self.backend.compile_spec(spec)
+
+    __init__.dotllm_patch = NAME
+    return __init__, _create_grammar
+
+
+def apply(in_launcher: bool) -> bool:
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    if getattr(StructuredOutputManager.__init__, "dotllm_patch", None) != NAME:
+        init, create = _patched(StructuredOutputManager)
+        StructuredOutputManager.__init__ = init
+        StructuredOutputManager._create_grammar = create
+    return True

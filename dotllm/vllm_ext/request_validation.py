@@ -1,0 +1,36 @@
+"""Patch `request_validation`: structured-output requests are checked by DotLLM's rules.
+
+Target (vLLM 0.26, API server): `SamplingParams._validate_structured_outputs`, which runs
+before a request is queued and turns a ValueError into HTTP 400. Stock vLLM checks there
+with xgrammar or guidance and rejects schemas DotLLM compiles; DotLLM instead builds the
+constraint's regex (milliseconds), so an invalid schema, regex or choice list is a 400
+naming the problem, before any engine work.
+"""
+
+from __future__ import annotations
+
+NAME = "request_validation"
+
+
+def _validate_structured_outputs(self, model_config, structured_outputs_config, tokenizer):
+    from dotllm.compiler.spec import ConstraintError
+    from dotllm.vllm_ext.constraints import spec_from_params
+
+    if structured_outputs_config is None or self.structured_outputs is None:
+        return
+    if tokenizer is None:
+        raise ValueError("structured outputs need a tokenizer (not with --skip-tokenizer-init)")
+    try:
+        spec_from_params(self.structured_outputs).to_regex()
+    except ConstraintError as e:
+        raise ValueError(f"Invalid structured output: {e}") from None
+
+
+_validate_structured_outputs.dotllm_patch = NAME
+
+
+def apply(in_launcher: bool) -> bool:
+    from vllm.sampling_params import SamplingParams
+
+    SamplingParams._validate_structured_outputs = _validate_structured_outputs
+    return True
