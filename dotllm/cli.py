@@ -14,10 +14,12 @@ import errno
 import importlib.metadata
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from dotllm import __version__, embedded_model, serve_defaults
 from dotllm.model_check import model_problem
+from dotllm.settings import CompilerSettings
 
 PROG = "dotllm"
 USAGE = "dotllm [serve] [model_tag] [options]"
@@ -74,9 +76,24 @@ def add_dotllm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dotllm-cache-dir",
         default=None,
-        help="Where DotLLM keeps what it builds (the embedded model). "
-        "Default: $DOTLLM_CACHE_DIR, else ~/.cache/dotllm.",
+        help="Where DotLLM keeps what it builds (the embedded model, compiled "
+        "constraints). Default: $DOTLLM_CACHE_DIR, else ~/.cache/dotllm.",
     )
+    from_environ = CompilerSettings.from_environ()  # DOTLLM_<NAME> variables as defaults
+    for f in fields(CompilerSettings):
+        group.add_argument(
+            "--dotllm-" + f.name.replace("_", "-"), dest="dotllm_" + f.name,
+            type=type(f.default), default=getattr(from_environ, f.name), help=f.metadata["help"],
+        )
+
+
+def compiler_settings(args: argparse.Namespace) -> CompilerSettings:
+    settings = CompilerSettings(
+        **{f.name: getattr(args, "dotllm_" + f.name) for f in fields(CompilerSettings)})
+    if settings.compile_workers < 0 or settings.compile_timeout <= 0:
+        raise UsageError("--dotllm-compile-workers must be >= 0 and "
+                         "--dotllm-compile-timeout > 0")
+    return settings
 
 
 def build_serve_parser(on_gpu: bool) -> argparse.ArgumentParser:
@@ -118,6 +135,7 @@ def serve(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         if args.dotllm_cache_dir:
             os.environ["DOTLLM_CACHE_DIR"] = args.dotllm_cache_dir
+        os.environ.update(compiler_settings(args).to_environ())
         resolve_model(args)
         serve_cli.validate(args)
     except UsageError as e:

@@ -1,13 +1,13 @@
 """DotLLM's engine settings: set from `dotllm serve` options, read in the engine process.
 
 vLLM starts the engine core in a process of its own, so the settings travel as
-environment variables, which every process vLLM starts inherits.
+environment variables (DOTLLM_<FIELD>), which every process vLLM starts inherits.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 _PREFIX = "DOTLLM_"
@@ -17,15 +17,33 @@ def default_compile_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def _option(help: str, **kwargs):
+    return field(metadata={"help": help}, **kwargs)
+
+
 @dataclass(frozen=True)
 class CompilerSettings:
-    compile_workers: int = 0  # 0: half the cores, at most 4
-    compile_timeout_s: float = 60.0
-    max_index_mib: int = 256
-    max_compile_memory_mib: int = 0  # address-space cap per compile worker (0: none)
-    index_cache_memory_mib: int = 1024
-    index_cache_dir: str = ""  # "" : <cache dir>/indexes; "off": no disk cache
-    index_cache_url: str = ""  # fsspec URL of a shared cache, "" : none
+    compile_workers: int = _option(
+        "Processes compiling constraints at once (0: half the cores, at most 4).", default=0)
+    compile_timeout: float = _option(
+        "Seconds a constraint may compile before its worker is killed and the request "
+        "gets a 400.", default=60.0)
+    max_index_mib: int = _option(
+        "Largest compiled constraint (index and mask table) kept, in MiB; larger ones "
+        "are refused with a 400.", default=256)
+    max_compile_memory_mib: int = _option(
+        "Address-space cap of a compile worker in MiB (0: none); a compile over it "
+        "fails that request only.", default=0)
+    index_cache_memory_mib: int = _option(
+        "Memory for compiled constraints kept ready, in MiB (least recently used go).",
+        default=1024)
+    index_cache_dir: str = _option(
+        "Disk cache of compiled constraints (default: <cache dir>/indexes; 'off': none).",
+        default="")
+    index_cache_url: str = _option(
+        "Shared cache of compiled constraints as an fsspec URL (a directory, "
+        "s3://bucket/prefix, ...), read after the disk cache and written after compiles.",
+        default="")
 
     def to_environ(self) -> dict[str, str]:
         return {_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}

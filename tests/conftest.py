@@ -19,6 +19,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 DOTLLM = Path(sys.executable).with_name("dotllm")
 STARTUP_TIMEOUT_S = 300
+SERVER_COMPILE_TIMEOUT_S = 30
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,7 +100,10 @@ def dotllm_server(embedded_model, tmp_path_factory) -> Iterator[Server]:
     """`dotllm serve` with no model: the embedded tiny model, CPU defaults."""
     port = free_port()
     log = tmp_path_factory.mktemp("dotllm-serve") / "server.log"
-    server = start_server([str(DOTLLM), "serve", "--port", str(port)], port, log)
+    cmd = [str(DOTLLM), "serve", "--port", str(port),
+           "--dotllm-index-cache-dir", str(log.parent / "indexes"),
+           "--dotllm-compile-timeout", str(SERVER_COMPILE_TIMEOUT_S)]
+    server = start_server(cmd, port, log)
     yield server
     stop_server(server)
 

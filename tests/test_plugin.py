@@ -23,15 +23,19 @@ load_general_plugins()
 
 def report():
     from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched import scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
     api = sys.modules.get("vllm.entrypoints.openai.api_server")
     chat = sys.modules.get("vllm.entrypoints.openai.chat_completion.protocol")
+    async_llm = sys.modules.get("vllm.v1.engine.async_llm")
     targets = [getattr(api, "build_app", None),
                SamplingParams._validate_structured_outputs,
                getattr(getattr(chat, "ChatCompletionRequest", None),
                        "extract_structured_outputs", None),
-               StructuredOutputManager.__init__]
+               StructuredOutputManager.__init__,
+               scheduler.EngineCoreOutput,
+               getattr(getattr(async_llm, "AsyncLLM", None), "generate", None)]
     return {"api_server_loaded": api is not None,
             "patched": [getattr(t, "dotllm_patch", None) for t in targets]}
 
@@ -69,20 +73,21 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 4}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 4}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 6}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 6}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
     out = probe(active=True, tmp_path=tmp_path)
     assert out["main"] == {
         "api_server_loaded": True,
-        "patched": ["server_identity", "request_validation", "legacy_fields", "engine_backend"],
+        "patched": ["server_identity", "request_validation", "legacy_fields", "engine_backend",
+                    "compile_errors", "compile_errors"],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in.
     assert out["child"] == {
         "api_server_loaded": False,
-        "patched": [None, "request_validation", None, "engine_backend"],
+        "patched": [None, "request_validation", None, "engine_backend", "compile_errors", None],
     }
 
 
@@ -91,18 +96,22 @@ def test_register_is_idempotent(monkeypatch):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched import scheduler
+    from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.structured_output import StructuredOutputManager
 
     targets = [(api_server, "build_app"), (SamplingParams, "_validate_structured_outputs"),
                (ChatCompletionRequest, "extract_structured_outputs"),
                (CompletionRequest, "extract_structured_outputs"),
                (StructuredOutputManager, "__init__"),
-               (StructuredOutputManager, "_create_grammar")]
+               (StructuredOutputManager, "_create_grammar"),
+               (scheduler, "EngineCoreOutput"), (AsyncLLM, "generate")]
     for owner, name in targets:  # restored after the test
         monkeypatch.setattr(owner, name, getattr(owner, name))
     original = api_server.build_app
     monkeypatch.setenv(plugin.ACTIVE_ENV, str(os.getpid()))
-    names = ["server_identity", "request_validation", "legacy_fields", "engine_backend"]
+    names = ["server_identity", "request_validation", "legacy_fields", "engine_backend",
+             "compile_errors"]
     assert plugin.register() == names
     once = [getattr(owner, name) for owner, name in targets]
     assert plugin.register() == names

@@ -201,3 +201,37 @@ def test_bad_constraints_are_400s_naming_the_problem(client, extra, message):
         client.completions.create(model=NAME, prompt="x", max_tokens=5, extra_body=extra)
     assert message in info.value.message
     assert client.completions.create(model=NAME, prompt="x", max_tokens=2).choices
+
+
+@pytest.mark.parametrize(
+    ("regex", "message"),
+    [
+        pytest.param("[ab]*a[ab]{22}", "took longer than", id="compile-timeout"),
+        pytest.param("a(?=b)", "cannot compile", id="outlines-core-rejects"),
+    ],
+)
+def test_constraint_failing_in_the_engine_is_a_400(client, regex, message):
+    """Only compiling tells: the engine's error reaches the client as a 400 with its reason."""
+    for attempt in range(2):  # the second time the failure is remembered
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=NAME, prompt="x", max_tokens=5,
+                                      extra_body={"structured_outputs": {"regex": regex}})
+        assert message in info.value.message, (attempt, info.value.message)
+    reply = client.completions.create(model=NAME, prompt="x", max_tokens=5,
+                                      extra_body={"structured_outputs": {"regex": "[xy]{3}"}})
+    assert re.fullmatch("[xy]{3}", reply.choices[0].text)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_engine_failure_in_a_stream_is_reported_in_the_stream(client, endpoint):
+    """Stock vLLM ends such a stream with no chunk and no error, as if it succeeded."""
+    extra = {"structured_outputs": {"regex": f"{endpoint}(?=c)"}}
+    if endpoint == "chat":
+        stream = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            stream=True, extra_body=extra)
+    else:
+        stream = client.completions.create(model=NAME, prompt="x", max_tokens=5, stream=True,
+                                           extra_body=extra)
+    with pytest.raises(openai.APIError, match="cannot compile"):
+        list(stream)

@@ -60,7 +60,7 @@ class DotllmBackend(StructuredOutputBackend):
             remote_url=s.index_cache_url or None,
         )
         limits = PoolLimits(
-            timeout_s=s.compile_timeout_s,
+            timeout_s=s.compile_timeout,
             max_index_bytes=s.max_index_mib * 2**20,
             max_worker_memory_bytes=s.max_compile_memory_mib * 2**20,
         )

@@ -8,18 +8,22 @@ Targets (vLLM 0.26, engine-core process):
   cores); DotLLM's compiles run in its process pool and its cache lookups wait on I/O, so
   a compiling schema must not hold up a cached one queued behind it.
 - `StructuredOutputManager._create_grammar`: pass the request's whole
-  `StructuredOutputsParams` (whitespace pattern included), not vLLM's (type, text) key.
+  `StructuredOutputsParams` (whitespace pattern included), not vLLM's (type, text) key,
+  and record why a compile failed for `compile_errors` to tell the client.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 NAME = "engine_backend"
+logger = logging.getLogger(__name__)
 _GRAMMAR_THREADS = 64
 
 
 def _patched(manager_cls):
+    from dotllm.vllm_ext import compile_errors
     from dotllm.vllm_ext.backend import DotllmBackend
     from dotllm.vllm_ext.constraints import spec_from_params
 
@@ -39,8 +43,13 @@ def _patched(manager_cls):
     def _create_grammar(self, request):
         if not isinstance(self.backend, DotllmBackend):
             return original_create(self, request)
-        spec = spec_from_params(request.structured_output_request.params)
-        return self.backend.compile_spec(spec)
+        try:
+            spec = spec_from_params(request.structured_output_request.params)
+            return self.backend.compile_spec(spec)
+        except Exception as e:
+            logger.warning("request %s: constraint failed: %s", request.request_id, e)
+            compile_errors.record(request.request_id, str(e))
+            raise
 
     __init__.dotllm_patch = NAME
     return __init__, _create_grammar

@@ -8,9 +8,11 @@ same environment loads this plugin too and gets stock vLLM.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from dotllm.vllm_ext import (
+    compile_errors,
     engine_backend,
     legacy_fields,
     request_validation,
@@ -21,7 +23,9 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 
 # Each patch is a module with NAME and apply(in_launcher: bool) -> bool (True when it
 # patched something in this process). apply() must be idempotent.
-PATCHES = (server_identity, request_validation, legacy_fields, engine_backend)
+PATCHES = (
+    server_identity, request_validation, legacy_fields, engine_backend, compile_errors,
+)
 
 
 def activate(environ=os.environ) -> None:
@@ -40,12 +44,20 @@ def register() -> list[str]:
     pid = launcher_pid()
     if pid is None:
         return []
-    from vllm.logger import init_logger
-
+    _log_like_vllm()
     in_launcher = pid == os.getpid()
     applied = [patch.NAME for patch in PATCHES if patch.apply(in_launcher)]
     if applied:
-        init_logger(__name__).info(
-            "DotLLM hooks installed (pid %d): %s", os.getpid(), ", ".join(applied)
-        )
+        logging.getLogger(__name__).debug(
+            "DotLLM hooks installed (pid %d): %s", os.getpid(), ", ".join(applied))
     return applied
+
+
+def _log_like_vllm() -> None:
+    """DotLLM's log lines go where vLLM's go, in the same format and at the same level."""
+    import vllm.logger  # noqa: F401  (configures vLLM's logging)
+
+    source, ours = logging.getLogger("vllm"), logging.getLogger("dotllm")
+    ours.handlers = list(source.handlers)
+    ours.setLevel(source.level)
+    ours.propagate = not source.handlers

@@ -1,0 +1,99 @@
+"""Patch `compile_errors`: a constraint that fails to compile in the engine is a 400 that
+says why, not vLLM 0.26's bare "500 Internal server error" (or, streaming, an empty
+stream that looks like success).
+
+Most bad constraints are refused before queueing (`request_validation`); what only the
+compile can tell (a regex outlines-core rejects, a compile past its time or size budget,
+a crashed worker) surfaces in the engine core, where vLLM finishes the request with
+FinishReason.ERROR and no message. The message travels in the error output's
+`stop_reason`, which vLLM already carries from the engine to the API server:
+
+- engine core: `StructuredOutputManager._create_grammar` failures are recorded by
+  request id (`record`), and the scheduler's `EngineCoreOutput` (looked up as a module
+  global in `vllm.v1.core.sched.scheduler`) fills the error output's `stop_reason`;
+- API server: `AsyncLLM.generate`, the stream of outputs every OpenAI endpoint reads,
+  raises such an output as an error that is both vLLM's GenerationError (so streams
+  report it in-band) and a ValueError (so vLLM answers 400 BadRequestError).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from http import HTTPStatus
+
+from dotllm.vllm_ext.processes import api_server_module
+
+NAME = "compile_errors"
+MARKER = "dotllm-constraint-error: "
+
+# Bounded: a request aborted before its error output is built never collects its entry.
+_MAX_PENDING = 10_000
+_failures: OrderedDict[str, str] = OrderedDict()
+_lock = threading.Lock()
+
+
+def record(request_id: str, message: str) -> None:
+    """Engine core: remember why this request's constraint failed to compile."""
+    with _lock:
+        _failures[request_id] = message
+        while len(_failures) > _MAX_PENDING:
+            _failures.popitem(last=False)
+
+
+def _take(request_id: str) -> str | None:
+    with _lock:
+        return _failures.pop(request_id, None)
+
+
+def _engine_output_factory(output_cls, finish_error):
+    def engine_core_output(*args, **kwargs):
+        if kwargs.get("finish_reason") == finish_error and kwargs.get("stop_reason") is None:
+            request_id = kwargs.get("request_id", args[0] if args else None)
+            if (message := _take(request_id)) is not None:
+                kwargs["stop_reason"] = MARKER + message
+        return output_cls(*args, **kwargs)
+
+    engine_core_output.dotllm_patch = NAME
+    return engine_core_output
+
+
+def _raising_constraint_failures(generate, error_cls):
+    class ConstraintCompileError(error_cls, ValueError):
+        """vLLM's GenerationError with the status of a client error (400)."""
+
+        def __init__(self, message: str):
+            super().__init__(message)
+            self.status_code = HTTPStatus.BAD_REQUEST
+
+    async def generate_outputs(self, *args, **kwargs):
+        async for output in generate(self, *args, **kwargs):
+            for completion in getattr(output, "outputs", ()):
+                reason = completion.stop_reason
+                if isinstance(reason, str) and reason.startswith(MARKER):
+                    raise ConstraintCompileError(
+                        f"Invalid structured output: {reason[len(MARKER):]}")
+            yield output
+
+    generate_outputs.dotllm_patch = NAME
+    return generate_outputs
+
+
+def _patch(owner, name: str, make) -> None:
+    if getattr(getattr(owner, name), "dotllm_patch", None) != NAME:
+        setattr(owner, name, make(getattr(owner, name)))
+
+
+def apply(in_launcher: bool) -> bool:
+    from vllm.v1.core.sched import scheduler
+    from vllm.v1.engine import FinishReason
+
+    _patch(scheduler, "EngineCoreOutput",
+           lambda cls: _engine_output_factory(cls, FinishReason.ERROR))
+
+    async_llm = api_server_module("vllm.v1.engine.async_llm", in_launcher)
+    protocol = api_server_module("vllm.entrypoints.openai.engine.protocol", in_launcher)
+    if async_llm and protocol:
+        _patch(async_llm.AsyncLLM, "generate",
+               lambda f: _raising_constraint_failures(f, protocol.GenerationError))
+    return True
