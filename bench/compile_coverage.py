@@ -1,0 +1,147 @@
+"""Coverage, compile time and correctness of DotLLM's compiler on JSONSchemaBench subsets.
+
+    python -m bench.compile_coverage [--sample N] [--timeout S] [--workers W] [--subsets ...]
+
+For each schema: refused (with the reason), failed to compile (timeout, size, outlines-core
+error) or compiled; compiled indexes are checked against the schema's instances: every
+invalid instance must be rejected (soundness), and the share of valid instances accepted
+is reported (outlines-core emits object keys in schema order and one optional space,
+so some valid spellings are out of reach by design). Cold cache: a fresh temporary disk
+cache each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.jsonschemabench import SUBSETS, Case, accepts, in_schema_order, load
+from dotllm.compiler.cache import IndexCache
+from dotllm.compiler.manager import CompilationManager
+from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
+from dotllm.compiler.spec import ConstraintError, ConstraintSpec
+from dotllm.guide import Guide
+
+
+@dataclass
+class Outcome:
+    case: Case
+    status: str  # compiled | refused | timeout | too_large | invalid | crash
+    reason: str = ""
+    seconds: float = 0.0
+    valid_accepted: int = 0
+    valid_total: int = 0
+    invalid_accepted: list = field(default_factory=list)
+    invalid_total: int = 0
+
+
+def run(cases: list[Case], tokenizer, vocabulary, workers: int, timeout: float,
+        cache_dir: Path) -> list[Outcome]:
+    pool = CompilePool(vocabulary, workers=workers, limits=PoolLimits(timeout_s=timeout))
+    manager = CompilationManager(vocabulary, IndexCache(disk_dir=cache_dir), pool)
+    pending: list[tuple[Case, Future | None, Outcome | None, float]] = []
+    for case in cases:
+        try:
+            spec = ConstraintSpec.json_schema(case.schema)
+            spec.to_regex()
+        except ConstraintError as e:
+            pending.append((case, None, Outcome(case, "refused", str(e)), 0.0))
+            continue
+        pending.append((case, manager.get(spec), None, time.monotonic()))
+    outcomes = []
+    for case, future, outcome, started in pending:
+        if outcome is None:
+            try:
+                compiled = future.result()
+                outcome = Outcome(case, "compiled", seconds=time.monotonic() - started)
+                check(outcome, compiled, tokenizer, vocabulary)
+            except CompileFailed as e:
+                outcome = Outcome(case, e.kind, str(e), time.monotonic() - started)
+        outcomes.append(outcome)
+    manager.shutdown()
+    return outcomes
+
+
+def check(outcome: Outcome, compiled, tokenizer, vocabulary) -> None:
+    def factory():
+        return Guide(compiled, vocabulary.eos_token_id)
+
+    for test in outcome.case.tests:
+        text = json.dumps(in_schema_order(test["data"], outcome.case.schema), ensure_ascii=False)
+        ok = accepts(factory, tokenizer, text)
+        if test["valid"]:
+            outcome.valid_total += 1
+            outcome.valid_accepted += ok
+        else:
+            outcome.invalid_total += 1
+            if ok:
+                outcome.invalid_accepted.append(text)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def report(subset: str, outcomes: list[Outcome]) -> dict:
+    statuses = Counter(o.status for o in outcomes)
+    times = [o.seconds for o in outcomes if o.status == "compiled"]
+    compiled = [o for o in outcomes if o.status == "compiled"]
+    row = {
+        "subset": subset,
+        "schemas": len(outcomes),
+        **{k: statuses.get(k, 0) for k in
+           ("compiled", "refused", "timeout", "too_large", "invalid", "crash")},
+        "compile_p50_s": round(percentile(times, 0.5), 3),
+        "compile_p90_s": round(percentile(times, 0.9), 3),
+        "compile_p99_s": round(percentile(times, 0.99), 3),
+        "valid_accepted": f"{sum(o.valid_accepted for o in compiled)}/"
+                          f"{sum(o.valid_total for o in compiled)}",
+        "invalid_accepted": f"{sum(len(o.invalid_accepted) for o in compiled)}/"
+                            f"{sum(o.invalid_total for o in compiled)}",
+    }
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", type=int, default=30, help="schemas per subset (0: all)")
+    parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--subsets", nargs="*", default=list(SUBSETS))
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from dotllm import embedded_model
+    from dotllm.compiler.vocabulary import Vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model.build())
+    vocabulary = Vocabulary.from_tokenizer(tokenizer)
+    for subset in args.subsets:
+        cases = load(subset, sample=args.sample or None)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.monotonic()
+            outcomes = run(cases, tokenizer, vocabulary, args.workers, args.timeout, Path(tmp))
+            row = report(subset, outcomes)
+            row["wall_s"] = round(time.monotonic() - started, 1)
+        print(json.dumps(row))
+        if args.verbose:
+            for o in outcomes:
+                if o.status != "compiled" or o.invalid_accepted:
+                    print(f"  {o.case.id}: {o.status} {o.reason[:150]}")
+                    for text in o.invalid_accepted[:2]:
+                        print(f"      invalid accepted: {text[:200]}")
+
+
+if __name__ == "__main__":
+    main()
