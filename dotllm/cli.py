@@ -10,10 +10,13 @@ Without a model, the embedded tiny model is served (built on first use).
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import importlib.metadata
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -120,11 +123,23 @@ def resolve_model(args: argparse.Namespace) -> None:
         raise UsageError(problem)
 
 
+def share_metrics_across_processes() -> None:
+    """DotLLM's metrics are recorded in the engine process and served by the API server:
+    prometheus_client's multiprocess mode, in a directory of this run's own (before any
+    process imports prometheus_client). A directory the user set is used as it is."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="dotllm-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+
 def serve(argv: list[str]) -> int:
     from dotllm.vllm_ext import plugin, serve_cli
 
     # Before vLLM is imported: the plugin reads it in every process vLLM starts.
     plugin.activate()
+    share_metrics_across_processes()
     on_gpu = serve_defaults.has_gpu()
     serve_defaults.apply_environment(os.environ, on_gpu)
 

@@ -44,6 +44,7 @@ class Server:
     process: subprocess.Popen
     port: int
     log: Path
+    index_cache_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -52,6 +53,16 @@ class Server:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples at /metrics: 'name{labels}' -> value."""
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -95,15 +106,22 @@ def embedded_model() -> Path:
     return embedded_model.build()
 
 
-@pytest.fixture(scope="session")
-def dotllm_server(embedded_model, tmp_path_factory) -> Iterator[Server]:
+def start_dotllm(tmp_path_factory, index_cache_dir: Path | None = None) -> Server:
     """`dotllm serve` with no model: the embedded tiny model, CPU defaults."""
     port = free_port()
     log = tmp_path_factory.mktemp("dotllm-serve") / "server.log"
+    index_cache_dir = index_cache_dir or log.parent / "indexes"
     cmd = [str(DOTLLM), "serve", "--port", str(port),
-           "--dotllm-index-cache-dir", str(log.parent / "indexes"),
+           "--dotllm-index-cache-dir", str(index_cache_dir),
            "--dotllm-compile-timeout", str(SERVER_COMPILE_TIMEOUT_S)]
     server = start_server(cmd, port, log)
+    server.index_cache_dir = index_cache_dir
+    return server
+
+
+@pytest.fixture(scope="session")
+def dotllm_server(embedded_model, tmp_path_factory) -> Iterator[Server]:
+    server = start_dotllm(tmp_path_factory)
     yield server
     stop_server(server)
 

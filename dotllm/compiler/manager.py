@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from dotllm.compiler.cache import IndexCache, cache_key
 from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.metrics import CompileMetrics
 from dotllm.compiler.pool import CompileFailed, CompilePool
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
@@ -27,10 +28,12 @@ _MAX_REMEMBERED_FAILURES = 4096
 
 
 class CompilationManager:
-    def __init__(self, vocabulary: Vocabulary, cache: IndexCache, pool: CompilePool):
+    def __init__(self, vocabulary: Vocabulary, cache: IndexCache, pool: CompilePool,
+                 metrics: CompileMetrics | None = None):
         self.vocabulary = vocabulary
         self.cache = cache
         self.pool = pool
+        self.metrics = metrics
         self.stats: Counter[str] = Counter()
         self.compile_seconds: list[float] = []
         self._inflight: dict[str, Future] = {}
@@ -45,15 +48,19 @@ class CompilationManager:
     def get(self, spec: ConstraintSpec) -> Future:
         """Future[CompiledIndex]; its exception is a ConstraintError or CompileFailed."""
         key = self.key_for(spec)
+        if self.metrics:
+            self.metrics.requests.inc()
         with self._lock:
             if (failure := self._failures.get(key)) is not None:
                 self.stats["remembered_failure"] += 1
                 return _done(exception=failure)
             if (item := self.cache.memory.get(key)) is not None:
-                self.stats["hit_memory"] += 1
+                self._hit("memory")
                 return _done(result=item)
             if (future := self._inflight.get(key)) is not None:
                 self.stats["deduplicated"] += 1
+                if self.metrics:
+                    self.metrics.deduplicated.inc()
                 return future
             future = self._inflight[key] = Future()
         self._lookups.submit(self._resolve, key, spec, future)
@@ -63,7 +70,7 @@ class CompilationManager:
         try:
             item, level = self.cache.get(key)
             if item is not None:
-                self.stats[f"hit_{level}"] += 1
+                self._hit(level)
             else:
                 item = self._compile(key, spec)
             future.set_result(item)
@@ -80,15 +87,37 @@ class CompilationManager:
     def _compile(self, key: str, spec: ConstraintSpec) -> CompiledIndex:
         regex = spec.to_regex()
         self.stats["compiles"] += 1
+        if self.metrics:
+            self.metrics.compiles.inc()
         started = time.monotonic()
-        data = self.pool.submit(regex).result()
-        self.compile_seconds.append(time.monotonic() - started)
+        future = self.pool.submit(regex)
+        self._sample_queue_length()
+        try:
+            data = future.result()
+        finally:
+            self._sample_queue_length()
+        seconds = time.monotonic() - started
+        self.compile_seconds.append(seconds)
+        if self.metrics:
+            self.metrics.compile_seconds.observe(seconds)
         item = CompiledIndex.from_bytes(data)
         self.cache.put(key, item, data)
         return item
 
+    def _sample_queue_length(self) -> None:
+        if self.metrics:
+            self.metrics.queue_length.set(self.pool.queue_length)
+
+    def _hit(self, level: str) -> None:
+        self.stats[f"hit_{level}"] += 1
+        if self.metrics:
+            self.metrics.cache_hits.labels(level=level).inc()
+
     def _remember_failure(self, key: str, error: Exception) -> None:
-        self.stats[f"failed_{getattr(error, 'kind', 'invalid')}"] += 1
+        kind = getattr(error, "kind", "invalid")
+        self.stats[f"failed_{kind}"] += 1
+        if self.metrics:
+            self.metrics.failures.labels(reason=kind).inc()
         with self._lock:
             self._failures[key] = error
             while len(self._failures) > _MAX_REMEMBERED_FAILURES:

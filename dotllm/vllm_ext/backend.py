@@ -15,6 +15,7 @@ from vllm.v1.structured_output.backend_types import (
 from dotllm import embedded_model
 from dotllm.compiler.cache import IndexCache
 from dotllm.compiler.manager import CompilationManager
+from dotllm.compiler.metrics import CompileMetrics
 from dotllm.compiler.pool import CompilePool, PoolLimits
 from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
@@ -65,7 +66,7 @@ class DotllmBackend(StructuredOutputBackend):
             max_worker_memory_bytes=s.max_compile_memory_mib * 2**20,
         )
         pool = CompilePool(self.vocabulary, workers=s.workers, limits=limits)
-        self.manager = CompilationManager(self.vocabulary, cache, pool)
+        self.manager = CompilationManager(self.vocabulary, cache, pool, CompileMetrics())
         logger.info("DotLLM structured outputs: %d compile workers, cache %s",
                     s.workers, cache.disk.directory if cache.disk else "memory only")
 

@@ -1,0 +1,39 @@
+"""Prometheus metrics of constraint compilation, served on vLLM's /metrics.
+
+They are recorded in the engine-core process and read by the API server, so `dotllm
+serve` runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR), as vLLM
+itself does with several API servers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_COMPILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+class CompileMetrics:
+    """What `CompilationManager` reports; one instance per process (names are global)."""
+
+    def __init__(self, registry=None):
+        kwargs = {"registry": registry} if registry is not None else {}
+        self.requests = Counter(
+            "dotllm_constraint_requests", "Constraint lookups by requests.", **kwargs)
+        self.cache_hits = Counter(
+            "dotllm_constraint_cache_hits", "Compiled constraints found in a cache level.",
+            ["level"], **kwargs)
+        self.deduplicated = Counter(
+            "dotllm_constraint_deduplicated",
+            "Requests that waited on a compile another request had started.", **kwargs)
+        self.compiles = Counter(
+            "dotllm_constraint_compiles", "Constraints compiled (cache misses).", **kwargs)
+        self.compile_seconds = Histogram(
+            "dotllm_constraint_compile_seconds", "Time to compile a constraint in the pool.",
+            buckets=_COMPILE_BUCKETS, **kwargs)
+        self.failures = Counter(
+            "dotllm_constraint_failures",
+            "Constraints that failed: invalid, timeout, too_large, crash.", ["reason"],
+            **kwargs)
+        self.queue_length = Gauge(
+            "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
+            multiprocess_mode="livesum", **kwargs)

@@ -1,0 +1,64 @@
+"""End to end: compile metrics on /metrics, and a restarted server compiling nothing."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from dotllm.embedded_model import NAME
+from tests.conftest import start_dotllm, stop_server
+
+pytestmark = pytest.mark.server
+
+SCHEMA = {"type": "object",
+          "properties": {"restart_check": {"type": "boolean"}, "n": {"type": "integer"}},
+          "required": ["restart_check", "n"]}
+
+
+def ask(server, schema=SCHEMA) -> str:
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    reply = client.completions.create(
+        model=NAME, prompt="x", max_tokens=60, seed=0,
+        extra_body={"structured_outputs": {"json": schema}})
+    jsonschema.validate(json.loads(reply.choices[0].text), schema)
+    return reply.choices[0].text
+
+
+def test_metrics_count_compiles_hits_and_failures(dotllm_server):
+    before = dotllm_server.metrics()
+    schema = {"type": "object", "properties": {"metrics_check": {"type": "boolean"}},
+              "required": ["metrics_check"]}
+    ask(dotllm_server, schema)
+    ask(dotllm_server, schema)
+    client = openai.OpenAI(base_url=dotllm_server.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt="x", max_tokens=2,
+                                  extra_body={"structured_outputs": {"regex": "m(?=etrics)"}})
+    after = dotllm_server.metrics()
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta("dotllm_constraint_requests_total") == 3
+    assert delta("dotllm_constraint_compiles_total") == 2
+    assert delta('dotllm_constraint_cache_hits_total{level="memory"}') == 1
+    assert delta('dotllm_constraint_failures_total{reason="invalid"}') == 1
+    assert delta("dotllm_constraint_compile_seconds_count") == 1  # failures are not timed
+    assert "dotllm_constraint_pool_queue_length" in after
+    assert any(name.startswith("vllm:generation_tokens_total") for name in after)
+
+
+def test_restarted_server_serves_cached_schemas_without_compiling(
+        dotllm_server, tmp_path_factory):
+    first = ask(dotllm_server)
+    restarted = start_dotllm(tmp_path_factory, index_cache_dir=dotllm_server.index_cache_dir)
+    try:
+        assert ask(restarted) == first  # same index, same seed: same output
+        metrics = restarted.metrics()
+        assert metrics.get("dotllm_constraint_compiles_total") == 0
+        assert metrics.get('dotllm_constraint_cache_hits_total{level="disk"}') == 1
+    finally:
+        stop_server(restarted)
