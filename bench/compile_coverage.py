@@ -34,7 +34,7 @@ class Outcome:
     case: Case
     status: str  # compiled | refused | timeout | too_large | invalid | crash
     reason: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # compile time in a pool worker
     valid_accepted: int = 0
     valid_total: int = 0
     invalid_accepted: list = field(default_factory=list)
@@ -45,24 +45,24 @@ def run(cases: list[Case], tokenizer, vocabulary, workers: int, timeout: float,
         cache_dir: Path) -> list[Outcome]:
     pool = CompilePool(vocabulary, workers=workers, limits=PoolLimits(timeout_s=timeout))
     manager = CompilationManager(vocabulary, IndexCache(disk_dir=cache_dir), pool)
-    pending: list[tuple[Case, Future | None, Outcome | None, float]] = []
+    pending: list[tuple[Case, str, Future | None, Outcome | None]] = []
     for case in cases:
         try:
             spec = ConstraintSpec.json_schema(case.schema)
             spec.to_regex()
         except ConstraintError as e:
-            pending.append((case, None, Outcome(case, "refused", str(e)), 0.0))
+            pending.append((case, "", None, Outcome(case, "refused", str(e))))
             continue
-        pending.append((case, manager.get(spec), None, time.monotonic()))
+        pending.append((case, manager.key_for(spec), manager.get(spec), None))
     outcomes = []
-    for case, future, outcome, started in pending:
+    for case, key, future, outcome in pending:
         if outcome is None:
             try:
                 compiled = future.result()
-                outcome = Outcome(case, "compiled", seconds=time.monotonic() - started)
+                outcome = Outcome(case, "compiled", seconds=manager.compile_seconds.get(key, 0))
                 check(outcome, compiled, tokenizer, vocabulary)
             except CompileFailed as e:
-                outcome = Outcome(case, e.kind, str(e), time.monotonic() - started)
+                outcome = Outcome(case, e.kind, str(e))
         outcomes.append(outcome)
     manager.shutdown()
     return outcomes

@@ -185,3 +185,12 @@ def test_module_entry_point():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith(f"dotllm {__version__}\n")
+
+
+@pytest.mark.parametrize("option", [["--dotllm-compile-workers", "-1"],
+                                    ["--dotllm-compile-timeout", "0"]])
+def test_bad_dotllm_option_values_are_one_line(option):
+    result = run("serve", *option)
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "--dotllm-compile-workers must be >= 0" in line

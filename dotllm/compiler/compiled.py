@@ -6,19 +6,21 @@ checked on load: a truncated or corrupt entry fails `from_bytes`, never serves.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import outlines_core
+from blake3 import blake3
 
 from dotllm.compiler.mask_table import MaskTable
 
 _MAGIC = b"DOTLLMIX"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sIQQQ32s")  # magic, version, meta, index, table sizes, sha256
+FORMAT_VERSION = 2
+# magic, version, meta, index, table sizes, blake3 of the body (4x sha256's speed here:
+# 14 ms instead of 61 ms for a 72 MiB entry).
+_HEADER = struct.Struct("<8sIQQQ32s")
 
 
 class CorruptEntry(ValueError):
@@ -29,17 +31,17 @@ class CorruptEntry(ValueError):
 class CompiledIndex:
     index: outlines_core.Index
     table: MaskTable
-    index_bytes: bytes
+    index_nbytes: int  # serialized size: what the index costs in memory, roughly
 
     @classmethod
     def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int) -> CompiledIndex:
         index = outlines_core.Index(regex, vocabulary)
         return cls(index, MaskTable.build(index, vocab_size, eos_token_id),
-                   _index_to_bytes(index))
+                   len(_index_to_bytes(index)))
 
     @property
     def nbytes(self) -> int:
-        return len(self.index_bytes) + self.table.nbytes
+        return self.index_nbytes + self.table.nbytes
 
     @property
     def num_states(self) -> int:
@@ -53,9 +55,10 @@ class CompiledIndex:
             "state_rows": [r for _, r in states],
         }).encode()
         table = self.table.rows.tobytes()
-        body = meta + self.index_bytes + table
-        header = _HEADER.pack(_MAGIC, FORMAT_VERSION, len(meta), len(self.index_bytes),
-                              len(table), hashlib.sha256(body).digest())
+        index_bytes = _index_to_bytes(self.index)
+        body = meta + index_bytes + table
+        header = _HEADER.pack(_MAGIC, FORMAT_VERSION, len(meta), len(index_bytes),
+                              len(table), blake3(body).digest())
         return header + body
 
     @classmethod
@@ -68,13 +71,13 @@ class CompiledIndex:
         body = memoryview(data)[_HEADER.size:]
         if len(body) != n_meta + n_index + n_table:
             raise CorruptEntry("truncated or padded")
-        if hashlib.sha256(body).digest() != digest:
+        if blake3(body).digest() != digest:
             raise CorruptEntry("checksum mismatch")
         meta = json.loads(bytes(body[:n_meta]))
-        index_bytes = bytes(body[n_meta:n_meta + n_index])
+        index = outlines_core.Index.from_binary(bytes(body[n_meta:n_meta + n_index]))
         rows = np.frombuffer(body[n_meta + n_index:], dtype=np.int32).reshape(meta["rows"])
         table = MaskTable(rows.copy(), dict(zip(meta["states"], meta["state_rows"], strict=True)))
-        return cls(outlines_core.Index.from_binary(index_bytes), table, index_bytes)
+        return cls(index, table, n_index)
 
 
 def _index_to_bytes(index: outlines_core.Index) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -35,7 +34,7 @@ class CompilationManager:
         self.pool = pool
         self.metrics = metrics
         self.stats: Counter[str] = Counter()
-        self.compile_seconds: list[float] = []
+        self.compile_seconds: dict[str, float] = {}  # key -> time in a worker
         self._inflight: dict[str, Future] = {}
         self._failures: OrderedDict[str, Exception] = OrderedDict()
         self._lock = threading.Lock()
@@ -89,19 +88,17 @@ class CompilationManager:
         self.stats["compiles"] += 1
         if self.metrics:
             self.metrics.compiles.inc()
-        started = time.monotonic()
         future = self.pool.submit(regex)
         self._sample_queue_length()
         try:
-            data = future.result()
+            result = future.result()
         finally:
             self._sample_queue_length()
-        seconds = time.monotonic() - started
-        self.compile_seconds.append(seconds)
+        self.compile_seconds[key] = result.seconds
         if self.metrics:
-            self.metrics.compile_seconds.observe(seconds)
-        item = CompiledIndex.from_bytes(data)
-        self.cache.put(key, item, data)
+            self.metrics.compile_seconds.observe(result.seconds)
+        item = CompiledIndex.from_bytes(result.data)
+        self.cache.put(key, item, result.data)
         return item
 
     def _sample_queue_length(self) -> None:

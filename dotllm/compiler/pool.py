@@ -25,6 +25,12 @@ from dotllm.compiler.vocabulary import Vocabulary
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CompileResult:
+    data: bytes  # CompiledIndex.to_bytes()
+    seconds: float  # compile time in the worker, queueing excluded
+
+
 class CompileFailed(Exception):
     """A compile did not produce an index; `reason` says why in words a client can read."""
 
@@ -55,6 +61,7 @@ def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
             regex = conn.recv()
         except (EOFError, OSError):  # the parent went away
             return
+        started = time.perf_counter()
         try:
             compiled = CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
                                            vocabulary.eos_token_id)
@@ -66,7 +73,7 @@ def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
                        f"compiled constraint needs {compiled.nbytes / 2**20:.0f} MiB, over the "
                        f"{limits.max_index_bytes / 2**20:.0f} MiB limit"))
             continue
-        conn.send(("ok", compiled.to_bytes()))
+        conn.send(("ok", compiled.to_bytes(), time.perf_counter() - started))
 
 
 class _Worker:
@@ -90,7 +97,7 @@ class _Worker:
 
 
 class CompilePool:
-    """`submit(regex)` -> Future[bytes of a CompiledIndex]; at most `workers` at once."""
+    """`submit(regex)` -> Future[CompileResult]; at most `workers` compiles at once."""
 
     def __init__(self, vocabulary: Vocabulary, workers: int = 2, limits: PoolLimits | None = None,
                  start_timeout_s: float = 120.0):
@@ -162,8 +169,7 @@ class CompilePool:
             if worker is not None:
                 worker.stop()
 
-    def _run(self, worker: _Worker, regex: str) -> bytes:
-        started = time.monotonic()
+    def _run(self, worker: _Worker, regex: str) -> CompileResult:
         try:
             worker.conn.send(regex)
             if not worker.conn.poll(self.limits.timeout_s):
@@ -176,7 +182,6 @@ class CompilePool:
             raise CompileFailed(
                 f"the compile worker died (exit code {code}) compiling this constraint",
                 "crash") from None
-        logger.debug("compiled in %.3f s", time.monotonic() - started)
         if reply[0] == "ok":
-            return reply[1]
+            return CompileResult(reply[1], reply[2])
         raise CompileFailed(reply[2], reply[1])

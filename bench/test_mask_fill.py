@@ -1,0 +1,62 @@
+"""Per-step mask cost: filling one request's bitmask row from the per-state table (DotLLM)
+vs outlines-core's `Guide.write_mask_into` (what vLLM's outlines backend calls per row).
+
+    pytest bench/test_mask_fill.py --benchmark-enable --benchmark-only \
+        --benchmark-columns=mean,median,ops
+
+Target (issue 3): <= 2 us a row at V = 131,072. States: the start of a JSON document
+(few tokens allowed) and the inside of a free-text string (nearly all allowed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import outlines_core
+import pytest
+import torch
+
+from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.mask_table import words_for
+from dotllm.compiler.spec import ConstraintSpec
+from dotllm.guide import Guide
+
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+PREFIXES = {"document_start": "", "inside_string": '{"name": "Ada Love'}
+
+
+@pytest.fixture(scope="module")
+def compiled(vocabulary):
+    regex = ConstraintSpec.json_schema(SCHEMA).to_regex()
+    return CompiledIndex.build(regex, vocabulary.inner, vocabulary.size, vocabulary.eos_token_id)
+
+
+def advanced(compiled, vocabulary, tokenizer, prefix: str):
+    guide = Guide(compiled, vocabulary.eos_token_id)
+    oc_guide = outlines_core.Guide(compiled.index)
+    for token in tokenizer.encode(prefix, add_special_tokens=False):
+        assert guide.accept_tokens([token])
+        oc_guide.advance(token)
+    return guide, oc_guide
+
+
+@pytest.mark.parametrize("where", list(PREFIXES))
+def test_fill_row_from_table(benchmark, compiled, vocabulary, tokenizer, where):
+    guide, oc_guide = advanced(compiled, vocabulary, tokenizer, PREFIXES[where])
+    bitmask = torch.zeros((256, words_for(vocabulary.size)), dtype=torch.int32)
+    row = bitmask[17].numpy()
+    benchmark.group = f"mask row, V={vocabulary.size}, {where}"
+    benchmark(guide.fill_row, row)
+    expected = torch.zeros(words_for(vocabulary.size), dtype=torch.int32)
+    oc_guide.write_mask_into(expected.data_ptr(), expected.numel(), 4)
+    assert np.array_equal(row, expected.numpy())
+
+
+@pytest.mark.parametrize("where", list(PREFIXES))
+def test_outlines_write_mask_into(benchmark, compiled, vocabulary, tokenizer, where):
+    _, oc_guide = advanced(compiled, vocabulary, tokenizer, PREFIXES[where])
+    row = torch.zeros(words_for(vocabulary.size), dtype=torch.int32)
+    benchmark.group = f"mask row, V={vocabulary.size}, {where}"
+    benchmark(oc_guide.write_mask_into, row.data_ptr(), row.numel(), 4)
+    assert row.any()
