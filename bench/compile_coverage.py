@@ -12,7 +12,6 @@ cache each run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -21,7 +20,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.jsonschemabench import SUBSETS, Case, accepts, in_schema_order, load
+from bench.jsonschemabench import (
+    Case,
+    accepts,
+    embedded_tokenizer_and_vocabulary,
+    in_schema_order,
+    load,
+    parser,
+)
 from dotllm.compiler.cache import IndexCache
 from dotllm.compiler.manager import CompilationManager
 from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
@@ -112,21 +118,10 @@ def report(subset: str, outcomes: list[Outcome]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sample", type=int, default=30, help="schemas per subset (0: all)")
-    parser.add_argument("--timeout", type=float, default=20.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--subsets", nargs="*", default=list(SUBSETS))
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args()
-
-    from transformers import AutoTokenizer
-
-    from dotllm import embedded_model
-    from dotllm.compiler.vocabulary import Vocabulary
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model.build())
-    vocabulary = Vocabulary.from_tokenizer(tokenizer)
+    options = parser(__doc__.splitlines()[0])
+    options.add_argument("--verbose", action="store_true", help="list refusals and failures")
+    args = options.parse_args()
+    tokenizer, vocabulary = embedded_tokenizer_and_vocabulary()
     for subset in args.subsets:
         cases = load(subset, sample=args.sample or None)
         with tempfile.TemporaryDirectory() as tmp:

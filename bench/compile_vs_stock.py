@@ -10,14 +10,13 @@ pool does on 2 cores); DotLLM's cold numbers come from its process pool (compile
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 from bench.compile_coverage import percentile, run
-from bench.jsonschemabench import SUBSETS, load
+from bench.jsonschemabench import embedded_tokenizer_and_vocabulary, load, parser
 from dotllm.compiler.cache import IndexCache, cache_key
 from dotllm.compiler.spec import ConstraintSpec
 
@@ -79,20 +78,8 @@ def summary(name: str, ok: int, total: int, times: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sample", type=int, default=30, help="schemas per subset (0: all)")
-    parser.add_argument("--timeout", type=float, default=20.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--subsets", nargs="*", default=list(SUBSETS))
-    args = parser.parse_args()
-
-    from transformers import AutoTokenizer
-
-    from dotllm import embedded_model
-    from dotllm.compiler.vocabulary import Vocabulary
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model.build())
-    vocabulary = Vocabulary.from_tokenizer(tokenizer)
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    tokenizer, vocabulary = embedded_tokenizer_and_vocabulary()
     engines = stock_engines(tokenizer, vocabulary.size)
     for subset in args.subsets:
         cases = load(subset, sample=args.sample or None)

@@ -6,6 +6,7 @@ Used by the coverage benchmark (bench/compile_coverage.py) and by a CI-sized tes
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import random
@@ -84,3 +85,24 @@ def accepts(guide_factory, tokenizer, text: str) -> bool:
     guide = guide_factory()
     ids = tokenizer.encode(text, add_special_tokens=False)
     return guide.accept_tokens(ids) and guide.accept_tokens([tokenizer.eos_token_id])
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every JSONSchemaBench benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--sample", type=int, default=30, help="schemas per subset (0: all)")
+    p.add_argument("--timeout", type=float, default=20.0, help="compile timeout, seconds")
+    p.add_argument("--workers", type=int, default=2, help="compile pool workers")
+    p.add_argument("--subsets", nargs="*", default=list(SUBSETS))
+    return p
+
+
+def embedded_tokenizer_and_vocabulary():
+    """The embedded model's tokenizer (built if needed) and its compile vocabulary."""
+    from transformers import AutoTokenizer
+
+    from dotllm import embedded_model
+    from dotllm.compiler.vocabulary import Vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model.build())
+    return tokenizer, Vocabulary.from_tokenizer(tokenizer)
