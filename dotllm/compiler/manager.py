@@ -23,7 +23,7 @@ from dotllm.compiler.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-_MAX_REMEMBERED_FAILURES = 4096
+_MAX_REMEMBERED = 4096  # failures and compile times kept, most recent first
 
 
 class CompilationManager:
@@ -34,7 +34,7 @@ class CompilationManager:
         self.pool = pool
         self.metrics = metrics
         self.stats: Counter[str] = Counter()
-        self.compile_seconds: dict[str, float] = {}  # key -> time in a worker
+        self.compile_seconds: OrderedDict[str, float] = OrderedDict()  # key -> worker time
         self._inflight: dict[str, Future] = {}
         self._failures: OrderedDict[str, Exception] = OrderedDict()
         self._lock = threading.Lock()
@@ -94,7 +94,7 @@ class CompilationManager:
             result = future.result()
         finally:
             self._sample_queue_length()
-        self.compile_seconds[key] = result.seconds
+        _remember(self.compile_seconds, key, result.seconds)
         if self.metrics:
             self.metrics.compile_seconds.observe(result.seconds)
         item = CompiledIndex.from_bytes(result.data)
@@ -116,13 +116,17 @@ class CompilationManager:
         if self.metrics:
             self.metrics.failures.labels(reason=kind).inc()
         with self._lock:
-            self._failures[key] = error
-            while len(self._failures) > _MAX_REMEMBERED_FAILURES:
-                self._failures.popitem(last=False)
+            _remember(self._failures, key, error)
 
     def shutdown(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown()
+
+
+def _remember(bounded: OrderedDict, key: str, value) -> None:
+    bounded[key] = value
+    while len(bounded) > _MAX_REMEMBERED:
+        bounded.popitem(last=False)
 
 
 def _done(result=None, exception: Exception | None = None) -> Future:
