@@ -27,9 +27,10 @@ def workers_of(pool_owner_pid: int) -> list[psutil.Process]:
 def make_manager(vocabulary, tmp_path):
     made: list[CompilationManager] = []
 
-    def make(workers=2, timeout_s=60.0, max_index_bytes=256 * 2**20, disk=True):
+    def make(workers=2, timeout_s=60.0, max_index_bytes=256 * 2**20, disk=True, memory=0):
         pool = CompilePool(vocabulary, workers=workers,
-                           limits=PoolLimits(timeout_s=timeout_s, max_index_bytes=max_index_bytes))
+                           limits=PoolLimits(timeout_s=timeout_s, max_index_bytes=max_index_bytes,
+                                             max_worker_memory_bytes=memory))
         cache = IndexCache(disk_dir=tmp_path / "cache" if disk else None)
         manager = CompilationManager(vocabulary, cache, pool)
         made.append(manager)
@@ -119,3 +120,13 @@ def test_invalid_constraints_fail_without_a_compile(make_manager):
     with pytest.raises(CompileFailed, match="cannot compile") as info:
         manager.get(ConstraintSpec.regex("a(?=b)")).result(timeout=120)
     assert info.value.kind == "invalid"
+
+
+def test_compile_over_the_memory_cap_aborts_only_its_worker(make_manager):
+    """outlines-core aborts the process when an allocation fails: the pool survives it."""
+    manager = make_manager(workers=1, memory=150 * 2**20)
+    with pytest.raises(CompileFailed, match="worker died") as info:
+        manager.get(ConstraintSpec.json_object()).result(timeout=120)  # needs far more
+    assert info.value.kind == "crash"
+    assert manager.pool.restarts == 1
+    assert manager.get(QUICK).result(timeout=120).num_states > 0

@@ -43,18 +43,24 @@ class CompileFailed(Exception):
 class PoolLimits:
     timeout_s: float = 60.0
     max_index_bytes: int = 256 * 2**20
-    # Address-space cap for a worker (0: none); over it, outlines-core's allocation fails
-    # and the worker dies instead of the machine swapping.
+    # Address space a compile may add to a ready worker (0: no limit); past it,
+    # outlines-core's allocation fails and that worker dies, not the machine.
     max_worker_memory_bytes: int = 0
 
 
-def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
-    if limits.max_worker_memory_bytes:
-        import resource
+def _cap_address_space(extra_bytes: int) -> None:
+    """Limit this process to what it maps now plus `extra_bytes` (Linux)."""
+    import resource
 
-        cap = limits.max_worker_memory_bytes
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, mapped + extra_bytes))
+
+
+def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
     vocabulary: Vocabulary = pickle.loads(vocabulary_blob)
+    if limits.max_worker_memory_bytes:
+        _cap_address_space(limits.max_worker_memory_bytes)
     conn.send(("ready",))
     while True:
         try:
@@ -85,9 +91,15 @@ class _Worker:
         child.close()
 
     def wait_ready(self, timeout_s: float) -> None:
-        if not self.conn.poll(timeout_s):
-            raise CompileFailed("compile worker did not start", "crash")
-        self.conn.recv()
+        try:
+            if self.conn.poll(timeout_s):
+                self.conn.recv()
+                return
+        except (EOFError, OSError):
+            pass
+        self.process.join(timeout=1)
+        raise CompileFailed(
+            f"a compile worker could not start (exit code {self.process.exitcode})", "crash")
 
     def stop(self) -> None:
         if self.process.is_alive():
@@ -137,7 +149,7 @@ class CompilePool:
         worker = _Worker(self._ctx, self._blob, self.limits)
         try:
             worker.wait_ready(self._start_timeout_s)
-        except (CompileFailed, EOFError, OSError):
+        except CompileFailed:
             worker.stop()
             raise
         return worker
@@ -177,8 +189,9 @@ class CompilePool:
                     f"compiling the constraint took longer than {self.limits.timeout_s:g} s",
                     "timeout")
             reply = worker.conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
-            code = worker.process.exitcode if not worker.process.is_alive() else None
+        except (EOFError, OSError):
+            worker.process.join(timeout=1)
+            code = worker.process.exitcode
             raise CompileFailed(
                 f"the compile worker died (exit code {code}) compiling this constraint",
                 "crash") from None
