@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import outlines_core
@@ -31,17 +32,21 @@ class CorruptEntry(ValueError):
 class CompiledIndex:
     index: outlines_core.Index
     table: MaskTable
-    index_nbytes: int  # serialized size: what the index costs in memory, roughly
+    # Serialized size of the index, known when loaded from bytes (else measured on demand):
+    # roughly what the index costs in memory.
+    index_nbytes: int | None = None
 
     @classmethod
     def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int) -> CompiledIndex:
         index = outlines_core.Index(regex, vocabulary)
-        return cls(index, MaskTable.build(index, vocab_size, eos_token_id),
-                   len(_index_to_bytes(index)))
+        return cls(index, MaskTable.build(index, vocab_size, eos_token_id))
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
-        return self.index_nbytes + self.table.nbytes
+        index_nbytes = self.index_nbytes
+        if index_nbytes is None:
+            index_nbytes = len(_index_to_bytes(self.index))
+        return index_nbytes + self.table.nbytes
 
     @property
     def num_states(self) -> int:

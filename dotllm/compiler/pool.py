@@ -74,12 +74,13 @@ def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
         except ValueError as e:  # outlines-core's word for a regex it cannot build
             conn.send(("error", "invalid", f"cannot compile constraint: {e}"))
             continue
-        if compiled.nbytes > limits.max_index_bytes:
+        data = compiled.to_bytes()
+        if len(data) > limits.max_index_bytes:
             conn.send(("error", "too_large",
-                       f"compiled constraint needs {compiled.nbytes / 2**20:.0f} MiB, over the "
+                       f"compiled constraint needs {len(data) / 2**20:.0f} MiB, over the "
                        f"{limits.max_index_bytes / 2**20:.0f} MiB limit"))
             continue
-        conn.send(("ok", compiled.to_bytes(), time.perf_counter() - started))
+        conn.send(("ok", data, time.perf_counter() - started))
 
 
 class _Worker:
