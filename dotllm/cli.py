@@ -96,7 +96,21 @@ def compiler_settings(args: argparse.Namespace) -> CompilerSettings:
     if settings.compile_workers < 0 or settings.compile_timeout <= 0:
         raise UsageError("--dotllm-compile-workers must be >= 0 and "
                          "--dotllm-compile-timeout > 0")
+    if settings.index_cache_url:
+        check_cache_url(settings.index_cache_url)
     return settings
+
+
+def check_cache_url(url: str) -> None:
+    """Fail at start, not in the engine, when no fsspec backend can open the URL."""
+    import fsspec
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(url)[0] or "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"--dotllm-index-cache-url {url}: {e}") from None
 
 
 def build_serve_parser(on_gpu: bool) -> argparse.ArgumentParser:

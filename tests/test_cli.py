@@ -194,3 +194,12 @@ def test_bad_dotllm_option_values_are_one_line(option):
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert "--dotllm-compile-workers must be >= 0" in line
+
+
+@pytest.mark.parametrize(("url", "message"), [("nosuchproto://bucket/x", "Protocol not known"),
+                                              ("s3://bucket/x", "Install s3fs")])
+def test_cache_url_without_its_fsspec_backend_is_one_line(url, message):
+    result = run("serve", "--dotllm-index-cache-url", url)
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert f"--dotllm-index-cache-url {url}" in line and message in line
