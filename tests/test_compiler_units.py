@@ -68,6 +68,8 @@ def test_choice_regex_escapes():
         (lambda: ConstraintSpec.choice([]), "non-empty list"),
         (lambda: ConstraintSpec.choice(["a", 1]), "every choice must be a string"),
         (lambda: ConstraintSpec.choice("nope"), "not a JSON list"),
+        (lambda: ConstraintSpec.regex("a" * 70000).check(), "over 65536"),
+        (lambda: ConstraintSpec.regex("[").check(), "invalid regex"),
     ],
 )
 def test_invalid_constraints_name_the_problem(make, message):
@@ -204,3 +206,24 @@ def test_unenforced_keywords_are_refused_with_where_they_are():
     assert not list(unenforced_keywords({"type": "array", "uniqueItems": False}))
     with pytest.raises(ConstraintError, match="cannot enforce yet: minimum at /properties/age"):
         ConstraintSpec.json_schema(schema).to_regex()
+
+
+def test_check_never_builds_the_regex(monkeypatch):
+    """A small schema can expand to a regex of many megabytes; the API server only checks."""
+    from dotllm.compiler import spec as spec_module
+
+    def forbidden(*args):
+        raise AssertionError("check() built the regex")
+
+    monkeypatch.setattr(spec_module, "build_regex_from_schema", forbidden)
+    schema = {"$defs": {"leaf": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+              "type": "object"}
+    for level in range(6):
+        schema["$defs"][f"l{level}"] = {"type": "object", "properties": {
+            f"p{i}": {"$ref": f"#/$defs/{'leaf' if level == 0 else f'l{level - 1}'}"}
+            for i in range(8)}}
+    schema["properties"] = {"root": {"$ref": "#/$defs/l5"}}
+    spec = ConstraintSpec.json_schema(schema)
+    spec.check()  # to_regex would expand 8**6 leaves
+    with pytest.raises(AssertionError, match="built the regex"):
+        spec.to_regex()

@@ -235,3 +235,40 @@ def test_engine_failure_in_a_stream_is_reported_in_the_stream(client, endpoint):
                                            extra_body=extra)
     with pytest.raises(openai.APIError, match="cannot compile"):
         list(stream)
+
+
+def test_schema_that_explodes_into_a_huge_regex_does_not_stall_the_server(dotllm_server,
+                                                                         client):
+    """This schema becomes a 4 MB regex whose index takes outlines-core long to build,
+    holding the GIL: only a compile worker may do that, never the API server or engine."""
+    import threading
+    import time
+
+    import requests
+
+    branch = [{"type": "object", "properties": {f"k{i}_{j}": {"type": "string"}
+                                                for j in range(30)}} for i in range(30)]
+    schema = {"anyOf": [{"anyOf": branch}] * 4}
+    outcome = {}
+
+    def send():
+        try:
+            client.completions.create(model=NAME, prompt="x", max_tokens=5,
+                                      extra_body={"structured_outputs": {"json": schema}})
+            outcome["status"] = 200
+        except openai.APIStatusError as e:
+            outcome["status"] = e.status_code
+
+    request = threading.Thread(target=send)
+    request.start()
+    slowest = 0.0
+    while request.is_alive():
+        started = time.monotonic()
+        assert requests.get(dotllm_server.url + "/health", timeout=10).status_code == 200
+        reply = client.completions.create(model=NAME, prompt="x", max_tokens=2)
+        assert reply.choices
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.5)
+    request.join()
+    assert outcome.get("status") in (200, 400)  # compiled, or over the compile timeout
+    assert slowest < 5, slowest

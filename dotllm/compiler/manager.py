@@ -84,11 +84,11 @@ class CompilationManager:
                 self._inflight.pop(key, None)
 
     def _compile(self, key: str, spec: ConstraintSpec) -> CompiledIndex:
-        regex = spec.to_regex()
+        spec.check()
         self.stats["compiles"] += 1
         if self.metrics:
             self.metrics.compiles.inc()
-        future = self.pool.submit(regex)
+        future = self.pool.submit(spec)
         self._sample_queue_length()
         try:
             result = future.result()

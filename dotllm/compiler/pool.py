@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -64,13 +65,16 @@ def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
     conn.send(("ready",))
     while True:
         try:
-            regex = conn.recv()
+            spec: ConstraintSpec = conn.recv()
         except (EOFError, OSError):  # the parent went away
             return
         started = time.perf_counter()
         try:
-            compiled = CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
+            compiled = CompiledIndex.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
                                            vocabulary.eos_token_id)
+        except ConstraintError as e:
+            conn.send(("error", "invalid", str(e)))
+            continue
         except ValueError as e:  # outlines-core's word for a regex it cannot build
             conn.send(("error", "invalid", f"cannot compile constraint: {e}"))
             continue
@@ -110,7 +114,10 @@ class _Worker:
 
 
 class CompilePool:
-    """`submit(regex)` -> Future[CompileResult]; at most `workers` compiles at once."""
+    """`submit(spec)` -> Future[CompileResult]; at most `workers` compiles at once.
+
+    The regex is built in the worker too: for some schemas that alone takes minutes.
+    """
 
     def __init__(self, vocabulary: Vocabulary, workers: int = 2, limits: PoolLimits | None = None,
                  start_timeout_s: float = 120.0):
@@ -132,11 +139,11 @@ class CompilePool:
     def queue_length(self) -> int:
         return self._jobs.qsize()
 
-    def submit(self, regex: str) -> Future:
+    def submit(self, spec: ConstraintSpec) -> Future:
         if self._closed:
             raise RuntimeError("compile pool is shut down")
         future: Future = Future()
-        self._jobs.put((regex, future))
+        self._jobs.put((spec, future))
         return future
 
     def shutdown(self) -> None:
@@ -159,13 +166,13 @@ class CompilePool:
         worker: _Worker | None = None
         try:
             while (job := self._jobs.get()) is not None:
-                regex, future = job
+                spec, future = job
                 if not future.set_running_or_notify_cancel():
                     continue
                 try:
                     if worker is None:
                         worker = self._start_worker()
-                    future.set_result(self._run(worker, regex))
+                    future.set_result(self._run(worker, spec))
                 except CompileFailed as e:
                     if e.kind in ("timeout", "crash") and worker is not None:
                         worker.stop()
@@ -182,9 +189,9 @@ class CompilePool:
             if worker is not None:
                 worker.stop()
 
-    def _run(self, worker: _Worker, regex: str) -> CompileResult:
+    def _run(self, worker: _Worker, spec: ConstraintSpec) -> CompileResult:
         try:
-            worker.conn.send(regex)
+            worker.conn.send(spec)
             if not worker.conn.poll(self.limits.timeout_s):
                 raise CompileFailed(
                     f"compiling the constraint took longer than {self.limits.timeout_s:g} s",

@@ -22,6 +22,9 @@ from dotllm.compiler.schema_support import unenforced_keywords
 # Keys whose object value is an ordered list of members, not a set of keywords.
 _ORDERED_MEMBERS = frozenset({"properties"})
 
+# A longer pattern is a client error (and Python's re.compile of a huge one takes minutes).
+MAX_REGEX_CHARS = 65536
+
 # Any JSON value, for json_object requests: outlines-core builds it from an empty schema.
 _ANY_JSON_OBJECT_SCHEMA = {"type": "object"}
 
@@ -97,25 +100,39 @@ class ConstraintSpec:
         text = json.dumps([self.kind.value, self.whitespace_pattern, self.source])
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def to_regex(self) -> str:
-        """The regex outlines-core compiles (raises ConstraintError when there is none)."""
+    def check(self) -> None:
+        """Cheap checks, safe in the API server: they take time linear in the request.
+
+        Building the regex is not one: a small schema with nested `$ref`s or `anyOf`s can
+        expand to a regex of many megabytes, and outlines-core holds the GIL while it
+        builds. That happens in a compile worker (`to_regex`), under its time limit.
+        """
         if self.kind is ConstraintKind.REGEX:
-            pattern = self.source
-        elif self.kind is ConstraintKind.CHOICE:
-            pattern = "|".join(f"({re.escape(c)})" for c in json.loads(self.source))
-        else:
-            if self.kind is ConstraintKind.JSON and (
-                    found := list(unenforced_keywords(json.loads(self.source)))):
-                where = ", ".join(f"{k} at {p}" for k, p in found[:5])
-                more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            if len(self.source) > MAX_REGEX_CHARS:
                 raise ConstraintError(
-                    f"JSON schema uses keywords DotLLM cannot enforce yet: {where}{more}")
+                    f"regex is {len(self.source)} characters long, over {MAX_REGEX_CHARS}")
             try:
-                pattern = build_regex_from_schema(self.source, self.whitespace_pattern)
-            except (ValueError, TypeError) as e:
-                raise ConstraintError(f"unsupported JSON schema: {e}") from None
+                re.compile(self.source)
+            except re.error as e:
+                raise ConstraintError(f"invalid regex: {e}") from None
+        elif self.kind is ConstraintKind.JSON and (
+                found := list(unenforced_keywords(json.loads(self.source)))):
+            where = ", ".join(f"{k} at {p}" for k, p in found[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise ConstraintError(
+                f"JSON schema uses keywords DotLLM cannot enforce yet: {where}{more}")
+
+    def to_regex(self) -> str:
+        """The regex outlines-core compiles (raises ConstraintError when there is none).
+
+        Can take long and much memory for a large schema: run it where it can be stopped.
+        """
+        self.check()
+        if self.kind is ConstraintKind.REGEX:
+            return self.source
+        if self.kind is ConstraintKind.CHOICE:
+            return "|".join(f"({re.escape(c)})" for c in json.loads(self.source))
         try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConstraintError(f"invalid regex: {e}") from None
-        return pattern
+            return build_regex_from_schema(self.source, self.whitespace_pattern)
+        except (ValueError, TypeError) as e:
+            raise ConstraintError(f"unsupported JSON schema: {e}") from None

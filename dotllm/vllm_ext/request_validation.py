@@ -2,9 +2,10 @@
 
 Target (vLLM 0.26, API server): `SamplingParams._validate_structured_outputs`, which runs
 before a request is queued and turns a ValueError into HTTP 400. Stock vLLM checks there
-with xgrammar or guidance and rejects schemas DotLLM compiles; DotLLM instead builds the
-constraint's regex (milliseconds), so an invalid schema, regex or choice list is a 400
-naming the problem, before any engine work.
+with xgrammar or guidance and rejects schemas DotLLM compiles; DotLLM instead runs its
+cheap checks (`ConstraintSpec.check`: JSON, regex syntax, choices, keywords it cannot
+enforce), so most bad constraints are a 400 naming the problem before any engine work;
+the rest fail in the compile worker and are reported by `compile_errors`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _validate_structured_outputs(self, model_config, structured_outputs_config, 
     if tokenizer is None:
         raise ValueError("structured outputs need a tokenizer (not with --skip-tokenizer-init)")
     try:
-        spec_from_params(self.structured_outputs).to_regex()
+        spec_from_params(self.structured_outputs).check()
     except ConstraintError as e:
         raise ValueError(f"Invalid structured output: {e}") from None
 
