@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
 import torch
+from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.structured_output.backend_types import (
     StructuredOutputBackend,
     StructuredOutputGrammar,
@@ -21,6 +23,7 @@ from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
 from dotllm.settings import CompilerSettings
+from dotllm.vllm_ext.constraints import spec_from_params
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +80,14 @@ class DotllmBackend(StructuredOutputBackend):
 
     def compile_grammar(self, request_type: StructuredOutputOptions,
                         grammar_spec: str) -> DotllmGrammar:
-        if request_type is StructuredOutputOptions.JSON:
-            spec = ConstraintSpec.json_schema(grammar_spec)
-        elif request_type is StructuredOutputOptions.JSON_OBJECT:
-            spec = ConstraintSpec.json_object()
-        elif request_type is StructuredOutputOptions.REGEX:
-            spec = ConstraintSpec.regex(grammar_spec)
+        """vLLM's (type, text) key; DotLLM's own path passes whole params to compile_spec."""
+        value: object = grammar_spec
+        if request_type is StructuredOutputOptions.JSON_OBJECT:
+            value = True
         elif request_type is StructuredOutputOptions.CHOICE:
-            spec = ConstraintSpec.choice(grammar_spec)
-        else:
-            raise ValueError(f"{request_type.name.lower()} constraints are not supported yet")
-        return self.compile_spec(spec)
+            value = json.loads(grammar_spec)  # vLLM keys choices by their JSON text
+        params = StructuredOutputsParams(**{request_type.name.lower(): value})
+        return self.compile_spec(spec_from_params(params))
 
     def allocate_token_bitmask(self, max_num_seqs: int) -> torch.Tensor:
         return torch.full((max_num_seqs, (self.vocab_size + 31) // 32), -1, dtype=torch.int32,

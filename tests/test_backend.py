@@ -1,0 +1,58 @@
+"""DotLLM's vLLM backend adapter, in process: vLLM's (type, text) keys, grammar methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+
+from dotllm.compiler.spec import ConstraintError
+from dotllm.settings import CompilerSettings
+from dotllm.vllm_ext.backend import DotllmBackend
+
+
+@pytest.fixture(scope="module")
+def backend(tokenizer, vocabulary):
+    backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
+                            settings=CompilerSettings(compile_workers=1, index_cache_dir="off"))
+    yield backend
+    backend.destroy()
+
+
+def test_choice_key_compiles_and_guides(backend, tokenizer):
+    grammar = backend.compile_grammar(StructuredOutputOptions.CHOICE, '["yes", "no"]')
+    bitmask = backend.allocate_token_bitmask(4)
+    assert bitmask.shape == (4, backend.vocab_size // 32) and (bitmask == -1).all()
+    grammar.fill_bitmask(bitmask, 2)
+    row = bitmask[2].numpy()
+    allowed = [t for t in range(backend.vocab_size) if (int(row[t >> 5]) >> (t & 31)) & 1]
+    texts = {tokenizer.decode([t]) for t in allowed}
+    assert {"yes", "no"} <= texts  # whole-word tokens, and only prefixes of the choices
+    assert all("yes".startswith(text) or "no".startswith(text) for text in texts), texts
+    assert (bitmask[1].numpy() == -1).all()  # other rows untouched
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    assert grammar.validate_tokens(yes) == yes
+    assert grammar.accept_tokens("r1", yes)
+    assert grammar.accept_tokens("r1", [tokenizer.eos_token_id])
+    assert grammar.is_terminated()
+    grammar.rollback(1)
+    assert not grammar.is_terminated()
+    grammar.reset()
+    assert np.array_equal(bitmask[2].numpy(), row)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [(StructuredOutputOptions.JSON, '{"type": "object", "properties": {"a": {"type": "integer"}}}'),
+     (StructuredOutputOptions.JSON_OBJECT, ""),
+     (StructuredOutputOptions.REGEX, "[0-9]{2}")],
+)
+def test_every_supported_key_compiles(backend, kind, text):
+    assert not backend.compile_grammar(kind, text).is_terminated()
+
+
+@pytest.mark.parametrize("kind", [StructuredOutputOptions.GRAMMAR,
+                                  StructuredOutputOptions.STRUCTURAL_TAG])
+def test_unsupported_keys_name_themselves(backend, kind):
+    with pytest.raises(ConstraintError, match=kind.name.lower()):
+        backend.compile_grammar(kind, "root ::= 'a'")
