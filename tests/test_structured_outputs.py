@@ -270,5 +270,8 @@ def test_schema_that_explodes_into_a_huge_regex_does_not_stall_the_server(dotllm
         slowest = max(slowest, time.monotonic() - started)
         time.sleep(0.5)
     request.join()
+    print(f"exploding schema: HTTP {outcome.get('status')}, slowest round {slowest:.1f} s")
     assert outcome.get("status") in (200, 400)  # compiled, or over the compile timeout
-    assert slowest < 5, slowest
+    # Building it in the API server or the engine stalled them for over a minute. A round
+    # may still be slow on 2 cores while the worker compiles, so the bound is loose.
+    assert slowest < 15, slowest
