@@ -134,8 +134,6 @@ class RemoteStore:
 class IndexCache:
     """Memory -> disk -> remote. `get` returns (CompiledIndex or None, level it came from)."""
 
-    LEVELS = ("memory", "disk", "remote")
-
     def __init__(self, memory_bytes: int = 1 << 30, disk_dir: Path | None = None,
                  remote_url: str | None = None,
                  on_event: Callable[[str, str], None] | None = None):

@@ -1,7 +1,7 @@
 """A pool of compile processes that can really be stopped.
 
-outlines-core builds an index single-threaded, holds the GIL-free state in Rust, and its
-release build aborts the whole process on a panic or a failed allocation. So each compile
+outlines-core builds an index single-threaded while holding the GIL, and its release
+build aborts the whole process on a panic or a failed allocation. So each compile
 runs in a worker process of its own: a compile past its time is stopped by killing that
 worker (a thread cannot be stopped), a worker that dies fails only the compile it was
 running, and either way a fresh worker takes its place. Each worker holds the vocabulary,
@@ -33,7 +33,7 @@ class CompileResult:
 
 
 class CompileFailed(Exception):
-    """A compile did not produce an index; `reason` says why in words a client can read."""
+    """A compile did not produce an index; the message says why in words a client can read."""
 
     def __init__(self, reason: str, kind: str):
         super().__init__(reason)

@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from http import HTTPStatus
 
-from dotllm.vllm_ext.processes import api_server_module
+from dotllm.vllm_ext.patching import api_server_module, replace_attribute
 
 NAME = "compile_errors"
 MARKER = "dotllm-constraint-error: "
@@ -54,7 +54,6 @@ def _engine_output_factory(output_cls, finish_error):
                 kwargs["stop_reason"] = MARKER + message
         return output_cls(*args, **kwargs)
 
-    engine_core_output.dotllm_patch = NAME
     return engine_core_output
 
 
@@ -75,25 +74,19 @@ def _raising_constraint_failures(generate, error_cls):
                         f"Invalid structured output: {reason[len(MARKER):]}")
             yield output
 
-    generate_outputs.dotllm_patch = NAME
     return generate_outputs
-
-
-def _patch(owner, name: str, make) -> None:
-    if getattr(getattr(owner, name), "dotllm_patch", None) != NAME:
-        setattr(owner, name, make(getattr(owner, name)))
 
 
 def apply(in_launcher: bool) -> bool:
     from vllm.v1.core.sched import scheduler
     from vllm.v1.engine import FinishReason
 
-    _patch(scheduler, "EngineCoreOutput",
-           lambda cls: _engine_output_factory(cls, FinishReason.ERROR))
+    replace_attribute(scheduler, "EngineCoreOutput",
+            lambda cls: _engine_output_factory(cls, FinishReason.ERROR), NAME)
 
     async_llm = api_server_module("vllm.v1.engine.async_llm", in_launcher)
     protocol = api_server_module("vllm.entrypoints.openai.engine.protocol", in_launcher)
     if async_llm and protocol:
-        _patch(async_llm.AsyncLLM, "generate",
-               lambda f: _raising_constraint_failures(f, protocol.GenerationError))
+        replace_attribute(async_llm.AsyncLLM, "generate",
+                lambda f: _raising_constraint_failures(f, protocol.GenerationError), NAME)
     return True

@@ -17,21 +17,18 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from dotllm.vllm_ext.patching import replace_attribute
+
 NAME = "engine_backend"
 logger = logging.getLogger(__name__)
 _GRAMMAR_THREADS = 64
 
 
-def _patched(manager_cls):
-    from dotllm.vllm_ext import compile_errors
+def _with_dotllm_backend(stock_init):
     from dotllm.vllm_ext.backend import DotllmBackend
-    from dotllm.vllm_ext.constraints import spec_from_params
-
-    original_init = manager_cls.__init__
-    original_create = manager_cls._create_grammar
 
     def __init__(self, vllm_config):
-        original_init(self, vllm_config)
+        stock_init(self, vllm_config)
         if vllm_config.model_config.skip_tokenizer_init:
             return
         self.backend = DotllmBackend(vllm_config, tokenizer=self.tokenizer,
@@ -40,9 +37,17 @@ def _patched(manager_cls):
         self.executor = ThreadPoolExecutor(max_workers=_GRAMMAR_THREADS,
                                            thread_name_prefix="dotllm-grammar")
 
+    return __init__
+
+
+def _compiling_whole_params(stock_create):
+    from dotllm.vllm_ext import compile_errors
+    from dotllm.vllm_ext.backend import DotllmBackend
+    from dotllm.vllm_ext.constraints import spec_from_params
+
     def _create_grammar(self, request):
         if not isinstance(self.backend, DotllmBackend):
-            return original_create(self, request)
+            return stock_create(self, request)
         try:
             spec = spec_from_params(request.structured_output_request.params)
             return self.backend.compile_spec(spec)
@@ -51,15 +56,12 @@ def _patched(manager_cls):
             compile_errors.record(request.request_id, str(e))
             raise
 
-    __init__.dotllm_patch = NAME
-    return __init__, _create_grammar
+    return _create_grammar
 
 
 def apply(in_launcher: bool) -> bool:
     from vllm.v1.structured_output import StructuredOutputManager
 
-    if getattr(StructuredOutputManager.__init__, "dotllm_patch", None) != NAME:
-        init, create = _patched(StructuredOutputManager)
-        StructuredOutputManager.__init__ = init
-        StructuredOutputManager._create_grammar = create
+    replace_attribute(StructuredOutputManager, "__init__", _with_dotllm_backend, NAME)
+    replace_attribute(StructuredOutputManager, "_create_grammar", _compiling_whole_params, NAME)
     return True

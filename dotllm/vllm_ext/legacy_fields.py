@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dotllm.vllm_ext.processes import api_server_module
+from dotllm.vllm_ext.patching import api_server_module, replace_attribute
 
 NAME = "legacy_fields"
 
@@ -49,7 +49,6 @@ def _with_legacy_fields(extract):
     def extract_structured_outputs(self):
         return merge_legacy_fields(extract(self), self.model_extra or {})
 
-    extract_structured_outputs.dotllm_patch = NAME
     return extract_structured_outputs
 
 
@@ -60,7 +59,5 @@ def apply(in_launcher: bool) -> bool:
         return False
     chat, completion = modules
     for request_cls in (chat.ChatCompletionRequest, completion.CompletionRequest):
-        current = request_cls.extract_structured_outputs
-        if getattr(current, "dotllm_patch", None) != NAME:
-            request_cls.extract_structured_outputs = _with_legacy_fields(current)
+        replace_attribute(request_cls, "extract_structured_outputs", _with_legacy_fields, NAME)
     return True

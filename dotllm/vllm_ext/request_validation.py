@@ -10,6 +10,8 @@ the rest fail in the compile worker and are reported by `compile_errors`.
 
 from __future__ import annotations
 
+from dotllm.vllm_ext.patching import replace_attribute
+
 NAME = "request_validation"
 
 
@@ -27,11 +29,9 @@ def _validate_structured_outputs(self, model_config, structured_outputs_config, 
         raise ValueError(f"Invalid structured output: {e}") from None
 
 
-_validate_structured_outputs.dotllm_patch = NAME
-
-
 def apply(in_launcher: bool) -> bool:
     from vllm.sampling_params import SamplingParams
 
-    SamplingParams._validate_structured_outputs = _validate_structured_outputs
+    replace_attribute(SamplingParams, "_validate_structured_outputs",
+            lambda _stock: _validate_structured_outputs, NAME)
     return True

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from dotllm.vllm_ext.processes import api_server_module
+from dotllm.vllm_ext.patching import api_server_module, replace_attribute
 
 NAME = "server_identity"
 _TARGET = "vllm.entrypoints.openai.api_server"
@@ -42,7 +42,6 @@ def _add_identity_route(build_app):
         app.router.routes.insert(0, app.router.routes.pop())
         return app
 
-    build_app_with_identity.dotllm_patch = NAME
     return build_app_with_identity
 
 
@@ -50,6 +49,5 @@ def apply(in_launcher: bool) -> bool:
     api_server = api_server_module(_TARGET, in_launcher)
     if api_server is None:
         return False
-    if getattr(api_server.build_app, "dotllm_patch", None) != NAME:
-        api_server.build_app = _add_identity_route(api_server.build_app)
+    replace_attribute(api_server, "build_app", _add_identity_route, NAME)
     return True
