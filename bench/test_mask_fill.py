@@ -27,14 +27,18 @@ PREFIXES = {"document_start": "", "inside_string": '{"name": "Ada Love'}
 
 
 @pytest.fixture(scope="module")
-def compiled(vocabulary):
-    regex = ConstraintSpec.json_schema(SCHEMA).to_regex()
-    return CompiledIndex.build(regex, vocabulary.inner, vocabulary.size, vocabulary.eos_token_id)
+def index(vocabulary):
+    return outlines_core.Index(ConstraintSpec.json_schema(SCHEMA).to_regex(), vocabulary.inner)
 
 
-def advanced(compiled, vocabulary, tokenizer, prefix: str):
+@pytest.fixture(scope="module")
+def compiled(index, vocabulary):
+    return CompiledIndex.from_index(index, vocabulary.size, vocabulary.eos_token_id)
+
+
+def advanced(compiled, index, vocabulary, tokenizer, prefix: str):
     guide = Guide(compiled, vocabulary.eos_token_id)
-    oc_guide = outlines_core.Guide(compiled.index)
+    oc_guide = outlines_core.Guide(index)
     for token in tokenizer.encode(prefix, add_special_tokens=False):
         assert guide.accept_tokens([token])
         oc_guide.advance(token)
@@ -42,8 +46,8 @@ def advanced(compiled, vocabulary, tokenizer, prefix: str):
 
 
 @pytest.mark.parametrize("where", list(PREFIXES))
-def test_fill_row_from_table(benchmark, compiled, vocabulary, tokenizer, where):
-    guide, oc_guide = advanced(compiled, vocabulary, tokenizer, PREFIXES[where])
+def test_fill_row_from_table(benchmark, compiled, index, vocabulary, tokenizer, where):
+    guide, oc_guide = advanced(compiled, index, vocabulary, tokenizer, PREFIXES[where])
     bitmask = torch.zeros((256, words_for(vocabulary.size)), dtype=torch.int32)
     row = bitmask[17].numpy()
     benchmark.group = f"mask row, V={vocabulary.size}, {where}"
@@ -54,9 +58,31 @@ def test_fill_row_from_table(benchmark, compiled, vocabulary, tokenizer, where):
 
 
 @pytest.mark.parametrize("where", list(PREFIXES))
-def test_outlines_write_mask_into(benchmark, compiled, vocabulary, tokenizer, where):
-    _, oc_guide = advanced(compiled, vocabulary, tokenizer, PREFIXES[where])
+def test_outlines_write_mask_into(benchmark, compiled, index, vocabulary, tokenizer, where):
+    _, oc_guide = advanced(compiled, index, vocabulary, tokenizer, PREFIXES[where])
     row = torch.zeros(words_for(vocabulary.size), dtype=torch.int32)
     benchmark.group = f"mask row, V={vocabulary.size}, {where}"
     benchmark(oc_guide.write_mask_into, row.data_ptr(), row.numel(), 4)
     assert row.any()
+
+
+def _inside_string(compiled, index, vocabulary, tokenizer):
+    """Our state and outlines-core's after PREFIXES["inside_string"], and a token allowed there."""
+    guide, _ = advanced(compiled, index, vocabulary, tokenizer, PREFIXES["inside_string"])
+    oc_state = index.get_initial_state()
+    for token in tokenizer.encode(PREFIXES["inside_string"], add_special_tokens=False):
+        oc_state = index.get_next_state(oc_state, token)
+    token = tokenizer.encode("lace", add_special_tokens=False)[0]
+    return guide.state, oc_state, token
+
+
+def test_next_state_from_table(benchmark, compiled, index, vocabulary, tokenizer):
+    state, _, token = _inside_string(compiled, index, vocabulary, tokenizer)
+    benchmark.group = f"accept one token, V={vocabulary.size}, inside_string"
+    assert benchmark(compiled.next_state, state, token) is not None
+
+
+def test_outlines_get_next_state(benchmark, compiled, index, vocabulary, tokenizer):
+    _, oc_state, token = _inside_string(compiled, index, vocabulary, tokenizer)
+    benchmark.group = f"accept one token, V={vocabulary.size}, inside_string"
+    assert benchmark(index.get_next_state, oc_state, token) is not None

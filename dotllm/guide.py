@@ -1,8 +1,8 @@
 """Per-request progress through a compiled index: accept, validate, roll back, fill a row.
 
-Tokens move the request from state to state of the outlines-core index; EOS is accepted
-only in a final state and ends the request. Masks come from the index's per-state table,
-so filling a row is one copy.
+Tokens move the request from state to state of the compiled index; EOS is accepted only
+in a final state and ends the request. Masks come from the index's per-state table, so
+filling a row is one copy.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from dotllm.compiler.compiled import CompiledIndex
 
 class Guide:
     def __init__(self, compiled: CompiledIndex, eos_token_id: int):
-        self._index = compiled.index
-        self._table = compiled.table
+        self._compiled = compiled
         self._eos = eos_token_id
-        self._initial = self._index.get_initial_state()
-        self._finals = frozenset(self._index.get_final_states())
+        self._initial = compiled.initial_state
         self._states = [self._initial]  # one entry per accepted token, for rollback
         self._terminated = False
 
@@ -36,8 +34,8 @@ class Guide:
 
     def _next(self, state: int, token: int) -> int | None:
         if token == self._eos:
-            return state if state in self._finals else None
-        return self._index.get_next_state(state, token)
+            return state if self._compiled.is_final(state) else None
+        return self._compiled.next_state(state, token)
 
     def _walk(self, tokens: list[int]) -> tuple[list[int], bool]:
         """States after each token of the longest acceptable prefix, and whether it ends in EOS."""
@@ -83,7 +81,7 @@ class Guide:
         if self._terminated:
             out.fill(-1)
             return
-        row = self._table.row(self.state)
+        row = self._compiled.mask_row(self.state)
         n = min(len(row), len(out))
         out[:n] = row[:n]
         out[n:] = 0

@@ -56,3 +56,24 @@ def test_every_supported_key_compiles(backend, kind, text):
 def test_unsupported_keys_name_themselves(backend, kind):
     with pytest.raises(ConstraintError, match=kind.name.lower()):
         backend.compile_grammar(kind, "root ::= 'a'")
+
+
+def test_a_corrupt_block_ends_the_request_with_its_reason(tokenizer, vocabulary):
+    """vLLM's scheduler ends a request whose tokens are refused; the engine keeps going."""
+    from dotllm.compiler.compiled import CompiledIndex
+    from dotllm.guide import Guide
+    from dotllm.vllm_ext import compile_errors
+    from dotllm.vllm_ext.backend import DotllmGrammar
+
+    compiled = CompiledIndex.build("[0-9]{3}", vocabulary.inner, vocabulary.size,
+                                   vocabulary.eos_token_id)
+    data = bytearray(compiled.to_bytes())
+    data[-3] ^= 0xFF  # the last mask row: not the initial state's
+    loaded = CompiledIndex.from_buffer(bytes(data))
+    assert int(loaded.table.state_rows[loaded.initial_state]) != len(loaded.table.rows) - 1
+    grammar = DotllmGrammar(Guide(loaded, vocabulary.eos_token_id))
+    tokens = tokenizer.encode("123", add_special_tokens=False) + [vocabulary.eos_token_id]
+    assert grammar.validate_tokens(tokens) == []
+    assert not grammar.accept_tokens("req-1", tokens)
+    assert "corrupt" in compile_errors._take("req-1")
+    assert grammar.guide.num_accepted == 0

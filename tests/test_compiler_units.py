@@ -12,6 +12,7 @@ import torch
 from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 from dotllm.compiler.mask_table import MaskTable, pack_tokens, words_for
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
+from dotllm.compiler.transitions import TransitionTable
 from dotllm.compiler.vocabulary import Vocabulary, token_bytes
 
 PERSON = {
@@ -124,18 +125,24 @@ def test_pack_tokens_layout():
 def test_mask_table_matches_outlines_guide_in_every_state(vocabulary):
     regex = ConstraintSpec.json_schema(PERSON).to_regex()
     index = outlines_core.Index(regex, vocabulary.inner)
-    table = MaskTable.build(index, vocabulary.size, vocabulary.eos_token_id)
+    transitions = TransitionTable.from_index(index)
+    table = MaskTable.build(transitions, vocabulary.size, vocabulary.eos_token_id)
     assert table.rows.flags["C_CONTIGUOUS"] and table.rows.dtype == np.int32
     assert len(table.rows) < len(table.state_rows)  # identical masks are stored once
     buf = torch.zeros(words_for(vocabulary.size), dtype=torch.int32)
-    for state in index.get_transitions():
+    outlines_transitions = index.get_transitions()
+    for state, moves in outlines_transitions.items():
         guide = outlines_core.Guide(index)
-        # Reach `state` by walking any path; compare masks there.
-        path = _path_to(index, state)
-        for token in path:
+        # Reach `state` by walking any path, in both; compare transitions and masks there.
+        ours = transitions.initial_state
+        for token in _path_to(index, state):
             guide.advance(token)
+            ours = transitions.next_state(ours, token)
+        assert transitions.tokens_from(ours).tolist() == sorted(moves)
+        assert transitions.next_state(ours, max(moves) + 1) is None
         guide.write_mask_into(buf.data_ptr(), buf.numel(), 4)
-        assert np.array_equal(buf.numpy(), table.row(state)), state
+        assert np.array_equal(buf.numpy(), table.row(ours)), state
+    assert transitions.num_states == len(outlines_transitions)
 
 
 def _path_to(index, target: int) -> list[int]:
@@ -156,11 +163,13 @@ def _path_to(index, target: int) -> list[int]:
 def test_compiled_index_bytes_round_trip(vocabulary):
     compiled = CompiledIndex.build("[0-9]{1,3}", vocabulary.inner, vocabulary.size,
                                    vocabulary.eos_token_id)
-    again = CompiledIndex.from_bytes(compiled.to_bytes())
-    assert np.array_equal(again.table.rows, compiled.table.rows)
-    assert again.table.state_rows == compiled.table.state_rows
-    assert again.index.get_initial_state() == compiled.index.get_initial_state()
-    assert again.index.get_transitions() == compiled.index.get_transitions()
+    again = CompiledIndex.from_buffer(compiled.to_bytes())
+    for name in ("rows", "state_rows"):
+        assert np.array_equal(getattr(again.table, name), getattr(compiled.table, name))
+    for name in ("finals", "offsets", "tokens", "targets"):
+        assert np.array_equal(getattr(again.transitions, name),
+                              getattr(compiled.transitions, name))
+    assert again.initial_state == compiled.initial_state
 
 
 @pytest.mark.parametrize(
@@ -170,14 +179,46 @@ def test_compiled_index_bytes_round_trip(vocabulary):
         (lambda b: b[:20], "shorter than its header"),
         (lambda b: b + b"x", "truncated or padded"),
         (lambda b: b"X" + b[1:], "not a DotLLM index"),
-        (lambda b: b[:-5] + bytes([b[-5] ^ 0xFF]) + b[-4:], "checksum"),
+        (lambda b: _flip(b, 200), "checksum mismatch"),  # in the per-state arrays
     ],
 )
 def test_damaged_bytes_are_detected(vocabulary, damage, message):
     data = CompiledIndex.build("ab|cd", vocabulary.inner, vocabulary.size,
                                vocabulary.eos_token_id).to_bytes()
     with pytest.raises(CorruptEntry, match=message):
-        CompiledIndex.from_bytes(damage(data))
+        CompiledIndex.from_buffer(damage(data))
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def test_a_damaged_block_is_refused_when_first_needed(vocabulary, tokenizer):
+    """Blocks are checked lazily: loading stays O(states), a bad block still never serves."""
+    compiled = CompiledIndex.build('"[^"]*"', vocabulary.inner, vocabulary.size,
+                                   vocabulary.eos_token_id)
+    quote = tokenizer.encode('"', add_special_tokens=False)[0]
+    inside = compiled.next_state(compiled.initial_state, quote)
+    assert len(compiled.transitions.tokens_from(inside)) > 65536  # spans several blocks
+    data = compiled.to_bytes()
+    rows_at = len(data) - compiled.table.rows.nbytes
+    row_bytes = compiled.table.rows.shape[1] * 4
+    inside_row = int(compiled.table.state_rows[inside])
+    assert inside_row != int(compiled.table.state_rows[compiled.initial_state])
+    damaged = {
+        "mask row": _flip(data, rows_at + inside_row * row_bytes + 7),
+        # A target 3/4 of the way in (padding < 64 bytes separates them from the rows).
+        "transitions block": _flip(data, rows_at - 64 - compiled.transitions.targets.nbytes // 4),
+    }
+    for what, bad in damaged.items():
+        loaded = CompiledIndex.from_buffer(bad)  # the initial state's blocks are intact
+        reasons = []
+        loaded.on_corrupt = reasons.append
+        with pytest.raises(CorruptEntry, match=what):
+            loaded.next_state(loaded.initial_state, quote)
+        assert len(reasons) == 1 and what in reasons[0]
+    intact = CompiledIndex.from_buffer(data)
+    assert intact.next_state(intact.initial_state, quote) == inside
 
 
 def test_unenforced_keywords_are_refused_with_where_they_are():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dotllm.compiler.cache import IndexCache, MemoryLRU, cache_key
-from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_disk_survives_a_restart(tmp_path, items):
     restarted = IndexCache(disk_dir=tmp_path, on_event=lambda e, lvl: events.append((e, lvl)))
     item, level = restarted.get("k")
     assert level == "disk"
-    assert item.table.state_rows == items["a"].table.state_rows
+    assert np.array_equal(item.table.rows, items["a"].table.rows)
     assert restarted.get("k")[1] == "memory"
     assert events == [("hit", "disk"), ("hit", "memory")]
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
@@ -82,3 +83,27 @@ def test_unreachable_remote_costs_a_miss_not_an_error(tmp_path, items):
     (tmp_path / "shared").write_text("not a directory")
     cache.put("k", items["a"])  # remote write fails, logged
     assert IndexCache(disk_dir=tmp_path / "d").get("k")[1] == "disk"
+
+
+def test_a_block_found_corrupt_in_use_is_dropped_from_every_level(tmp_path, items, tokenizer):
+    remote = f"file://{tmp_path}/shared"
+    IndexCache(disk_dir=tmp_path / "d", remote_url=remote).put("k", items["a"])
+    # Damage the mask row of the state after one digit: not needed to load the entry.
+    compiled = items["a"]
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    row = int(compiled.table.state_rows[compiled.next_state(compiled.initial_state, digit)])
+    [path] = list((tmp_path / "d").rglob("*.idx"))
+    data = bytearray(path.read_bytes())
+    data[len(data) - compiled.table.rows[row:].nbytes + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    events = []
+    cache = IndexCache(disk_dir=tmp_path / "d", remote_url=remote,
+                       on_event=lambda e, lvl: events.append((e, lvl)))
+    item, level = cache.get("k")
+    assert level == "disk"
+    with pytest.raises(CorruptEntry, match="mask row"):
+        item.next_state(item.initial_state, digit)
+    assert events == [("hit", "disk"), ("corrupt", "disk")]
+    assert cache.get("k") == (None, None)  # not in memory, on disk or remote any more
+    assert not path.exists() and not list((tmp_path / "shared").glob("*.idx"))

@@ -1,13 +1,16 @@
 """Compiled indexes kept in memory, on disk and in a remote store, each filling those above.
 
 - memory: an LRU bounded in bytes, holding ready `CompiledIndex` objects;
-- disk: one file per key in a directory, written atomically (temp file + rename);
+- disk: one file per key in a directory, written atomically (temp file + rename), used
+  in place through a read-only memory map (files are replaced, never rewritten);
 - remote: any fsspec URL (a shared directory, s3://bucket/prefix, ...), so replicas behind
   a load balancer compile each schema once between them.
 
 Entries are `CompiledIndex.to_bytes()`; one that fails its checksum or is truncated is
-logged, deleted and reported as a miss, so it is recompiled rather than served. Keys
-already include the vocabulary and the outlines-core version (`cache_key`).
+logged, deleted and reported as a miss, so it is recompiled rather than served; one
+whose block fails later, in use, is dropped from every level. Keys already include the
+vocabulary and the outlines-core version (`cache_key`). Observers see every lookup's
+outcome as (event, level): ("hit", level), ("corrupt", level), ("miss", "all").
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -62,6 +66,11 @@ class MemoryLRU:
                 _, evicted = self._items.popitem(last=False)
                 self.nbytes -= evicted.nbytes
 
+    def pop(self, key: str) -> None:
+        with self._lock:
+            if (item := self._items.pop(key, None)) is not None:
+                self.nbytes -= item.nbytes
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -74,9 +83,13 @@ class DiskStore:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.idx"
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str) -> mmap.mmap | bytes | None:
+        """A read-only map of the entry: pages load as a request's states need them."""
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
             return None
 
@@ -140,11 +153,20 @@ class IndexCache:
         self.memory = MemoryLRU(memory_bytes)
         self.disk = DiskStore(disk_dir) if disk_dir is not None else None
         self.remote = RemoteStore(remote_url) if remote_url else None
-        self._on_event = on_event or (lambda event, level: None)
+        self.observers: list[Callable[[str, str], None]] = [on_event] if on_event else []
+
+    def _event(self, event: str, level: str) -> None:
+        for observer in self.observers:
+            observer(event, level)
+
+    def get_from_memory(self, key: str) -> CompiledIndex | None:
+        """The memory level alone: no I/O, safe to call under a caller's lock."""
+        if (item := self.memory.get(key)) is not None:
+            self._event("hit", "memory")
+        return item
 
     def get(self, key: str) -> tuple[CompiledIndex | None, str | None]:
-        if (item := self.memory.get(key)) is not None:
-            self._on_event("hit", "memory")
+        if (item := self.get_from_memory(key)) is not None:
             return item, "memory"
         for level, store in (("disk", self.disk), ("remote", self.remote)):
             if store is None:
@@ -153,19 +175,29 @@ class IndexCache:
             if data is None:
                 continue
             try:
-                item = CompiledIndex.from_bytes(data)
+                item = CompiledIndex.from_buffer(data)
             except (CorruptEntry, ValueError) as e:
                 logger.warning("dropping corrupt %s cache entry %s: %s", level, key, e)
-                self._on_event("corrupt", level)
+                self._event("corrupt", level)
                 self._delete(store, level, key)
                 continue
-            self._on_event("hit", level)
+            item.on_corrupt = lambda reason, level=level: self._drop_corrupt(key, level, reason)
+            self._event("hit", level)
             self.memory.put(key, item)
             if level == "remote" and self.disk is not None:
                 self._write(self.disk, "disk", key, data)
             return item, level
-        self._on_event("miss", "all")
+        self._event("miss", "all")
         return None, None
+
+    def _drop_corrupt(self, key: str, level: str, reason: str) -> None:
+        """A block of an entry in use failed its check: no level may serve it again."""
+        logger.warning("dropping corrupt %s cache entry %s: %s", level, key, reason)
+        self._event("corrupt", level)
+        self.memory.pop(key)
+        for name, store in (("disk", self.disk), ("remote", self.remote)):
+            if store is not None:
+                self._delete(store, name, key)
 
     def put(self, key: str, item: CompiledIndex, data: bytes | None = None) -> None:
         self.memory.put(key, item)

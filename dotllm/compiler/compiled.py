@@ -1,91 +1,203 @@
-"""A compiled constraint: the outlines-core index and its mask table, with their bytes.
+"""A compiled constraint: its transition table and mask table, and their bytes.
 
-The same bytes travel from a pool worker, sit in the disk and remote caches, and are
-checked on load: a truncated or corrupt entry fails `from_bytes`, never serves.
+The same bytes travel from a pool worker, sit in the disk and remote caches, and are used
+in place (a memory map from disk, no copy, no deserialization), so a warm lookup costs
+the same whatever the index's size. Integrity is checked the way dm-verity does it:
+
+- eagerly, the small part (per-state arrays and the digests of every block) against the
+  header's blake3 digest, plus the blocks the initial state needs;
+- lazily, each block of transitions and each mask row against its own digest, the first
+  time a request reaches a state that needs it, before anything of it is used.
+
+A truncated or corrupt entry therefore never serves: found on load, `from_buffer` raises;
+found later, the state is refused, `on_corrupt` drops the entry from every cache, and the
+request ends with an error rather than output the constraint may not allow.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
-from functools import cached_property
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import outlines_core
 from blake3 import blake3
 
 from dotllm.compiler.mask_table import MaskTable
+from dotllm.compiler.transitions import TransitionTable
 
 _MAGIC = b"DOTLLMIX"
-FORMAT_VERSION = 2
-# magic, version, meta, index, table sizes, blake3 of the body (4x sha256's speed here:
-# 14 ms instead of 61 ms for a 72 MiB entry).
-_HEADER = struct.Struct("<8sIQQQ32s")
+FORMAT_VERSION = 3
+_HEADER = struct.Struct("<8sIQ32s")  # magic, version, meta size, blake3 of the eager part
+_ALIGN = 64
+_DIGEST = 16  # bytes of blake3 kept per block
+_CHUNK = 1 << 16  # transitions per lazily checked block (512 KiB of tokens + targets)
+_EAGER_PARTS = 5  # finals, offsets, state rows, block digests, row digests; then the blocks
 
 
 class CorruptEntry(ValueError):
-    """Bytes that are not a complete compiled index of this format."""
+    """Bytes that are not a complete, intact compiled index of this format."""
 
 
-@dataclass(frozen=True)
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _digest(*parts) -> bytes:
+    h = blake3()
+    for part in parts:
+        h.update(memoryview(part).cast("B"))
+    return h.digest(length=_DIGEST)
+
+
 class CompiledIndex:
-    index: outlines_core.Index
-    table: MaskTable
-    # Serialized size of the index, known when loaded from bytes (else measured on demand):
-    # roughly what the index costs in memory.
-    index_nbytes: int | None = None
+    def __init__(self, transitions: TransitionTable, table: MaskTable,
+                 blocks: _BlockCheck | None = None):
+        self.transitions = transitions
+        self.table = table
+        self._blocks = blocks  # None: built here, nothing to check
+        # Set by the cache that served the entry: drops it everywhere when a block is bad.
+        self.on_corrupt: Callable[[str], None] | None = None
 
     @classmethod
     def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int) -> CompiledIndex:
-        index = outlines_core.Index(regex, vocabulary)
-        return cls(index, MaskTable.build(index, vocab_size, eos_token_id))
+        return cls.from_index(outlines_core.Index(regex, vocabulary), vocab_size, eos_token_id)
 
-    @cached_property
-    def nbytes(self) -> int:
-        index_nbytes = self.index_nbytes
-        if index_nbytes is None:
-            index_nbytes = len(_index_to_bytes(self.index))
-        return index_nbytes + self.table.nbytes
+    @classmethod
+    def from_index(cls, index: outlines_core.Index, vocab_size: int,
+                   eos_token_id: int) -> CompiledIndex:
+        transitions = TransitionTable.from_index(index)
+        return cls(transitions, MaskTable.build(transitions, vocab_size, eos_token_id))
 
     @property
     def num_states(self) -> int:
-        return len(self.table.state_rows)
+        return self.transitions.num_states
+
+    @property
+    def nbytes(self) -> int:
+        return self.transitions.nbytes + self.table.nbytes
+
+    @property
+    def initial_state(self) -> int:
+        return self.transitions.initial_state
+
+    def is_final(self, state: int) -> bool:
+        return bool(self.transitions.finals[state])
+
+    def next_state(self, state: int, token: int) -> int | None:
+        """The state `token` leads to, checked before first use; None if not allowed."""
+        nxt = self.transitions.next_state(state, token)
+        if nxt is not None and self._blocks is not None and not self._blocks.state_ok[nxt]:
+            self._check_state(nxt)
+        return nxt
+
+    def mask_row(self, state: int) -> np.ndarray:
+        return self.table.row(state)
+
+    def _check_state(self, state: int) -> None:
+        try:
+            self._blocks.check_state(state)
+        except CorruptEntry as e:
+            if self.on_corrupt is not None:
+                self.on_corrupt(str(e))
+            raise
+
+    # -- bytes ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        states = sorted(self.table.state_rows.items())
+        t, m = self.transitions, self.table
+        n_chunks = -(-len(t.tokens) // _CHUNK)
+        chunk_digests = b"".join(
+            _digest(t.tokens[i * _CHUNK:(i + 1) * _CHUNK], t.targets[i * _CHUNK:(i + 1) * _CHUNK])
+            for i in range(n_chunks))
+        row_digests = b"".join(_digest(row) for row in m.rows)
         meta = json.dumps({
-            "rows": list(self.table.rows.shape),
-            "states": [s for s, _ in states],
-            "state_rows": [r for _, r in states],
+            "initial": t.initial_state, "states": t.num_states, "transitions": len(t.tokens),
+            "rows": m.rows.shape[0], "words": m.rows.shape[1], "chunk": _CHUNK,
         }).encode()
-        table = self.table.rows.tobytes()
-        index_bytes = _index_to_bytes(self.index)
-        body = meta + index_bytes + table
-        header = _HEADER.pack(_MAGIC, FORMAT_VERSION, len(meta), len(index_bytes),
-                              len(table), blake3(body).digest())
-        return header + body
+        parts = [t.finals, t.offsets, m.state_rows, chunk_digests, row_digests,
+                 t.tokens, t.targets, m.rows]
+        out = bytearray(_HEADER.size + len(meta))
+        out[_HEADER.size:] = meta
+        eager_end = 0
+        for i, part in enumerate(parts):
+            out += bytes(_aligned(len(out)) - len(out))
+            out += memoryview(part).cast("B") if isinstance(part, np.ndarray) else part
+            if i == _EAGER_PARTS - 1:
+                eager_end = len(out)
+        digest = blake3(memoryview(out)[_HEADER.size:eager_end]).digest()
+        _HEADER.pack_into(out, 0, _MAGIC, FORMAT_VERSION, len(meta), digest)
+        return bytes(out)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> CompiledIndex:
-        if len(data) < _HEADER.size:
+    def from_buffer(cls, data) -> CompiledIndex:
+        """Use `data` (bytes, or a memory map) in place; checks the eager part now."""
+        buf = memoryview(data).cast("B")
+        if len(buf) < _HEADER.size:
             raise CorruptEntry("shorter than its header")
-        magic, version, n_meta, n_index, n_table, digest = _HEADER.unpack_from(data)
+        magic, version, n_meta, digest = _HEADER.unpack_from(buf)
         if magic != _MAGIC or version != FORMAT_VERSION:
             raise CorruptEntry("not a DotLLM index of this format")
-        body = memoryview(data)[_HEADER.size:]
-        if len(body) != n_meta + n_index + n_table:
+        try:
+            meta = json.loads(bytes(buf[_HEADER.size:_HEADER.size + n_meta]))
+            n, t, r, w = meta["states"], meta["transitions"], meta["rows"], meta["words"]
+            chunk = meta["chunk"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"unreadable metadata: {e}") from None
+        n_chunks = -(-t // chunk)
+        layout = [(np.uint8, n), (np.int64, n + 1), (np.int32, n),
+                  (np.uint8, n_chunks * _DIGEST), (np.uint8, r * _DIGEST),
+                  (np.int32, t), (np.int32, t), (np.int32, r * w)]
+        arrays, pos, eager_end = [], _HEADER.size + n_meta, 0
+        for i, (dtype, count) in enumerate(layout):
+            pos = _aligned(pos)
+            end = pos + count * np.dtype(dtype).itemsize
+            if end > len(buf):
+                raise CorruptEntry("truncated")
+            arrays.append(np.frombuffer(buf[pos:end], dtype=dtype))
+            pos = end
+            if i == _EAGER_PARTS - 1:
+                eager_end = end
+        if pos != len(buf):
             raise CorruptEntry("truncated or padded")
-        if blake3(body).digest() != digest:
+        if blake3(buf[_HEADER.size:eager_end]).digest() != digest:
             raise CorruptEntry("checksum mismatch")
-        meta = json.loads(bytes(body[:n_meta]))
-        index = outlines_core.Index.from_binary(bytes(body[n_meta:n_meta + n_index]))
-        rows = np.frombuffer(body[n_meta + n_index:], dtype=np.int32).reshape(meta["rows"])
-        table = MaskTable(rows.copy(), dict(zip(meta["states"], meta["state_rows"], strict=True)))
-        return cls(index, table, n_index)
+        finals, offsets, state_rows, chunk_digests, row_digests, tokens, targets, rows = arrays
+        transitions = TransitionTable(meta["initial"], finals, offsets, tokens, targets)
+        table = MaskTable(rows.reshape(r, w), state_rows)
+        blocks = _BlockCheck(transitions, table, chunk, chunk_digests, row_digests)
+        blocks.check_state(transitions.initial_state)
+        return cls(transitions, table, blocks)
 
 
-def _index_to_bytes(index: outlines_core.Index) -> bytes:
-    # Index pickles as (Index.from_binary, (bincode bytes,)).
-    constructor, (data,) = index.__reduce__()
-    return bytes(data)
+class _BlockCheck:
+    """Which blocks of a loaded entry have matched their digests, checked state by state."""
+
+    def __init__(self, transitions: TransitionTable, table: MaskTable, chunk: int,
+                 chunk_digests: np.ndarray, row_digests: np.ndarray):
+        self._transitions, self._table, self._chunk = transitions, table, chunk
+        self._chunk_digests = chunk_digests.reshape(-1, _DIGEST)
+        self._row_digests = row_digests.reshape(-1, _DIGEST)
+        self._chunk_ok = bytearray(len(self._chunk_digests))
+        self._row_ok = bytearray(len(self._row_digests))
+        self.state_ok = bytearray(transitions.num_states)
+        self._lock = threading.Lock()
+
+    def check_state(self, state: int) -> None:
+        t, m = self._transitions, self._table
+        with self._lock:
+            lo, hi = int(t.offsets[state]), int(t.offsets[state + 1])
+            for c in range(lo // self._chunk, -(-hi // self._chunk)):
+                if not self._chunk_ok[c]:
+                    a, b = c * self._chunk, (c + 1) * self._chunk
+                    if _digest(t.tokens[a:b], t.targets[a:b]) != self._chunk_digests[c].tobytes():
+                        raise CorruptEntry(f"transitions block {c} fails its checksum")
+                    self._chunk_ok[c] = 1
+            row = int(m.state_rows[state])
+            if not self._row_ok[row]:
+                if _digest(m.rows[row]) != self._row_digests[row].tobytes():
+                    raise CorruptEntry(f"mask row {row} fails its checksum")
+                self._row_ok[row] = 1
+            self.state_ok[state] = 1

@@ -40,6 +40,7 @@ class CompilationManager:
         self._lock = threading.Lock()
         # Lookups wait on disk, remote stores and the pool: threads, not CPU.
         self._lookups = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dotllm-lookup")
+        cache.observers.append(self._on_cache_event)
 
     def key_for(self, spec: ConstraintSpec) -> str:
         return cache_key(self.vocabulary.digest, spec.key)
@@ -53,8 +54,7 @@ class CompilationManager:
             if (failure := self._failures.get(key)) is not None:
                 self.stats["remembered_failure"] += 1
                 return _done(exception=failure)
-            if (item := self.cache.memory.get(key)) is not None:
-                self._hit("memory")
+            if (item := self.cache.get_from_memory(key)) is not None:
                 return _done(result=item)
             if (future := self._inflight.get(key)) is not None:
                 self.stats["deduplicated"] += 1
@@ -67,10 +67,8 @@ class CompilationManager:
 
     def _resolve(self, key: str, spec: ConstraintSpec, future: Future) -> None:
         try:
-            item, level = self.cache.get(key)
-            if item is not None:
-                self._hit(level)
-            else:
+            item, _ = self.cache.get(key)
+            if item is None:
                 item = self._compile(key, spec)
             future.set_result(item)
         except (ConstraintError, CompileFailed) as e:
@@ -97,7 +95,7 @@ class CompilationManager:
         _remember(self.compile_seconds, key, result.seconds)
         if self.metrics:
             self.metrics.compile_seconds.observe(result.seconds)
-        item = CompiledIndex.from_bytes(result.data)
+        item = CompiledIndex.from_buffer(result.data)
         self.cache.put(key, item, result.data)
         return item
 
@@ -105,10 +103,14 @@ class CompilationManager:
         if self.metrics:
             self.metrics.queue_length.set(self.pool.queue_length)
 
-    def _hit(self, level: str) -> None:
-        self.stats[f"hit_{level}"] += 1
-        if self.metrics:
+    def _on_cache_event(self, event: str, level: str) -> None:
+        self.stats[f"{event}_{level}"] += 1
+        if self.metrics is None:
+            return
+        if event == "hit":
             self.metrics.cache_hits.labels(level=level).inc()
+        elif event == "corrupt":
+            self.metrics.corrupt_entries.labels(level=level).inc()
 
     def _remember_failure(self, key: str, error: Exception) -> None:
         kind = getattr(error, "kind", "invalid")

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import outlines_core
+
+from dotllm.compiler.transitions import TransitionTable
 
 
 def words_for(vocab_size: int) -> int:
@@ -30,38 +31,30 @@ def pack_tokens(token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
 @dataclass(frozen=True)
 class MaskTable:
     rows: np.ndarray  # int32 [num_rows, words], C-contiguous
-    state_rows: dict[int, int]  # index state -> row in `rows`
+    state_rows: np.ndarray  # int32 [num_states]: state -> row in `rows`
 
     @classmethod
-    def build(cls, index: outlines_core.Index, vocab_size: int, eos_token_id: int) -> MaskTable:
-        finals = set(index.get_final_states())
+    def build(cls, transitions: TransitionTable, vocab_size: int,
+              eos_token_id: int) -> MaskTable:
         rows: list[np.ndarray] = []
         row_of_mask: dict[bytes, int] = {}
-        state_rows: dict[int, int] = {}
-        for state, transitions in index.get_transitions().items():
-            ids = np.fromiter(transitions.keys(), dtype=np.int64, count=len(transitions))
-            if state in finals:
+        state_rows = np.zeros(transitions.num_states, dtype=np.int32)
+        for state in range(transitions.num_states):
+            ids = transitions.tokens_from(state)
+            if transitions.finals[state]:
                 ids = np.append(ids, eos_token_id)
-            state_rows[state] = cls._intern(pack_tokens(ids, vocab_size), rows, row_of_mask)
-        # Final states without outgoing transitions allow only EOS.
-        eos_only = pack_tokens(np.array([eos_token_id]), vocab_size)
-        for state in finals - state_rows.keys():
-            state_rows[state] = cls._intern(eos_only, rows, row_of_mask)
+            key = (row := pack_tokens(ids, vocab_size)).tobytes()
+            if key not in row_of_mask:
+                row_of_mask[key] = len(rows)
+                rows.append(row)
+            state_rows[state] = row_of_mask[key]
         table = np.ascontiguousarray(np.stack(rows)) if rows else np.zeros(
             (0, words_for(vocab_size)), dtype=np.int32)
         return cls(table, state_rows)
 
-    @staticmethod
-    def _intern(row: np.ndarray, rows: list[np.ndarray], row_of_mask: dict[bytes, int]) -> int:
-        key = row.tobytes()
-        if key not in row_of_mask:
-            row_of_mask[key] = len(rows)
-            rows.append(row)
-        return row_of_mask[key]
-
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + 16 * len(self.state_rows)
+        return self.rows.nbytes + self.state_rows.nbytes
 
     def row(self, state: int) -> np.ndarray:
         return self.rows[self.state_rows[state]]

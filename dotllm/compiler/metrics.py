@@ -22,6 +22,9 @@ class CompileMetrics:
         self.cache_hits = Counter(
             "dotllm_constraint_cache_hits", "Compiled constraints found in a cache level.",
             ["level"], **kwargs)
+        self.corrupt_entries = Counter(
+            "dotllm_constraint_cache_corrupt", "Cache entries dropped for failing a checksum.",
+            ["level"], **kwargs)
         self.deduplicated = Counter(
             "dotllm_constraint_deduplicated",
             "Requests that waited on a compile another request had started.", **kwargs)

@@ -16,6 +16,7 @@ from vllm.v1.structured_output.backend_types import (
 
 from dotllm import embedded_model
 from dotllm.compiler.cache import IndexCache
+from dotllm.compiler.compiled import CorruptEntry
 from dotllm.compiler.manager import CompilationManager
 from dotllm.compiler.metrics import CompileMetrics
 from dotllm.compiler.pool import CompilePool, PoolLimits
@@ -23,9 +24,11 @@ from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
 from dotllm.settings import CompilerSettings
+from dotllm.vllm_ext import compile_errors
 from dotllm.vllm_ext.constraints import spec_from_params
 
 logger = logging.getLogger(__name__)
+_CORRUPT = "the cached compiled constraint is corrupt and was dropped; retrying recompiles it"
 
 
 class DotllmGrammar(StructuredOutputGrammar):
@@ -33,10 +36,18 @@ class DotllmGrammar(StructuredOutputGrammar):
         self.guide = guide
 
     def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
-        return self.guide.accept_tokens(tokens)
+        # False ends the request with an error (vLLM's scheduler); the engine keeps going.
+        try:
+            return self.guide.accept_tokens(tokens)
+        except CorruptEntry as e:
+            compile_errors.record(request_id, f"{_CORRUPT}: {e}")
+            return False
 
     def validate_tokens(self, tokens: list[int]) -> list[int]:
-        return self.guide.validate_tokens(tokens)
+        try:
+            return self.guide.validate_tokens(tokens)
+        except CorruptEntry:
+            return []  # the next accept_tokens meets the same block and ends the request
 
     def rollback(self, num_tokens: int) -> None:
         self.guide.rollback(num_tokens)
