@@ -1,0 +1,121 @@
+"""Bitmask kernels on a CUDA GPU: DotLLM's CUDA and Triton kernels vs xgrammar's
+`apply_token_bitmask_inplace` (what stock vLLM's V1 runner calls) and a naive torch
+version, both forms (given rows, gathered rows), against the DRAM floor.
+
+    bash bench/gpu_kernels.sh        # on the GPU machine: builds, tests, runs this, reports
+
+Each round applies the op to `calls` different logits buffers (256 MiB in all, more than
+L2 holds) back to back and synchronizes once, so a call's time is what a serving step
+pays: the host's dispatch and launch when the GPU is idle (small batches), device time
+when the launch queue is full (large ones). `bench.mask_kernels_report` turns the JSON
+into the table in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dotllm import kernels
+
+pytestmark = pytest.mark.gpu
+
+BATCHES = (1, 16, 64, 256, 1024, 4096)
+SHAPES = ((131_072, torch.bfloat16), (131_072, torch.float32), (32_000, torch.bfloat16),
+          (152_064, torch.bfloat16))
+# Each bit is the AND of this many random bits: 1/64 of tokens allowed (most disallowed, as
+# in JSON), or half of them.
+DENSITIES = {"json": 6, "random": 1}
+IMPLS = ("given/cuda", "given/triton", "given/xgrammar", "given/torch",
+         "gathered/cuda", "gathered/triton", "gathered/torch")
+TABLE_ROWS = 256  # per-state masks resident on the GPU (gathered form)
+BUFFER_BYTES = 256 << 20
+
+
+def _masks(rows: int, words: int, ands: int, generator) -> torch.Tensor:
+    masks = torch.full((rows, words), -1, dtype=torch.int32, device="cuda")
+    for _ in range(ands):
+        masks &= torch.randint(-2**31, 2**31, (rows, words), dtype=torch.int32, device="cuda",
+                               generator=generator)
+    return masks
+
+
+def _apply_fn(impl: str):
+    form, name = impl.split("/")
+    if name == "xgrammar":
+        import xgrammar
+
+        return lambda logits, masks, ids: xgrammar.apply_token_bitmask_inplace(logits, masks)
+    if kernels._load(name) is None:
+        pytest.skip(f"{name} kernel not built here")
+    if form == "given":
+        return lambda logits, masks, ids: kernels.apply_token_bitmask(logits, masks, kernel=name)
+    return lambda logits, table, ids: kernels.apply_token_bitmask_gathered(
+        logits, table, ids, kernel=name)
+
+
+def floor_bytes(masks: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor | None) -> int:
+    """Bytes that must cross DRAM: the mask words (and row ids) read, and each 32-byte
+    sector of logits holding a disallowed token written, read first if it also holds an
+    allowed one (DRAM moves whole sectors)."""
+    rows = masks if ids is None else masks[ids.long()]
+    tokens_per_sector = 32 // (torch.finfo(dtype).bits // 8)
+    sectors = rows.view(torch.int16 if tokens_per_sector == 16 else torch.uint8)
+    full_allowed = int((sectors == -1).sum()) if tokens_per_sector == 16 else int(
+        (sectors == 255).sum())
+    none_allowed = int((sectors == 0).sum())
+    partial = sectors.numel() - full_allowed - none_allowed
+    index_bytes = 0 if ids is None else ids.numel() * 4
+    return rows.numel() * 4 + index_bytes + 32 * none_allowed + 64 * partial
+
+
+@pytest.mark.parametrize("density", list(DENSITIES))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(("vocab", "dtype"), SHAPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_apply_bitmask(benchmark, impl, vocab, dtype, batch, density):
+    form = impl.split("/")[0]
+    apply = _apply_fn(impl)
+    generator = torch.Generator(device="cuda")
+    generator.manual_seed(batch * 7919 + vocab)
+    words = (vocab + 31) // 32
+    logits_bytes = batch * vocab * torch.finfo(dtype).bits // 8
+    calls = max(2, min(256, BUFFER_BYTES // logits_bytes))
+    logits = [torch.randn(batch, vocab, device="cuda", dtype=dtype, generator=generator)
+              for _ in range(calls)]
+    if form == "given":
+        masks = [_masks(batch, words, DENSITIES[density], generator) for _ in range(calls)]
+        ids = [None] * calls
+    else:
+        table = _masks(TABLE_ROWS, words, DENSITIES[density], generator)
+        masks = [table] * calls
+        ids = [torch.randint(0, TABLE_ROWS, (batch,), device="cuda", dtype=torch.int32,
+                             generator=generator) for _ in range(calls)]
+
+    def run_round():
+        for i in range(calls):
+            apply(logits[i], masks[i], ids[i])
+        torch.cuda.synchronize()
+
+    run_round()  # compile, load, warm up
+    benchmark.group = f"{form} V={vocab} {str(dtype)[6:]} {density}"
+    benchmark.extra_info.update(
+        form=form, kernel=impl.split("/")[1], vocab=vocab, dtype=str(dtype)[6:], batch=batch,
+        density=density, calls=calls,
+        floor_bytes=floor_bytes(masks[0], dtype, ids[0]))
+    benchmark.pedantic(run_round, rounds=7, warmup_rounds=1)
+
+
+def test_copy_bandwidth(benchmark):
+    """The DRAM ceiling for the floor: a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+
+    def copy():
+        for _ in range(10):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+
+    copy()
+    benchmark.extra_info.update(kind="copy", bytes_per_round=10 * 2 * src.nbytes)
+    benchmark.pedantic(copy, rounds=5, warmup_rounds=1)
