@@ -9,13 +9,20 @@ from setuptools import setup
 
 
 def cuda_extensions() -> tuple[list, dict]:
-    if os.environ.get("DOTLLM_BUILD_CUDA", "auto") == "0":
+    """DOTLLM_BUILD_CUDA: 0 never, 1 always (TORCH_CUDA_ARCH_LIST names the GPUs where none
+    is visible), auto (default) where nvcc and a GPU or TORCH_CUDA_ARCH_LIST are present."""
+    mode = os.environ.get("DOTLLM_BUILD_CUDA", "auto")
+    if mode == "0":
         return [], {}
     try:
+        import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if CUDA_HOME is None:
+    # torch guesses a CUDA_HOME even where there is no toolkit: require its nvcc.
+    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    targets_known = torch.cuda.is_available() or "TORCH_CUDA_ARCH_LIST" in os.environ
+    if mode != "1" and not (has_nvcc and targets_known):
         return [], {}
     ext = CUDAExtension(
         "dotllm._bitmask_cuda", ["csrc/bitmask.cu"],

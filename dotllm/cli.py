@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dotllm import __version__, embedded_model, serve_defaults
 from dotllm.model_check import model_problem
-from dotllm.settings import CompilerSettings
+from dotllm.settings import Settings
 
 PROG = "dotllm"
 USAGE = "dotllm [serve] [model_tag] [options]"
@@ -82,23 +82,37 @@ def add_dotllm_options(parser: argparse.ArgumentParser) -> None:
         help="Where DotLLM keeps what it builds (the embedded model, compiled "
         "constraints). Default: $DOTLLM_CACHE_DIR, else ~/.cache/dotllm.",
     )
-    from_environ = CompilerSettings.from_environ()  # DOTLLM_<NAME> variables as defaults
-    for f in fields(CompilerSettings):
+    from_environ = Settings.from_environ()  # DOTLLM_<NAME> variables as defaults
+    for f in fields(Settings):
         group.add_argument(
             "--dotllm-" + f.name.replace("_", "-"), dest="dotllm_" + f.name,
             type=type(f.default), default=getattr(from_environ, f.name), help=f.metadata["help"],
         )
 
 
-def compiler_settings(args: argparse.Namespace) -> CompilerSettings:
-    settings = CompilerSettings(
-        **{f.name: getattr(args, "dotllm_" + f.name) for f in fields(CompilerSettings)})
+def dotllm_settings(args: argparse.Namespace) -> Settings:
+    settings = Settings(
+        **{f.name: getattr(args, "dotllm_" + f.name) for f in fields(Settings)})
     if settings.compile_workers < 0 or settings.compile_timeout <= 0:
         raise UsageError("--dotllm-compile-workers must be >= 0 and "
                          "--dotllm-compile-timeout > 0")
     if settings.index_cache_url:
         check_cache_url(settings.index_cache_url)
+    check_mask_kernel(settings.mask_kernel)
     return settings
+
+
+def check_mask_kernel(kernel: str) -> None:
+    """Fail at start, not in the first constrained step, when the kernel cannot run here."""
+    import torch
+
+    from dotllm.kernels import kernel_name
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kernel_name(kernel, device)
+    except ValueError as e:
+        raise UsageError(f"--dotllm-mask-kernel: {e}") from None
 
 
 def check_cache_url(url: str) -> None:
@@ -164,7 +178,7 @@ def serve(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         if args.dotllm_cache_dir:
             os.environ["DOTLLM_CACHE_DIR"] = args.dotllm_cache_dir
-        os.environ.update(compiler_settings(args).to_environ())
+        os.environ.update(dotllm_settings(args).to_environ())
         resolve_model(args)
         serve_cli.validate(args)
     except UsageError as e:

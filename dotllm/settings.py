@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 _PREFIX = "DOTLLM_"
+MASK_KERNELS = ("auto", "cuda", "triton", "torch")  # dotllm.kernels' implementations
 
 
 def default_compile_workers() -> int:
@@ -22,7 +23,7 @@ def _option(help: str, **kwargs):
 
 
 @dataclass(frozen=True)
-class CompilerSettings:
+class Settings:
     compile_workers: int = _option(
         "Processes compiling constraints at once (0: half the cores, at most 4).", default=0)
     compile_timeout: float = _option(
@@ -40,6 +41,9 @@ class CompilerSettings:
     index_cache_dir: str = _option(
         "Disk cache of compiled constraints (default: <cache dir>/indexes; 'off': none).",
         default="")
+    mask_kernel: str = _option(
+        "Kernel that applies token bitmasks to the logits: auto (the fastest available "
+        "here), cuda, triton or torch.", default="auto")
     index_cache_url: str = _option(
         "Shared cache of compiled constraints as an fsspec URL (a directory, "
         "s3://bucket/prefix, ...), read after the disk cache and written after compiles.",
@@ -49,7 +53,7 @@ class CompilerSettings:
         return {_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_environ(cls, environ=os.environ) -> CompilerSettings:
+    def from_environ(cls, environ=os.environ) -> Settings:
         values = {}
         for f in fields(cls):
             raw = environ.get(_PREFIX + f.name.upper())

@@ -7,14 +7,14 @@ import pytest
 from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
 from dotllm.compiler.spec import ConstraintError
-from dotllm.settings import CompilerSettings
+from dotllm.settings import Settings
 from dotllm.vllm_ext.backend import DotllmBackend
 
 
 @pytest.fixture(scope="module")
 def backend(tokenizer, vocabulary):
     backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
-                            settings=CompilerSettings(compile_workers=1, index_cache_dir="off"))
+                            settings=Settings(compile_workers=1, index_cache_dir="off"))
     yield backend
     backend.destroy()
 

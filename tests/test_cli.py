@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dotllm import __version__, cli
 from dotllm.embedded_model import NAME
@@ -203,3 +204,14 @@ def test_cache_url_without_its_fsspec_backend_is_one_line(url, message):
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert f"--dotllm-index-cache-url {url}" in line and message in line
+
+
+@pytest.mark.parametrize(("kernel", "message"), [("fast", "unknown mask kernel 'fast'"),
+                                                 ("cuda", "not available on cpu")])
+def test_mask_kernel_that_cannot_run_here_is_one_line(kernel, message):
+    if kernel == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run("serve", "--dotllm-mask-kernel", kernel)
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "dotllm: error: --dotllm-mask-kernel" in line and message in line

@@ -48,6 +48,8 @@ def test_metrics_count_compiles_hits_and_failures(dotllm_server):
     assert delta('dotllm_constraint_failures_total{reason="invalid"}') == 1
     assert delta("dotllm_constraint_compile_seconds_count") == 1  # failures are not timed
     assert "dotllm_constraint_pool_queue_length" in after
+    # Every constrained step's row went through DotLLM's kernel (torch's, on CPU).
+    assert delta('dotllm_mask_rows_total{kernel="torch"}') >= 2
     assert any(name.startswith("vllm:generation_tokens_total") for name in after)
 
 

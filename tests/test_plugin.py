@@ -29,13 +29,18 @@ def report():
     api = sys.modules.get("vllm.entrypoints.openai.api_server")
     chat = sys.modules.get("vllm.entrypoints.openai.chat_completion.protocol")
     async_llm = sys.modules.get("vllm.v1.engine.async_llm")
+    v1_runner = sys.modules.get("vllm.v1.worker.gpu_model_runner")
+    v2_outputs = sys.modules.get("vllm.v1.worker.gpu.structured_outputs")
     targets = [getattr(api, "build_app", None),
                SamplingParams._validate_structured_outputs,
                getattr(getattr(chat, "ChatCompletionRequest", None),
                        "extract_structured_outputs", None),
                StructuredOutputManager.__init__,
                scheduler.EngineCoreOutput,
-               getattr(getattr(async_llm, "AsyncLLM", None), "generate", None)]
+               getattr(getattr(async_llm, "AsyncLLM", None), "generate", None),
+               getattr(v1_runner, "apply_grammar_bitmask", None),
+               getattr(getattr(v2_outputs, "StructuredOutputsWorker", None),
+                       "apply_grammar_bitmask", None)]
     return {"api_server_loaded": api is not None,
             "patched": [getattr(t, "dotllm_patch", None) for t in targets]}
 
@@ -73,8 +78,8 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 6}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 6}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 8}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 8}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
@@ -82,12 +87,14 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
     assert out["main"] == {
         "api_server_loaded": True,
         "patched": ["server_identity", "request_validation", "legacy_fields", "engine_backend",
-                    "compile_errors", "compile_errors"],
+                    "compile_errors", "compile_errors", None, None],
     }
-    # Engine-core and worker processes are children: no API-server code is pulled in.
+    # Engine-core and worker processes are children: no API-server code is pulled in, and
+    # the model runners' bitmask application is DotLLM's.
     assert out["child"] == {
         "api_server_loaded": False,
-        "patched": [None, "request_validation", None, "engine_backend", "compile_errors", None],
+        "patched": [None, "request_validation", None, "engine_backend", "compile_errors", None,
+                    "mask_kernels", "mask_kernels"],
     }
 
 

@@ -3,22 +3,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from dotllm import cli
-from dotllm.settings import CompilerSettings
+from dotllm.settings import Settings
 
 
 def test_settings_round_trip_through_the_environment():
-    settings = CompilerSettings(compile_workers=3, compile_timeout=2.5, max_index_mib=7,
+    settings = Settings(compile_workers=3, compile_timeout=2.5, max_index_mib=7,
                                 index_cache_url="memory://x", index_cache_dir="off")
-    assert CompilerSettings.from_environ(settings.to_environ()) == settings
-    assert CompilerSettings.from_environ({}) == CompilerSettings()
+    assert Settings.from_environ(settings.to_environ()) == settings
+    assert Settings.from_environ({}) == Settings()
 
 
 def test_disk_dir_default_explicit_and_off(tmp_path):
-    assert CompilerSettings().disk_dir(tmp_path) == tmp_path / "indexes"
-    assert CompilerSettings(index_cache_dir="/x").disk_dir(tmp_path) == Path("/x")
-    assert CompilerSettings(index_cache_dir="off").disk_dir(tmp_path) is None
-    assert CompilerSettings(compile_workers=5).workers == 5
-    assert CompilerSettings().workers >= 1
+    assert Settings().disk_dir(tmp_path) == tmp_path / "indexes"
+    assert Settings(index_cache_dir="/x").disk_dir(tmp_path) == Path("/x")
+    assert Settings(index_cache_dir="off").disk_dir(tmp_path) is None
+    assert Settings(compile_workers=5).workers == 5
+    assert Settings().workers >= 1
 
 
 def test_cli_options_become_settings_and_environment_gives_defaults(monkeypatch, embedded_model):
@@ -26,7 +26,7 @@ def test_cli_options_become_settings_and_environment_gives_defaults(monkeypatch,
     args = cli.build_serve_parser(on_gpu=False).parse_args(
         [str(embedded_model), "--dotllm-compile-workers", "2", "--dotllm-index-cache-url",
          "file:///tmp/shared-indexes"])
-    settings = cli.compiler_settings(args)
+    settings = cli.dotllm_settings(args)
     assert settings.compile_workers == 2
     assert settings.compile_timeout == 9.0
     assert settings.index_cache_url == "file:///tmp/shared-indexes"

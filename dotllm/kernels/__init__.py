@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-KERNELS = ("auto", "cuda", "triton", "torch")
+from dotllm.settings import MASK_KERNELS
+
 _Apply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], None]
 
 
@@ -48,22 +49,26 @@ def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def kernel_name(kernel: str, device: torch.device) -> str:
+    """The implementation `kernel` ("auto" or a name) means on `device`; ValueError if none."""
+    if kernel not in MASK_KERNELS:
+        raise ValueError(f"unknown mask kernel {kernel!r}; choose from {', '.join(MASK_KERNELS)}")
+    names = available(device)
+    if kernel == "auto":
+        return names[0]
+    if kernel not in names:
+        raise ValueError(f"mask kernel {kernel!r} is not available on {device.type}; "
+                         f"available: {', '.join(names)}")
+    return kernel
+
+
 def _resolve(kernel: str, device: torch.device) -> _Apply:
     return _resolve_for(kernel, device.type)
 
 
 @functools.cache
 def _resolve_for(kernel: str, device_type: str) -> _Apply:
-    device = torch.device(device_type)
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown mask kernel {kernel!r}; choose from {', '.join(KERNELS)}")
-    names = available(device)
-    if kernel == "auto":
-        kernel = names[0]
-    elif kernel not in names:
-        raise ValueError(f"mask kernel {kernel!r} is not available on {device.type}; "
-                         f"available: {', '.join(names)}")
-    return _load(kernel)
+    return _load(kernel_name(kernel, torch.device(device_type)))
 
 
 def _check(logits: torch.Tensor, masks: torch.Tensor, *index: torch.Tensor | None) -> None:

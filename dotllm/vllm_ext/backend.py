@@ -23,7 +23,7 @@ from dotllm.compiler.pool import CompilePool, PoolLimits
 from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
-from dotllm.settings import CompilerSettings
+from dotllm.settings import Settings
 from dotllm.vllm_ext import compile_errors
 from dotllm.vllm_ext.constraints import spec_from_params
 
@@ -64,7 +64,7 @@ class DotllmGrammar(StructuredOutputGrammar):
 
 @dataclass
 class DotllmBackend(StructuredOutputBackend):
-    settings: CompilerSettings = field(default_factory=CompilerSettings.from_environ)
+    settings: Settings = field(default_factory=Settings.from_environ)
 
     def __post_init__(self):
         self.vocabulary = Vocabulary.from_tokenizer(self.tokenizer, size=self.vocab_size)

@@ -15,6 +15,7 @@ from dotllm.vllm_ext import (
     compile_errors,
     engine_backend,
     legacy_fields,
+    mask_kernels,
     request_validation,
     server_identity,
 )
@@ -25,6 +26,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, engine_backend, compile_errors,
+    mask_kernels,
 )
 
 

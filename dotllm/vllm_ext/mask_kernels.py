@@ -1,0 +1,109 @@
+"""Patch `mask_kernels`: DotLLM's kernels apply the grammar bitmask in vLLM 0.26's runners.
+
+Targets (worker processes):
+- V1 runner, and the CPU runner that inherits it: the module global
+  `vllm.v1.worker.gpu_model_runner.apply_grammar_bitmask` that `sample_tokens` calls;
+- V2 runner (the default for dense models): `StructuredOutputsWorker.apply_grammar_bitmask`.
+
+Both keep vLLM's mapping from bitmask rows to logits rows (batch order; one row per
+speculative token plus the bonus token), but only the constrained rows travel, through
+a `BitmaskStager` (pinned buffers allocated once, side-stream copy), to the kernel
+`--dotllm-mask-kernel` names. Rows masked are counted per kernel on /metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from dotllm.kernels.staging import BitmaskStager
+from dotllm.settings import Settings
+from dotllm.vllm_ext.patching import replace_attribute
+
+NAME = "mask_kernels"
+
+
+@functools.cache
+def _stager(device: torch.device, words: int) -> BitmaskStager:
+    return BitmaskStager(device, words, kernel=Settings.from_environ().mask_kernel)
+
+
+@functools.cache
+def _rows_counter():
+    from prometheus_client import Counter
+
+    return Counter("dotllm_mask_rows", "Logits rows masked by DotLLM's kernels.", ["kernel"])
+
+
+def apply_rows(logits: torch.Tensor, masks: np.ndarray, sources: list[int],
+               targets: list[int]) -> None:
+    """Mask logits[targets[i]] with masks[sources[i]]."""
+    if not targets:
+        return
+    if len(sources) != len(masks) or sources != list(range(len(masks))):
+        masks = masks[sources]
+    stager = _stager(logits.device, masks.shape[1])
+    stager.apply(logits, masks, np.asarray(targets, dtype=np.int32))
+    _rows_counter().labels(kernel=stager.kernel).inc(len(targets))
+
+
+def v1_rows(scheduler_output, grammar_output, input_batch) -> tuple[list[int], list[int]]:
+    """(bitmask rows, logits rows) as vLLM 0.26's V1 `apply_grammar_bitmask` maps them."""
+    spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+    first_logit: dict[str, int] = {}
+    offset = 0
+    for batch_index, req_id in enumerate(input_batch.req_ids):
+        first_logit[req_id] = batch_index + offset
+        offset += len(spec_tokens.get(req_id, ()))
+    sources: list[int] = []
+    targets: list[int] = []
+    cursor = 0
+    for req_id in grammar_output.structured_output_request_ids:
+        count = 1 + len(spec_tokens.get(req_id, ()))
+        if (start := first_logit.get(req_id)) is not None:
+            sources.extend(range(cursor, cursor + count))
+            targets.extend(range(start, start + count))
+        cursor += count
+    return sources, targets
+
+
+def v2_rows(input_batch, grammar_req_ids: list[str]) -> list[int]:
+    """Logits rows for the bitmask rows, as vLLM 0.26's V2 `StructuredOutputsWorker` maps them."""
+    cu_num_logits = input_batch.cu_num_logits_np.tolist()
+    index = {req_id: i for i, req_id in enumerate(input_batch.req_ids)}
+    targets: list[int] = []
+    for req_id in grammar_req_ids:
+        i = index[req_id]
+        targets.extend(range(cu_num_logits[i], cu_num_logits[i + 1]))
+    return targets
+
+
+def _v1_apply(_stock):
+    def apply_grammar_bitmask(scheduler_output, grammar_output, input_batch, logits):
+        sources, targets = v1_rows(scheduler_output, grammar_output, input_batch)
+        apply_rows(logits, grammar_output.grammar_bitmask, sources, targets)
+
+    return apply_grammar_bitmask
+
+
+def _v2_apply(_stock):
+    def apply_grammar_bitmask(self, logits, input_batch, grammar_req_ids, grammar_bitmask):
+        if not grammar_req_ids:
+            return
+        targets = v2_rows(input_batch, grammar_req_ids)
+        apply_rows(logits, grammar_bitmask, list(range(len(targets))), targets)
+
+    return apply_grammar_bitmask
+
+
+def apply(in_launcher: bool) -> bool:
+    if in_launcher:
+        return False
+    from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker.gpu.structured_outputs import StructuredOutputsWorker
+
+    replace_attribute(gpu_model_runner, "apply_grammar_bitmask", _v1_apply, NAME)
+    replace_attribute(StructuredOutputsWorker, "apply_grammar_bitmask", _v2_apply, NAME)
+    return True

@@ -1,0 +1,59 @@
+"""End to end on a CUDA GPU: `dotllm serve` masks logits with DotLLM's CUDA kernel in
+both of vLLM's model runners, and constrained outputs stay valid.
+
+Run there with `bash bench/gpu_serving.sh` (stages vLLM first: ../shared/gpu/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+from dotllm.embedded_model import NAME
+from tests.conftest import start_dotllm, stop_server
+
+pytestmark = [pytest.mark.gpu, pytest.mark.server]
+
+SCHEMAS = [
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+     "required": ["ok", "n"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}},
+     "required": ["color"]},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 4},
+]
+
+
+@pytest.mark.parametrize("runner", ["v2", "v1"])
+def test_constrained_requests_use_the_cuda_kernel(runner, embedded_model, tmp_path_factory):
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0",
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    server = start_dotllm(tmp_path_factory, env=env)
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+
+        def ask(i: int) -> None:
+            if i % 4 == 3:  # unconstrained rows in the same batches
+                client.completions.create(model=NAME, prompt=f"free {i}", max_tokens=40)
+                return
+            schema = SCHEMAS[i % len(SCHEMAS)]
+            reply = client.completions.create(
+                model=NAME, prompt=f"request {i}", max_tokens=80, seed=i,
+                extra_body={"structured_outputs": {"json": schema}})
+            jsonschema.validate(json.loads(reply.choices[0].text), schema)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(ask, range(64)))
+        reply = client.completions.create(
+            model=NAME, prompt="x", max_tokens=12,
+            extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
+        assert re.fullmatch("[0-9]{3}-[a-z]{2}", reply.choices[0].text)
+        rows = server.metrics().get('dotllm_mask_rows_total{kernel="cuda"}', 0)
+        assert rows >= 48, server.log_tail()
+    finally:
+        stop_server(server)
