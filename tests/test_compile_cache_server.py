@@ -50,6 +50,8 @@ def test_metrics_count_compiles_hits_and_failures(dotllm_server):
     assert "dotllm_constraint_pool_queue_length" in after
     # Every constrained step's row went through DotLLM's kernel (torch's, on CPU).
     assert delta('dotllm_mask_rows_total{kernel="torch"}') >= 2
+    assert ("DotLLM applies grammar bitmasks with its torch kernel (V1 model runner)"
+            in dotllm_server.log.read_text())
     assert any(name.startswith("vllm:generation_tokens_total") for name in after)
 
 

@@ -14,6 +14,7 @@ a `BitmaskStager` (pinned buffers allocated once, side-stream copy), to the kern
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import torch
@@ -23,11 +24,15 @@ from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import replace_attribute
 
 NAME = "mask_kernels"
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def _stager(device: torch.device, words: int) -> BitmaskStager:
-    return BitmaskStager(device, words, kernel=Settings.from_environ().mask_kernel)
+def _stager(device: torch.device, words: int, runner: str) -> BitmaskStager:
+    stager = BitmaskStager(device, words, kernel=Settings.from_environ().mask_kernel)
+    logger.info("DotLLM applies grammar bitmasks with its %s kernel (%s model runner)",
+                stager.kernel, runner)
+    return stager
 
 
 @functools.cache
@@ -38,13 +43,13 @@ def _rows_counter():
 
 
 def apply_rows(logits: torch.Tensor, masks: np.ndarray, sources: list[int],
-               targets: list[int]) -> None:
+               targets: list[int], runner: str) -> None:
     """Mask logits[targets[i]] with masks[sources[i]]."""
     if not targets:
         return
     if len(sources) != len(masks) or sources != list(range(len(masks))):
         masks = masks[sources]
-    stager = _stager(logits.device, masks.shape[1])
+    stager = _stager(logits.device, masks.shape[1], runner)
     stager.apply(logits, masks, np.asarray(targets, dtype=np.int32))
     _rows_counter().labels(kernel=stager.kernel).inc(len(targets))
 
@@ -83,7 +88,7 @@ def v2_rows(input_batch, grammar_req_ids: list[str]) -> list[int]:
 def _v1_apply(_stock):
     def apply_grammar_bitmask(scheduler_output, grammar_output, input_batch, logits):
         sources, targets = v1_rows(scheduler_output, grammar_output, input_batch)
-        apply_rows(logits, grammar_output.grammar_bitmask, sources, targets)
+        apply_rows(logits, grammar_output.grammar_bitmask, sources, targets, "V1")
 
     return apply_grammar_bitmask
 
@@ -93,7 +98,7 @@ def _v2_apply(_stock):
         if not grammar_req_ids:
             return
         targets = v2_rows(input_batch, grammar_req_ids)
-        apply_rows(logits, grammar_bitmask, list(range(len(targets))), targets)
+        apply_rows(logits, grammar_bitmask, list(range(len(targets))), targets, "V2")
 
     return apply_grammar_bitmask
 
