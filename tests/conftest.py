@@ -96,14 +96,14 @@ def embedded_model() -> Path:
 
 
 def start_dotllm(tmp_path_factory, index_cache_dir: Path | None = None,
-                 env: dict | None = None) -> Server:
+                 env: dict | None = None, extra_args: tuple[str, ...] = ()) -> Server:
     """`dotllm serve` with no model: the embedded tiny model, this machine's defaults."""
     port = free_port()
     log = tmp_path_factory.mktemp("dotllm-serve") / "server.log"
     index_cache_dir = index_cache_dir or log.parent / "indexes"
     cmd = [str(DOTLLM), "serve", "--port", str(port),
            "--dotllm-index-cache-dir", str(index_cache_dir),
-           "--dotllm-compile-timeout", str(SERVER_COMPILE_TIMEOUT_S)]
+           "--dotllm-compile-timeout", str(SERVER_COMPILE_TIMEOUT_S), *extra_args]
     server = start_server(cmd, port, log, env=env)
     server.index_cache_dir = index_cache_dir
     return server
