@@ -13,6 +13,7 @@ into the table in bench/RESULTS.md.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,8 @@ SHAPES = ((131_072, torch.bfloat16), (131_072, torch.float32), (32_000, torch.bf
 # in JSON), or half of them.
 DENSITIES = {"json": 6, "random": 1}
 IMPLS = ("given/cuda", "given/triton", "given/xgrammar", "given/torch",
-         "gathered/cuda", "gathered/triton", "gathered/torch")
+         "gathered/cuda", "gathered/triton", "gathered/torch",
+         "staged/cuda")  # the server's path: host rows, pinned copy on a side stream, kernel
 TABLE_ROWS = 256  # per-state masks resident on the GPU (gathered form)
 BUFFER_BYTES = 256 << 20
 
@@ -40,7 +42,7 @@ def _masks(rows: int, words: int, ands: int, generator) -> torch.Tensor:
     return masks
 
 
-def _apply_fn(impl: str):
+def _apply_fn(impl: str, words: int):
     form, name = impl.split("/")
     if name == "xgrammar":
         import xgrammar
@@ -48,6 +50,11 @@ def _apply_fn(impl: str):
         return lambda logits, masks, ids: xgrammar.apply_token_bitmask_inplace(logits, masks)
     if kernels._load(name) is None:
         pytest.skip(f"{name} kernel not built here")
+    if form == "staged":
+        from dotllm.kernels.staging import BitmaskStager
+
+        stager = BitmaskStager(torch.device("cuda"), words, kernel=name)
+        return lambda logits, masks, rows: stager.apply(logits, masks, rows)
     if form == "given":
         return lambda logits, masks, ids: kernels.apply_token_bitmask(logits, masks, kernel=name)
     return lambda logits, table, ids: kernels.apply_token_bitmask_gathered(
@@ -75,15 +82,15 @@ def floor_bytes(masks: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor | Non
 @pytest.mark.parametrize("impl", IMPLS)
 def test_apply_bitmask(benchmark, impl, vocab, dtype, batch, density):
     form = impl.split("/")[0]
-    apply = _apply_fn(impl)
+    words = (vocab + 31) // 32
+    apply = _apply_fn(impl, words)
     generator = torch.Generator(device="cuda")
     generator.manual_seed(batch * 7919 + vocab)
-    words = (vocab + 31) // 32
     logits_bytes = batch * vocab * torch.finfo(dtype).bits // 8
     calls = max(2, min(256, BUFFER_BYTES // logits_bytes))
     logits = [torch.randn(batch, vocab, device="cuda", dtype=dtype, generator=generator)
               for _ in range(calls)]
-    if form == "given":
+    if form in ("given", "staged"):
         masks = [_masks(batch, words, DENSITIES[density], generator) for _ in range(calls)]
         ids = [None] * calls
     else:
@@ -91,6 +98,11 @@ def test_apply_bitmask(benchmark, impl, vocab, dtype, batch, density):
         masks = [table] * calls
         ids = [torch.randint(0, TABLE_ROWS, (batch,), device="cuda", dtype=torch.int32,
                              generator=generator) for _ in range(calls)]
+
+    floor = floor_bytes(masks[0], dtype, ids[0])
+    if form == "staged":  # rows start on the host, as the scheduler's numpy array
+        masks = [m.cpu().numpy() for m in masks]
+        ids = [np.arange(batch, dtype=np.int32)] * calls
 
     def run_round():
         for i in range(calls):
@@ -102,7 +114,8 @@ def test_apply_bitmask(benchmark, impl, vocab, dtype, batch, density):
     benchmark.extra_info.update(
         form=form, kernel=impl.split("/")[1], vocab=vocab, dtype=str(dtype)[6:], batch=batch,
         density=density, calls=calls,
-        floor_bytes=floor_bytes(masks[0], dtype, ids[0]))
+        floor_bytes=floor,
+        h2d_bytes=sum(m.nbytes for m in masks[:1]) + batch * 4 if form == "staged" else 0)
     benchmark.pedantic(run_round, rounds=7, warmup_rounds=1)
 
 
@@ -118,4 +131,19 @@ def test_copy_bandwidth(benchmark):
 
     copy()
     benchmark.extra_info.update(kind="copy", bytes_per_round=10 * 2 * src.nbytes)
+    benchmark.pedantic(copy, rounds=5, warmup_rounds=1)
+
+
+def test_host_to_device_bandwidth(benchmark):
+    """What the staged path's copy can reach: 256 MiB from pinned memory to the GPU."""
+    src = torch.empty(1 << 26, dtype=torch.float32, pin_memory=True).uniform_()
+    dst = torch.empty(1 << 26, dtype=torch.float32, device="cuda")
+
+    def copy():
+        for _ in range(4):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+
+    copy()
+    benchmark.extra_info.update(kind="h2d", bytes_per_round=4 * src.nbytes)
     benchmark.pedantic(copy, rounds=5, warmup_rounds=1)

@@ -62,12 +62,10 @@ def kernel_name(kernel: str, device: torch.device) -> str:
     return kernel
 
 
-def _resolve(kernel: str, device: torch.device) -> _Apply:
-    return _resolve_for(kernel, device.type)
-
-
 @functools.cache
-def _resolve_for(kernel: str, device_type: str) -> _Apply:
+def implementation(kernel: str, device_type: str) -> _Apply:
+    """`kernel`'s apply(logits, masks, logit_rows, mask_rows) on this device type, for
+    callers that check their tensors once (`BitmaskStager`): it checks nothing itself."""
     return _load(kernel_name(kernel, torch.device(device_type)))
 
 
@@ -95,7 +93,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
         raise ValueError(f"{len(indices)} indices for {len(bitmask)} bitmask rows")
     if indices is None and len(bitmask) > len(logits):
         raise ValueError(f"{len(bitmask)} bitmask rows for {len(logits)} logits rows")
-    _resolve(kernel, logits.device)(logits, bitmask, indices, None)
+    implementation(kernel, logits.device.type)(logits, bitmask, indices, None)
 
 
 def apply_token_bitmask_gathered(logits: torch.Tensor, table: torch.Tensor,
@@ -104,4 +102,4 @@ def apply_token_bitmask_gathered(logits: torch.Tensor, table: torch.Tensor,
     _check(logits, table, row_ids)
     if len(row_ids) > len(logits):
         raise ValueError(f"{len(row_ids)} row ids for {len(logits)} logits rows")
-    _resolve(kernel, logits.device)(logits, table, None, row_ids)
+    implementation(kernel, logits.device.type)(logits, table, None, row_ids)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dotllm.kernels import apply_token_bitmask, kernel_name
+from dotllm.kernels import implementation, kernel_name
 
 
 class BitmaskStager:
@@ -23,6 +23,7 @@ class BitmaskStager:
         self.device = torch.device(device)
         self.words = words
         self.kernel = kernel_name(kernel, self.device)  # fails here, not mid-step
+        self._apply = implementation(self.kernel, self.device.type)
         self._capacity = 0
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
@@ -49,9 +50,8 @@ class BitmaskStager:
         if count == 0:
             return
         if self.device.type != "cuda":
-            apply_token_bitmask(logits, torch.from_numpy(masks),
-                                torch.from_numpy(np.asarray(logit_rows, dtype=np.int32)),
-                                kernel=self.kernel)
+            self._apply(logits, torch.from_numpy(masks),
+                        torch.from_numpy(np.asarray(logit_rows, dtype=np.int32)), None)
             return
         if count > self._capacity:
             self._grow(count)
@@ -67,5 +67,5 @@ class BitmaskStager:
             device_rows.copy_(self._host_rows[:count], non_blocking=True)
             self._copied.record(self._stream)
         compute.wait_event(self._copied)
-        apply_token_bitmask(logits, device_masks, device_rows, kernel=self.kernel)
+        self._apply(logits, device_masks, device_rows, None)
         self._consumed.record(compute)
