@@ -56,6 +56,8 @@ def run(cases: list[Case], tokenizer, vocabulary, workers: int, timeout: float,
         try:
             spec = ConstraintSpec.json_schema(case.schema)
             spec.check()
+            if (refusal := spec.outlines_refusal()) is not None:
+                raise ConstraintError(refusal)
         except ConstraintError as e:
             pending.append((case, "", None, Outcome(case, "refused", str(e))))
             continue

@@ -1,5 +1,6 @@
 """Per-step mask cost: filling one request's bitmask row from the per-state table (DotLLM)
-vs outlines-core's `Guide.write_mask_into` (what vLLM's outlines backend calls per row).
+vs outlines-core's `Guide.write_mask_into` (what vLLM's outlines backend calls per row)
+and llguidance's mask (what DotLLM's first tier and vLLM's guidance backend compute).
 
     pytest bench/test_mask_fill.py --benchmark-enable --benchmark-only \
         --benchmark-columns=mean,median,ops
@@ -86,3 +87,21 @@ def test_outlines_get_next_state(benchmark, compiled, index, vocabulary, tokeniz
     _, oc_state, token = _inside_string(compiled, index, vocabulary, tokenizer)
     benchmark.group = f"accept one token, V={vocabulary.size}, inside_string"
     assert benchmark(index.get_next_state, oc_state, token) is not None
+
+
+@pytest.mark.parametrize("where", list(PREFIXES))
+def test_llguidance_fill_row(benchmark, vocabulary, tokenizer, where):
+    import llguidance
+    import llguidance.numpy
+
+    from dotllm.compiler import llguidance_grammar
+    from dotllm.vllm_ext.backend import llguidance_tokenizer
+
+    spec = ConstraintSpec.json_schema(SCHEMA)
+    matcher = llguidance.LLMatcher(llguidance_tokenizer(tokenizer, vocabulary.size),
+                                   llguidance_grammar.grammar_for(spec))
+    assert matcher.consume_tokens(tokenizer.encode(PREFIXES[where], add_special_tokens=False))
+    row = np.zeros((1, words_for(vocabulary.size)), dtype=np.int32)
+    benchmark.group = f"mask row, V={vocabulary.size}, {where}"
+    benchmark(llguidance.numpy.fill_next_token_bitmask, matcher, row, 0)
+    assert row.any()

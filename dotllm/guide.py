@@ -20,6 +20,8 @@ class Guide:
         self._states = [self._initial]  # one entry per accepted token, for rollback
         self._terminated = False
 
+    error: str | None = None  # an index never gives up mid-request (LLGuidanceGuide can)
+
     @property
     def state(self) -> int:
         return self._states[-1]

@@ -53,6 +53,29 @@ class Server:
                 samples[name] = float(value)
         return samples
 
+    def wait_for_metric(self, name: str, at_least: float, timeout_s: float = 120) -> None:
+        """Until a sample reaches `at_least` (a compile that finishes after its request)."""
+        deadline = time.monotonic() + timeout_s
+        while self.metrics().get(name, 0) < at_least:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} stayed under {at_least} for {timeout_s} s")
+            time.sleep(0.5)
+
+    def compiling(self) -> bool:
+        """Whether a compile the pool started has not finished (requests no longer wait
+        for theirs, so a test's compiles can outlive it)."""
+        m = self.metrics()
+        finished = m.get("dotllm_constraint_compile_seconds_count", 0) + sum(
+            v for k, v in m.items() if k.startswith("dotllm_constraint_failures_total"))
+        return m.get("dotllm_constraint_compiles_total", 0) > finished
+
+    def wait_for_compiles(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.compiling():
+            if time.monotonic() > deadline:
+                pytest.fail(f"compiles still running after {timeout_s} s")
+            time.sleep(0.5)
+
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
 from dotllm.compiler.spec import ConstraintError
+from dotllm.llguidance_guide import LLGuidanceGuide
 from dotllm.settings import Settings
 from dotllm.vllm_ext.backend import DotllmBackend
 
@@ -51,11 +54,33 @@ def test_every_supported_key_compiles(backend, kind, text):
     assert not backend.compile_grammar(kind, text).is_terminated()
 
 
-@pytest.mark.parametrize("kind", [StructuredOutputOptions.GRAMMAR,
-                                  StructuredOutputOptions.STRUCTURAL_TAG])
-def test_unsupported_keys_name_themselves(backend, kind):
-    with pytest.raises(ConstraintError, match=kind.name.lower()):
-        backend.compile_grammar(kind, "root ::= 'a'")
+@pytest.mark.parametrize(("kind", "text", "output"), [
+    (StructuredOutputOptions.GRAMMAR, 'start: "x" ("y" | "z")+', "xyzy"),
+    (StructuredOutputOptions.JSON, '{"type": "integer", "maximum": 20}', "17"),
+])
+def test_what_outlines_core_cannot_runs_on_llguidance(backend, tokenizer, kind, text, output):
+    grammar = backend.compile_grammar(kind, text)
+    assert isinstance(grammar.guide, LLGuidanceGuide)
+    tokens = tokenizer.encode(output, add_special_tokens=False)
+    assert grammar.validate_tokens(tokens) == tokens
+    assert grammar.accept_tokens("r", tokens)
+    bitmask = backend.allocate_token_bitmask(2)
+    grammar.fill_bitmask(bitmask, 1)
+    assert bitmask[1].numpy().any() and not bitmask[1].numpy().all()
+    grammar.rollback(len(tokens))
+    assert grammar.guide.validate_tokens(tokens) == tokens
+
+
+def test_structural_tags_are_refused_by_name(backend):
+    with pytest.raises(ConstraintError, match="structural_tag"):
+        backend.compile_grammar(StructuredOutputOptions.STRUCTURAL_TAG, '{"structures": []}')
+
+
+def test_what_neither_engine_serves_names_both_reasons(backend):
+    with pytest.raises(ConstraintError, match="does not enforce: if at /.*llguidance cannot "
+                                              "either: Unimplemented keys"):
+        backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(
+            {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}))
 
 
 def test_a_corrupt_block_ends_the_request_with_its_reason(tokenizer, vocabulary):

@@ -31,8 +31,10 @@ def test_metrics_count_compiles_hits_and_failures(dotllm_server):
     before = dotllm_server.metrics()
     schema = {"type": "object", "properties": {"metrics_check": {"type": "boolean"}},
               "required": ["metrics_check"]}
-    ask(dotllm_server, schema)
-    ask(dotllm_server, schema)
+    ask(dotllm_server, schema)  # starts on llguidance while the index compiles
+    dotllm_server.wait_for_metric("dotllm_constraint_compile_seconds_count",
+                                  before.get("dotllm_constraint_compile_seconds_count", 0) + 1)
+    ask(dotllm_server, schema)  # the index, from memory
     client = openai.OpenAI(base_url=dotllm_server.base_url, api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=NAME, prompt="x", max_tokens=2,
@@ -57,7 +59,10 @@ def test_metrics_count_compiles_hits_and_failures(dotllm_server):
 
 def test_restarted_server_serves_cached_schemas_without_compiling(
         dotllm_server, tmp_path_factory):
-    first = ask(dotllm_server)
+    compiled = dotllm_server.metrics().get("dotllm_constraint_compile_seconds_count", 0)
+    ask(dotllm_server)
+    dotllm_server.wait_for_metric("dotllm_constraint_compile_seconds_count", compiled + 1)
+    first = ask(dotllm_server)  # on the index, as the restarted server will be
     restarted = start_dotllm(tmp_path_factory, index_cache_dir=dotllm_server.index_cache_dir)
     try:
         assert ask(restarted) == first  # same index, same seed: same output

@@ -245,8 +245,13 @@ def test_unenforced_keywords_are_refused_with_where_they_are():
     assert list(unenforced_keywords({"type": "object", "additionalProperties": False})) == [
         ("additionalProperties", "/")]
     assert not list(unenforced_keywords({"type": "array", "uniqueItems": False}))
-    with pytest.raises(ConstraintError, match="cannot enforce yet: minimum at /properties/age"):
-        ConstraintSpec.json_schema(schema).to_regex()
+    spec = ConstraintSpec.json_schema(schema)
+    assert "does not enforce: minimum at /properties/age" in spec.outlines_refusal()
+    assert spec.outlines_refusal_reason == "keywords"
+    with pytest.raises(ConstraintError, match="does not enforce: minimum at /properties/age"):
+        spec.to_regex()
+    assert ConstraintSpec.json_schema({"type": "integer"}).outlines_refusal() is None
+    assert "does not compile grammar" in ConstraintSpec.grammar('start: "a"').outlines_refusal()
 
 
 def test_check_never_builds_the_regex(monkeypatch):

@@ -1,4 +1,8 @@
-"""Per-request state: accept, validate, roll back, EOS, and filling a bitmask row."""
+"""Per-request state: accept, validate, roll back, EOS, and filling a bitmask row.
+
+The contract tests run on both engines a request can be guided by: an outlines-core index
+(`Guide`) and an llguidance matcher (`LLGuidanceGuide`, more in test_llguidance_guide.py).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,30 @@ from dotllm.compiler.mask_table import words_for
 from dotllm.compiler.spec import ConstraintSpec
 from dotllm.guide import Guide
 
+PERSON = ConstraintSpec.json_schema(
+    {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+    whitespace_pattern="")
+
 
 @pytest.fixture(scope="module")
 def person(vocabulary):
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    regex = ConstraintSpec.json_schema(schema, whitespace_pattern="").to_regex()
-    return CompiledIndex.build(regex, vocabulary.inner, vocabulary.size, vocabulary.eos_token_id)
+    return CompiledIndex.build(PERSON.to_regex(), vocabulary.inner, vocabulary.size,
+                               vocabulary.eos_token_id)
+
+
+@pytest.fixture(params=["index", "llguidance"])
+def person_guide(request, person, tokenizer, vocabulary):
+    if request.param == "index":
+        return Guide(person, vocabulary.eos_token_id)
+    import llguidance
+
+    from dotllm.compiler import llguidance_grammar
+    from dotllm.llguidance_guide import LLGuidanceGuide
+    from dotllm.vllm_ext.backend import llguidance_tokenizer
+
+    matcher = llguidance.LLMatcher(llguidance_tokenizer(tokenizer, vocabulary.size),
+                                   llguidance_grammar.grammar_for(PERSON))
+    return LLGuidanceGuide(matcher, vocabulary.eos_token_id)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -26,8 +48,8 @@ def allowed(row: np.ndarray, token: int) -> bool:
     return bool((int(row[token >> 5]) >> (token & 31)) & 1)
 
 
-def test_accepts_a_valid_document_then_eos(person, tokenizer, vocabulary):
-    guide = Guide(person, vocabulary.eos_token_id)
+def test_accepts_a_valid_document_then_eos(person_guide, tokenizer, vocabulary):
+    guide = person_guide
     ids = encode(tokenizer, '{"n":42}')
     assert guide.accept_tokens(ids)
     assert not guide.is_terminated()
@@ -36,8 +58,8 @@ def test_accepts_a_valid_document_then_eos(person, tokenizer, vocabulary):
     assert not guide.accept_tokens([ids[0]])  # nothing after EOS
 
 
-def test_eos_is_rejected_before_the_document_is_complete(person, tokenizer, vocabulary):
-    guide = Guide(person, vocabulary.eos_token_id)
+def test_eos_is_rejected_before_the_document_is_complete(person_guide, tokenizer, vocabulary):
+    guide = person_guide
     assert guide.accept_tokens(encode(tokenizer, '{"n":4'))
     row = np.zeros(words_for(vocabulary.size), dtype=np.int32)
     guide.fill_row(row)

@@ -83,6 +83,8 @@ class CompilationManager:
 
     def _compile(self, key: str, spec: ConstraintSpec) -> CompiledIndex:
         spec.check()
+        if (refusal := spec.outlines_refusal()) is not None:
+            raise ConstraintError(refusal)
         self.stats["compiles"] += 1
         if self.metrics:
             self.metrics.compiles.inc()

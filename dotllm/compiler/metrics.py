@@ -37,6 +37,22 @@ class CompileMetrics:
             "dotllm_constraint_failures",
             "Constraints that failed: invalid, timeout, too_large, crash.", ["reason"],
             **kwargs)
+        self.served_by_llguidance = Counter(
+            "dotllm_constraint_llguidance",
+            "Requests served by llguidance because outlines-core could not: grammar, "
+            "structural_tag, keywords, invalid, timeout, too_large, crash.", ["reason"],
+            **kwargs)
+        self.tier_start = Counter(
+            "dotllm_constraint_tier_start", "Requests by the engine they started on: index "
+            "(outlines-core, ready) or llguidance.", ["tier"], **kwargs)
+        self.tier_handover = Counter(
+            "dotllm_constraint_tier_handover",
+            "Requests started on llguidance while their index compiled, by how it ended: "
+            "switched, mismatch (stayed), or the compile's failure.", ["outcome"], **kwargs)
+        self.tier_tokens = Counter(
+            "dotllm_constraint_tier_tokens",
+            "Tokens accepted by requests that started on llguidance, by the tier that "
+            "guided them.", ["tier"], **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)

@@ -38,6 +38,7 @@ class ConstraintKind(enum.Enum):
     JSON_OBJECT = "json_object"
     REGEX = "regex"
     CHOICE = "choice"
+    GRAMMAR = "grammar"  # Lark, as llguidance reads it: outlines-core cannot compile it
 
 
 def _canonical(value, ordered: bool = False):
@@ -94,6 +95,12 @@ class ConstraintSpec:
             raise ConstraintError("every choice must be a string")
         return cls(ConstraintKind.CHOICE, _dumps(choices))
 
+    @classmethod
+    def grammar(cls, text: str):
+        if not isinstance(text, str) or not text.strip():
+            raise ConstraintError("grammar must be a non-empty string")
+        return cls(ConstraintKind.GRAMMAR, text)
+
     @cached_property
     def key(self) -> str:
         """A short stable digest of everything that determines the compiled index."""
@@ -115,12 +122,23 @@ class ConstraintSpec:
                 re.compile(self.source)
             except re.error as e:
                 raise ConstraintError(f"invalid regex: {e}") from None
-        elif self.kind is ConstraintKind.JSON and (
+
+    def outlines_refusal(self) -> str | None:
+        """Why outlines-core cannot serve this constraint, known without compiling; None
+        if it may (the compile still decides). Such constraints go to llguidance."""
+        if self.kind is ConstraintKind.GRAMMAR:
+            return "outlines-core does not compile grammar constraints"
+        if self.kind is ConstraintKind.JSON and (
                 found := list(unenforced_keywords(json.loads(self.source)))):
             where = ", ".join(f"{k} at {p}" for k, p in found[:5])
             more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            raise ConstraintError(
-                f"JSON schema uses keywords DotLLM cannot enforce yet: {where}{more}")
+            return f"JSON schema uses keywords outlines-core does not enforce: {where}{more}"
+        return None
+
+    @property
+    def outlines_refusal_reason(self) -> str:
+        """The metric label for `outlines_refusal`: "grammar" or "keywords"."""
+        return "grammar" if self.kind is ConstraintKind.GRAMMAR else "keywords"
 
     def to_regex(self) -> str:
         """The regex outlines-core compiles (raises ConstraintError when there is none).
@@ -128,6 +146,8 @@ class ConstraintSpec:
         Can take long and much memory for a large schema: run it where it can be stopped.
         """
         self.check()
+        if (refusal := self.outlines_refusal()) is not None:
+            raise ConstraintError(refusal)
         if self.kind is ConstraintKind.REGEX:
             return self.source
         if self.kind is ConstraintKind.CHOICE:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
+import llguidance
+import llguidance.hf
 import torch
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.structured_output.backend_types import (
@@ -15,33 +18,56 @@ from vllm.v1.structured_output.backend_types import (
 )
 
 from dotllm import embedded_model
+from dotllm.compiler import llguidance_grammar
 from dotllm.compiler.cache import IndexCache
 from dotllm.compiler.compiled import CorruptEntry
 from dotllm.compiler.manager import CompilationManager
 from dotllm.compiler.metrics import CompileMetrics
-from dotllm.compiler.pool import CompilePool, PoolLimits
-from dotllm.compiler.spec import ConstraintSpec
+from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
+from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
+from dotllm.llguidance_guide import LLGuidanceGuide
 from dotllm.settings import Settings
+from dotllm.tiers import TieredGuide
 from dotllm.vllm_ext import compile_errors
 from dotllm.vllm_ext.constraints import spec_from_params
 
 logger = logging.getLogger(__name__)
+# A warm disk lookup takes < 1 ms (bench/RESULTS.md): waiting this long for one costs
+# nothing, and the request starts on the index instead of handing over later.
+_WARM_LOOKUP_S = 0.005
 _CORRUPT = "the cached compiled constraint is corrupt and was dropped; retrying recompiles it"
 
 
+def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
+    """As vLLM's guidance backend builds it: Mistral's own tokenizers have theirs."""
+    from transformers import MistralCommonBackend
+
+    if isinstance(tokenizer, MistralCommonBackend):
+        from mistral_common.guidance.tokenizer import from_mistral_tokenizer
+
+        return from_mistral_tokenizer(tokenizer.tokenizer)
+    if (native := getattr(tokenizer, "llg_tokenizer", None)) is not None:
+        return native
+    return llguidance.hf.from_tokenizer(tokenizer, max(vocab_size, len(tokenizer)))
+
+
 class DotllmGrammar(StructuredOutputGrammar):
-    def __init__(self, guide: Guide):
+    def __init__(self, guide: Guide | LLGuidanceGuide | TieredGuide):
         self.guide = guide
 
     def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
         # False ends the request with an error (vLLM's scheduler); the engine keeps going.
         try:
-            return self.guide.accept_tokens(tokens)
+            accepted = self.guide.accept_tokens(tokens)
         except CorruptEntry as e:
             compile_errors.record(request_id, f"{_CORRUPT}: {e}")
             return False
+        if not accepted and (error := self.guide.error):
+            compile_errors.record(
+                request_id, f"llguidance gave up on it: {llguidance_grammar.short(error)}")
+        return accepted
 
     def validate_tokens(self, tokens: list[int]) -> list[int]:
         try:
@@ -80,14 +106,73 @@ class DotllmBackend(StructuredOutputBackend):
             max_worker_memory_bytes=s.max_compile_memory_mib * 2**20,
         )
         pool = CompilePool(self.vocabulary, workers=s.workers, limits=limits)
-        self.manager = CompilationManager(self.vocabulary, cache, pool, CompileMetrics())
+        self.metrics = CompileMetrics()
+        self.manager = CompilationManager(self.vocabulary, cache, pool, self.metrics)
+        self._ll_tokenizer = llguidance_tokenizer(self.tokenizer, self.vocab_size)
         logger.info("DotLLM structured outputs: %d compile workers, cache %s",
                     s.workers, cache.disk.directory if cache.disk else "memory only")
 
     def compile_spec(self, spec: ConstraintSpec) -> DotllmGrammar:
-        """Blocks until the index is ready (runs in vLLM's grammar thread pool)."""
-        compiled = self.manager.get(spec).result()
+        """The request's guide (runs in vLLM's grammar thread pool, returns at once unless
+        only the index can serve it):
+
+        - the index, when it is ready (cached) or arrives within a warm disk lookup;
+        - llguidance alone, for what outlines-core cannot serve (refused, or failed);
+        - llguidance first, then the index at a step boundary (`TieredGuide`), while the
+          pool compiles it.
+        """
+        eos = self.vocabulary.eos_token_id
+        refusal, reason = spec.outlines_refusal(), spec.outlines_refusal_reason
+        if refusal is None:
+            index = self.manager.get(spec)
+            wait([index], timeout=_WARM_LOOKUP_S)
+            if not index.done():
+                try:
+                    first = LLGuidanceGuide(self._matcher(spec), eos)
+                except ConstraintError as not_llguidance:  # only the index can serve it
+                    return self._indexed(index, not_llguidance)
+                self.metrics.tier_start.labels(tier="llguidance").inc()
+                return DotllmGrammar(TieredGuide(first, index, eos, self._handed_over,
+                                                 self._count_tokens))
+            try:
+                return self._indexed(index)
+            except CompileFailed as e:
+                refusal, reason = str(e), e.kind
+            except ConstraintError as e:
+                refusal, reason = str(e), "invalid"
+        try:
+            guide = LLGuidanceGuide(self._matcher(spec), eos)
+        except ConstraintError as e:
+            raise ConstraintError(f"{refusal}; {e}") from None
+        self.metrics.served_by_llguidance.labels(reason=reason).inc()
+        self.metrics.tier_start.labels(tier="llguidance").inc()
+        return DotllmGrammar(guide)
+
+    def _indexed(self, index: Future,
+                 not_llguidance: ConstraintError | None = None) -> DotllmGrammar:
+        """The index's guide, waiting for it; its failure says why llguidance could not."""
+        try:
+            compiled = index.result()
+        except (CompileFailed, ConstraintError) as e:
+            if not_llguidance is None:
+                raise
+            raise ConstraintError(f"{e}; {not_llguidance}") from None
+        self.metrics.tier_start.labels(tier="index").inc()
         return DotllmGrammar(Guide(compiled, self.vocabulary.eos_token_id))
+
+    def _handed_over(self, outcome: str) -> None:
+        self.metrics.tier_handover.labels(outcome=outcome).inc()
+
+    def _count_tokens(self, tier: str, count: int) -> None:
+        self.metrics.tier_tokens.labels(tier=tier).inc(count)
+
+    def _matcher(self, spec: ConstraintSpec) -> llguidance.LLMatcher:
+        grammar = llguidance_grammar.grammar_for(spec)
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
+        if matcher.is_error():
+            raise ConstraintError(
+                f"llguidance cannot either: {llguidance_grammar.short(matcher.get_error())}")
+        return matcher
 
     def compile_grammar(self, request_type: StructuredOutputOptions,
                         grammar_spec: str) -> DotllmGrammar:

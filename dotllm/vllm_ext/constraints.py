@@ -19,7 +19,7 @@ def spec_from_params(params) -> ConstraintSpec:
     if params.choice is not None:
         return ConstraintSpec.choice(params.choice)
     if params.grammar is not None:
-        raise ConstraintError("grammar constraints are not supported by DotLLM yet")
+        return ConstraintSpec.grammar(params.grammar)
     if params.structural_tag is not None:
         raise ConstraintError("structural_tag constraints are not supported by DotLLM yet")
     raise ConstraintError("no structured output constraint given")

@@ -3,9 +3,10 @@
 Target (vLLM 0.26, API server): `SamplingParams._validate_structured_outputs`, which runs
 before a request is queued and turns a ValueError into HTTP 400. Stock vLLM checks there
 with xgrammar or guidance and rejects schemas DotLLM compiles; DotLLM instead runs its
-cheap checks (`ConstraintSpec.check`: JSON, regex syntax, choices, keywords it cannot
-enforce), so most bad constraints are a 400 naming the problem before any engine work;
-the rest fail in the compile worker and are reported by `compile_errors`.
+cheap checks (`ConstraintSpec.check`: JSON, regex syntax, choices; and, for what
+outlines-core cannot serve, whether llguidance can), so most bad constraints are a 400
+naming the problem before any engine work; the rest fail in the engine and are reported
+by `compile_errors`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ NAME = "request_validation"
 
 
 def _validate_structured_outputs(self, model_config, structured_outputs_config, tokenizer):
+    from dotllm.compiler import llguidance_grammar
     from dotllm.compiler.spec import ConstraintError
     from dotllm.vllm_ext.constraints import spec_from_params
 
@@ -24,7 +26,10 @@ def _validate_structured_outputs(self, model_config, structured_outputs_config, 
     if tokenizer is None:
         raise ValueError("structured outputs need a tokenizer (not with --skip-tokenizer-init)")
     try:
-        spec_from_params(self.structured_outputs).check()
+        spec = spec_from_params(self.structured_outputs)
+        spec.check()
+        if (refusal := spec.outlines_refusal()) is not None:
+            llguidance_grammar.check(spec, refusal)
     except ConstraintError as e:
         raise ValueError(f"Invalid structured output: {e}") from None
 

@@ -1,0 +1,73 @@
+"""Per-request progress through an llguidance matcher, with `Guide`'s interface.
+
+llguidance computes each mask when asked (tens of microseconds, more in wide states)
+rather than copying a precomputed row: it serves what outlines-core cannot compile.
+EOS is accepted only where the grammar may end, and ends the request.
+"""
+
+from __future__ import annotations
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+
+
+class LLGuidanceGuide:
+    def __init__(self, matcher: llguidance.LLMatcher, eos_token_id: int):
+        self._matcher = matcher
+        self._eos = eos_token_id
+        self._terminated = False
+        # EOS accepted after the matcher had already stopped by itself (the grammar could
+        # not go on): it consumed nothing, so a rollback undoes one token less.
+        self._eos_lag = 0
+
+    def is_terminated(self) -> bool:
+        return self._terminated
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher gave up, if it did (a grammar past llguidance's parser limits)."""
+        return self._matcher.get_error() if self._matcher.is_error() else None
+
+    def accept_tokens(self, tokens: list[int]) -> bool:
+        """Advance through all of `tokens`, or through none of them and return False."""
+        if self._terminated:
+            return False
+        if self._matcher.is_stopped():
+            if list(tokens) == [self._eos]:
+                self._terminated, self._eos_lag = True, 1
+                return True
+            return False
+        consumed = self._matcher.try_consume_tokens(tokens)
+        if consumed != len(tokens):
+            if consumed:
+                self._matcher.rollback(consumed)
+            return False
+        self._terminated = bool(tokens) and tokens[-1] == self._eos
+        return True
+
+    def validate_tokens(self, tokens: list[int]) -> list[int]:
+        """The longest prefix of `tokens` that would be accepted; the state does not move."""
+        if self._terminated or not tokens:
+            return []
+        if self._matcher.is_stopped():
+            return [self._eos] if tokens[0] == self._eos else []
+        return list(tokens[: self._matcher.validate_tokens(tokens)])
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        if num_tokens - self._eos_lag > 0:
+            self._matcher.rollback(num_tokens - self._eos_lag)
+        self._terminated, self._eos_lag = False, 0
+
+    def reset(self) -> None:
+        self._matcher.reset()
+        self._terminated, self._eos_lag = False, 0
+
+    def fill_row(self, out: np.ndarray) -> None:
+        """Write the allowed tokens into `out` (int32 `[ceil(V/32)]`); -1 once terminated."""
+        if self._terminated:
+            out.fill(-1)
+            return
+        llguidance.numpy.fill_next_token_bitmask(self._matcher, out.reshape(1, -1), 0)

@@ -1,0 +1,99 @@
+"""Per-request state on llguidance; the contract it shares with `Guide` (EOS, masks) is
+tested on both in tests/test_guide.py."""
+
+from __future__ import annotations
+
+import llguidance
+import pytest
+
+from dotllm.compiler import llguidance_grammar
+from dotllm.compiler.spec import ConstraintSpec
+from dotllm.llguidance_guide import LLGuidanceGuide
+from dotllm.vllm_ext.backend import llguidance_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ll_tokenizer(tokenizer, vocabulary):
+    return llguidance_tokenizer(tokenizer, vocabulary.size)
+
+
+@pytest.fixture
+def make(ll_tokenizer, vocabulary):
+    def make(spec: ConstraintSpec) -> LLGuidanceGuide:
+        grammar = llguidance_grammar.grammar_for(spec)
+        return LLGuidanceGuide(llguidance.LLMatcher(ll_tokenizer, grammar),
+                               vocabulary.eos_token_id)
+    return make
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_keywords_outlines_core_skips_are_enforced(make, tokenizer, vocabulary):
+    guide = make(ConstraintSpec.json_schema({"type": "integer", "minimum": 10, "maximum": 20}))
+    assert not guide.accept_tokens(encode(tokenizer, "21"))
+    assert guide.accept_tokens(encode(tokenizer, "15"))
+    assert guide.accept_tokens([vocabulary.eos_token_id])
+    assert guide.is_terminated()
+
+
+def test_all_or_nothing_validate_and_rollback(make, tokenizer, vocabulary):
+    guide = make(ConstraintSpec.grammar('start: "x" ("y" | "z")+'))
+    good, bad = encode(tokenizer, "xy"), encode(tokenizer, "q")
+    assert guide.validate_tokens(good + bad) == good
+    assert not guide.accept_tokens(good + bad)  # nothing consumed
+    assert guide.accept_tokens(good)
+    assert guide.accept_tokens([vocabulary.eos_token_id])
+    guide.rollback(1 + len(good))  # undo EOS and "xy"
+    assert not guide.is_terminated()
+    assert guide.validate_tokens(good) == good
+
+
+def test_eos_after_the_matcher_stopped_by_itself_rolls_back(make, tokenizer, vocabulary):
+    guide = make(ConstraintSpec.choice(["yes"]))
+    yes = encode(tokenizer, "yes")
+    assert guide.accept_tokens(yes)
+    assert guide.validate_tokens([vocabulary.eos_token_id]) == [vocabulary.eos_token_id]
+    assert guide.accept_tokens([vocabulary.eos_token_id]) and guide.is_terminated()
+    guide.rollback(2)
+    assert not guide.is_terminated()
+    guide.reset()
+    assert guide.accept_tokens(yes)
+
+
+@pytest.mark.parametrize("whitespace", [None, ""])
+def test_llguidance_json_lies_within_the_index_language(make, tokenizer, vocabulary,
+                                                        whitespace):
+    """What llguidance lets through, outlines-core's regex allows: tiers can hand over."""
+    from dotllm.compiler.compiled import CompiledIndex
+    from dotllm.guide import Guide
+
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"},
+                                               "b": {"type": "integer"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    spec = ConstraintSpec.json_schema(schema, whitespace_pattern=whitespace)
+    index = Guide(CompiledIndex.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
+                                      vocabulary.eos_token_id), vocabulary.eos_token_id)
+    canonical = '{"a": true, "b": 12}' if whitespace is None else '{"a":true,"b":12}'
+    for text, llguidance_allows in [(canonical, True), ('{"a":  true, "b": 12}', False)]:
+        guide = make(spec)
+        ids = encode(tokenizer, text)
+        assert guide.accept_tokens(ids) is llguidance_allows, text
+        if llguidance_allows:
+            assert index.accept_tokens(ids), text
+
+
+def test_objects_are_closed_as_outlines_core_closes_them():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "string"}}, "additionalProperties": True},
+        "properties": {"type": "string"}},  # a property of that name
+        "enum": [{"properties": 1}], "$defs": {"x": {"properties": {}}}}
+    closed = llguidance_grammar.closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["$defs"]["x"]["additionalProperties"] is False
+    assert closed["enum"] == [{"properties": 1}]  # data, not a schema
+    assert closed["properties"]["properties"] == {"type": "string"}
+    assert "additionalProperties" not in closed["properties"]
+    assert "additionalProperties" not in schema  # the request's schema is left alone
