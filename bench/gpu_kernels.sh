@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA kernel, run the kernel tests on the GPU, time every kernel.
 # From the repo root on the GPU machine (torch + Triton there, no vLLM), carrying .whl with
-# xgrammar 0.2.8's wheels (see bench/RESULTS.md):
-#   run(carry=[".whl"], command="bash bench/gpu_kernels.sh")
+# xgrammar 0.2.8 and what it needs that the machine lacks, fetched here once:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+#   run(kind="nvidia-h100-x1", carry=[".whl"], command="bash bench/gpu_kernels.sh")
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
