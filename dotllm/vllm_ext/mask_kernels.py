@@ -42,12 +42,15 @@ def _rows_counter():
     return Counter("dotllm_mask_rows", "Logits rows masked by DotLLM's kernels.", ["kernel"])
 
 
-def apply_rows(logits: torch.Tensor, masks: np.ndarray, sources: list[int],
+def apply_rows(logits: torch.Tensor, masks: np.ndarray, sources: list[int] | None,
                targets: list[int], runner: str) -> None:
-    """Mask logits[targets[i]] with masks[sources[i]]."""
+    """Mask logits[targets[i]] with masks[sources[i]] (sources None: masks[i]).
+
+    `sources` rise strictly, so one as long as `masks` names every row in order.
+    """
     if not targets:
         return
-    if len(sources) != len(masks) or sources != list(range(len(masks))):
+    if sources is not None and len(sources) != len(masks):
         masks = masks[sources]
     stager = _stager(logits.device, masks.shape[1], runner)
     stager.apply(logits, masks, np.asarray(targets, dtype=np.int32))
@@ -98,7 +101,7 @@ def _v2_apply(_stock):
         if not grammar_req_ids:
             return
         targets = v2_rows(input_batch, grammar_req_ids)
-        apply_rows(logits, grammar_bitmask, list(range(len(targets))), targets, "V2")
+        apply_rows(logits, grammar_bitmask, None, targets, "V2")
 
     return apply_grammar_bitmask
 
