@@ -71,8 +71,13 @@ def test_what_outlines_core_cannot_runs_on_llguidance(backend, tokenizer, kind, 
     assert grammar.guide.validate_tokens(tokens) == tokens
 
 
-def test_structural_tags_are_refused_by_name(backend):
-    with pytest.raises(ConstraintError, match="structural_tag"):
+def test_structural_tags_run_on_llguidance(backend, tokenizer):
+    grammar = backend.compile_grammar(StructuredOutputOptions.STRUCTURAL_TAG, json.dumps(
+        {"triggers": ["<f="], "structures": [
+            {"begin": "<f=a>", "schema": {"type": "integer"}, "end": "</f>"}]}))
+    assert isinstance(grammar.guide, LLGuidanceGuide)
+    assert grammar.accept_tokens("r", tokenizer.encode("so <f=a>12</f>", add_special_tokens=False))
+    with pytest.raises(ConstraintError, match="structural_tag `structures` must be"):
         backend.compile_grammar(StructuredOutputOptions.STRUCTURAL_TAG, '{"structures": []}')
 
 

@@ -197,9 +197,8 @@ def test_twenty_concurrent_requests_with_different_schemas(dotllm_server):
                                           "then": {"required": ["b"]}}}},
          "does not enforce: if at /, then at /; llguidance cannot either: Unimplemented"),
         ({"structured_outputs": {"structural_tag": json.dumps({
-            "type": "structural_tag", "triggers": ["<f>"],
-            "structures": [{"begin": "<f>", "schema": {"type": "object"}, "end": "</f>"}]})}},
-         "structural_tag constraints"),
+            "type": "structural_tag", "format": {"type": "any_text", "excludes": ["x"]}})}},
+         'structural_tag any_text option excludes=["x"] is not supported'),
         ({"guided_json": PERSON, "guided_regex": "a"}, "guided_json, guided_regex"),
         ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "not both"),
     ],
@@ -305,6 +304,38 @@ def test_what_outlines_core_cannot_serve_runs_on_llguidance(client, dotllm_serve
     for reason in ("keywords", "grammar"):
         name = f'dotllm_constraint_llguidance_total{{reason="{reason}"}}'
         assert after.get(name, 0) - before.get(name, 0) == 1, reason
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"]}
+
+
+def test_structural_tag_output_follows_its_tags(client, dotllm_server):
+    """Both request forms, served by llguidance: the format form here allows nothing but
+    one tagged call; the legacy form allows text, where each trigger opens a structure."""
+    before = dotllm_server.metrics().get(
+        'dotllm_constraint_llguidance_total{reason="structural_tag"}', 0)
+    tag = {"type": "tag", "begin": "<call=weather>", "end": "</call>",
+           "content": {"type": "json_schema", "json_schema": CITY}}
+    choice = chat(client, {"type": "structural_tag", "format": tag}, max_tokens=40, seed=2)
+    call = re.fullmatch("<call=weather>(.*)</call>", choice.message.content, re.S)
+    assert call, choice.message.content
+    jsonschema.validate(json.loads(call.group(1)), CITY)
+
+    legacy = {"type": "structural_tag", "triggers": ["<call="], "structures": [
+        {"begin": "<call=weather>", "schema": CITY, "end": "</call>"}]}
+    choice = chat(client, legacy, max_tokens=30, seed=3)
+    text = choice.message.content
+    for opened in text.split("<call=")[1:]:
+        complete = re.match("weather>(.*?)</call>", opened, re.S)
+        if complete:
+            jsonschema.validate(json.loads(complete.group(1)), CITY)
+        else:  # cut by max_tokens inside a structure
+            assert choice.finish_reason == "length" and "weather>".startswith(
+                opened[:8]), text
+    after = dotllm_server.metrics().get(
+        'dotllm_constraint_llguidance_total{reason="structural_tag"}', 0)
+    assert after - before == 2
 
 
 def test_a_new_constraint_switches_to_its_index_mid_generation(client, dotllm_server):

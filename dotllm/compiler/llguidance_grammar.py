@@ -13,6 +13,7 @@ import json
 import llguidance
 from outlines_core.json_schema import WHITESPACE as OUTLINES_WHITESPACE
 
+from dotllm.compiler import structural_tag
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
 
 
@@ -60,8 +61,20 @@ def grammar_for(spec: ConstraintSpec) -> str:
     """llguidance's grammar for `spec` (ConstraintError if it cannot express it)."""
     try:
         return _grammar_for(spec)
+    except ConstraintError:
+        raise
     except (ValueError, KeyError, TypeError) as e:
         raise ConstraintError(f"llguidance cannot either: {short(str(e))}") from None
+
+
+def _json_lark(schema) -> str:
+    """A schema inside a Lark grammar (structural tags), configured like a JSON request."""
+    if isinstance(schema, bool):
+        schema = {} if schema else {"not": {}}
+    if not isinstance(schema, dict):
+        raise ConstraintError("a JSON schema must be an object or a boolean")
+    schema = {**closed_objects(schema), "x-guidance": _json_options(None)}
+    return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
 def _grammar_for(spec: ConstraintSpec) -> str:
@@ -70,6 +83,9 @@ def _grammar_for(spec: ConstraintSpec) -> str:
         return matcher.grammar_from_json_schema(
             closed_objects(json.loads(spec.source)),
             defaults=_json_options(spec.whitespace_pattern))
+    if spec.kind is ConstraintKind.STRUCTURAL_TAG:
+        return matcher.grammar_from_lark(
+            structural_tag.to_lark(json.loads(spec.source), _json_lark))
     if spec.kind is ConstraintKind.REGEX:
         return matcher.grammar_from_regex(spec.source)
     if spec.kind is ConstraintKind.CHOICE:

@@ -39,6 +39,14 @@ class ConstraintKind(enum.Enum):
     REGEX = "regex"
     CHOICE = "choice"
     GRAMMAR = "grammar"  # Lark, as llguidance reads it: outlines-core cannot compile it
+    STRUCTURAL_TAG = "structural_tag"  # text with tagged regions: llguidance only
+
+
+# What outlines-core cannot compile at all (llguidance serves it).
+_NOT_FOR_OUTLINES = {
+    ConstraintKind.GRAMMAR: "outlines-core does not compile grammar constraints",
+    ConstraintKind.STRUCTURAL_TAG: "outlines-core does not compile structural tags",
+}
 
 
 def _canonical(value, ordered: bool = False):
@@ -101,6 +109,17 @@ class ConstraintSpec:
             raise ConstraintError("grammar must be a non-empty string")
         return cls(ConstraintKind.GRAMMAR, text)
 
+    @classmethod
+    def structural_tag(cls, payload: str | dict):
+        if isinstance(payload, str):
+            try:
+                payload = json.loads(payload)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"structural_tag is not valid JSON: {e}") from None
+        if not isinstance(payload, dict):
+            raise ConstraintError("structural_tag must be a JSON object")
+        return cls(ConstraintKind.STRUCTURAL_TAG, _dumps(_canonical(payload)))
+
     @cached_property
     def key(self) -> str:
         """A short stable digest of everything that determines the compiled index."""
@@ -126,8 +145,8 @@ class ConstraintSpec:
     def outlines_refusal(self) -> str | None:
         """Why outlines-core cannot serve this constraint, known without compiling; None
         if it may (the compile still decides). Such constraints go to llguidance."""
-        if self.kind is ConstraintKind.GRAMMAR:
-            return "outlines-core does not compile grammar constraints"
+        if self.kind in _NOT_FOR_OUTLINES:
+            return _NOT_FOR_OUTLINES[self.kind]
         if self.kind is ConstraintKind.JSON and (
                 found := list(unenforced_keywords(json.loads(self.source)))):
             where = ", ".join(f"{k} at {p}" for k, p in found[:5])
@@ -137,8 +156,8 @@ class ConstraintSpec:
 
     @property
     def outlines_refusal_reason(self) -> str:
-        """The metric label for `outlines_refusal`: "grammar" or "keywords"."""
-        return "grammar" if self.kind is ConstraintKind.GRAMMAR else "keywords"
+        """The metric label for `outlines_refusal`: the kind, or "keywords"."""
+        return self.kind.value if self.kind in _NOT_FOR_OUTLINES else "keywords"
 
     def to_regex(self) -> str:
         """The regex outlines-core compiles (raises ConstraintError when there is none).

@@ -21,5 +21,5 @@ def spec_from_params(params) -> ConstraintSpec:
     if params.grammar is not None:
         return ConstraintSpec.grammar(params.grammar)
     if params.structural_tag is not None:
-        raise ConstraintError("structural_tag constraints are not supported by DotLLM yet")
+        return ConstraintSpec.structural_tag(params.structural_tag)
     raise ConstraintError("no structured output constraint given")
