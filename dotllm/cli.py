@@ -87,6 +87,7 @@ def add_dotllm_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             "--dotllm-" + f.name.replace("_", "-"), dest="dotllm_" + f.name,
             type=type(f.default), default=getattr(from_environ, f.name), help=f.metadata["help"],
+            choices=f.metadata["choices"],
         )
 
 

@@ -39,6 +39,9 @@ class LLGuidanceGuide:
                 return True
             return False
         consumed = self._matcher.try_consume_tokens(tokens)
+        if consumed == len(tokens) - 1 and tokens[-1] == self._eos and self._matcher.is_stopped():
+            self._terminated, self._eos_lag = True, 1  # the tokens before EOS ended it
+            return True
         if consumed != len(tokens):
             if consumed:
                 self._matcher.rollback(consumed)

@@ -12,18 +12,24 @@ from pathlib import Path
 
 _PREFIX = "DOTLLM_"
 MASK_KERNELS = ("auto", "cuda", "triton", "torch")  # dotllm.kernels' implementations
+CONSTRAINT_ENGINES = ("tiered", "outlines", "llguidance")
 
 
 def default_compile_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def _option(help: str, **kwargs):
-    return field(metadata={"help": help}, **kwargs)
+def _option(help: str, choices: tuple[str, ...] | None = None, **kwargs):
+    return field(metadata={"help": help, "choices": choices}, **kwargs)
 
 
 @dataclass(frozen=True)
 class Settings:
+    constraint_engine: str = _option(
+        "What serves constraints: tiered (llguidance at once while outlines-core compiles "
+        "the index, then the index), outlines (requests wait for their index; what "
+        "outlines-core cannot serve is a 400) or llguidance (never compiles).",
+        choices=CONSTRAINT_ENGINES, default="tiered")
     compile_workers: int = _option(
         "Processes compiling constraints at once (0: half the cores, at most 4).", default=0)
     compile_timeout: float = _option(

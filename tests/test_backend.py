@@ -107,3 +107,25 @@ def test_a_corrupt_block_ends_the_request_with_its_reason(tokenizer, vocabulary)
     assert not grammar.accept_tokens("req-1", tokens)
     assert "corrupt" in compile_errors._take("req-1")
     assert grammar.guide.num_accepted == 0
+
+
+@pytest.mark.parametrize("engine", ["outlines", "llguidance"])
+def test_one_engine_alone(backend, tokenizer, monkeypatch, engine):
+    """`--dotllm-constraint-engine`: outlines waits for each index and refuses what
+    outlines-core cannot serve; llguidance never compiles."""
+    from dotllm.guide import Guide
+
+    monkeypatch.setattr(backend, "settings", Settings(constraint_engine=engine))
+    compiles = backend.metrics.compiles._value.get()
+    grammar = backend.compile_grammar(StructuredOutputOptions.REGEX, f"[0-9]{{3}}{engine}")
+    assert isinstance(grammar.guide, Guide if engine == "outlines" else LLGuidanceGuide)
+    tokens = tokenizer.encode(f"123{engine}", add_special_tokens=False)
+    assert grammar.accept_tokens("r", tokens + [tokenizer.eos_token_id])
+    keywords = '{"type": "integer", "maximum": 20}'
+    if engine == "outlines":
+        with pytest.raises(ConstraintError, match="does not enforce: maximum at /"):
+            backend.compile_grammar(StructuredOutputOptions.JSON, keywords)
+    else:
+        grammar = backend.compile_grammar(StructuredOutputOptions.JSON, keywords)
+        assert isinstance(grammar.guide, LLGuidanceGuide)
+    assert backend.metrics.compiles._value.get() - compiles == (engine == "outlines")

@@ -215,3 +215,11 @@ def test_mask_kernel_that_cannot_run_here_is_one_line(kernel, message):
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert "dotllm: error: --dotllm-mask-kernel" in line and message in line
+
+
+def test_unknown_constraint_engine_is_one_line():
+    result = run("serve", "--dotllm-constraint-engine", "xgrammar")
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "--dotllm-constraint-engine: invalid choice: 'xgrammar'" in line
+    assert "'tiered', 'outlines', 'llguidance'" in line

@@ -130,3 +130,18 @@ def test_compile_over_the_memory_cap_aborts_only_its_worker(make_manager):
     assert info.value.kind == "crash"
     assert manager.pool.restarts == 1
     assert manager.get(QUICK).result(timeout=120).num_states > 0
+
+
+def test_a_miss_is_known_before_its_compile_ends(make_manager):
+    """`looked_up`: a request need not wait out a lookup timer to start on llguidance."""
+    manager = make_manager(workers=1, timeout_s=3)
+    slow = manager.get(EXPLODING)
+    assert slow.looked_up.wait(10) and not slow.done()
+    with pytest.raises(CompileFailed):
+        slow.result(timeout=60)
+    quick = manager.get(QUICK)
+    quick.result(timeout=120)
+    again = manager.get(QUICK)  # from memory: done, and looked up
+    assert again.done() and again.looked_up.is_set()
+    remembered = manager.get(EXPLODING)
+    assert remembered.done() and remembered.looked_up.is_set()

@@ -60,6 +60,12 @@ def test_eos_after_the_matcher_stopped_by_itself_rolls_back(make, tokenizer, voc
     assert not guide.is_terminated()
     guide.reset()
     assert guide.accept_tokens(yes)
+    guide.reset()  # the stop and EOS in one step (speculative tokens)
+    assert guide.validate_tokens(yes + [vocabulary.eos_token_id]) == yes + [
+        vocabulary.eos_token_id]
+    assert guide.accept_tokens(yes + [vocabulary.eos_token_id]) and guide.is_terminated()
+    guide.rollback(1 + len(yes))
+    assert guide.accept_tokens(yes)
 
 
 @pytest.mark.parametrize("whitespace", [None, ""])

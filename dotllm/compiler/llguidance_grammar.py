@@ -16,6 +16,9 @@ from outlines_core.json_schema import WHITESPACE as OUTLINES_WHITESPACE
 from dotllm.compiler import structural_tag
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
 
+# Why a constraint outlines-core could serve is not, with `--dotllm-constraint-engine llguidance`.
+OUTLINES_OFF = "outlines-core is off (--dotllm-constraint-engine llguidance)"
+
 
 def _json_options(whitespace_pattern: str | None) -> dict:
     """llguidance repeats its whitespace pattern between tokens; outlines-core's default,

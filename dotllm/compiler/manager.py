@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 _MAX_REMEMBERED = 4096  # failures and compile times kept, most recent first
 
 
+class IndexFuture(Future):
+    """Future[CompiledIndex] that also tells when the cache lookup is over: after
+    `looked_up` is set and the future is not done, the index is being compiled."""
+
+    def __init__(self):
+        super().__init__()
+        self.looked_up = threading.Event()
+
+
 class CompilationManager:
     def __init__(self, vocabulary: Vocabulary, cache: IndexCache, pool: CompilePool,
                  metrics: CompileMetrics | None = None):
@@ -45,8 +54,8 @@ class CompilationManager:
     def key_for(self, spec: ConstraintSpec) -> str:
         return cache_key(self.vocabulary.digest, spec.key)
 
-    def get(self, spec: ConstraintSpec) -> Future:
-        """Future[CompiledIndex]; its exception is a ConstraintError or CompileFailed."""
+    def get(self, spec: ConstraintSpec) -> IndexFuture:
+        """The index, or its exception: a ConstraintError or CompileFailed."""
         key = self.key_for(spec)
         if self.metrics:
             self.metrics.requests.inc()
@@ -61,14 +70,15 @@ class CompilationManager:
                 if self.metrics:
                     self.metrics.deduplicated.inc()
                 return future
-            future = self._inflight[key] = Future()
+            future = self._inflight[key] = IndexFuture()
         self._lookups.submit(self._resolve, key, spec, future)
         return future
 
-    def _resolve(self, key: str, spec: ConstraintSpec, future: Future) -> None:
+    def _resolve(self, key: str, spec: ConstraintSpec, future: IndexFuture) -> None:
         try:
             item, _ = self.cache.get(key)
             if item is None:
+                future.looked_up.set()
                 item = self._compile(key, spec)
             future.set_result(item)
         except (ConstraintError, CompileFailed) as e:
@@ -78,6 +88,7 @@ class CompilationManager:
             logger.exception("constraint lookup failed")
             future.set_exception(CompileFailed(f"compiling the constraint failed: {e}", "crash"))
         finally:
+            future.looked_up.set()
             with self._lock:
                 self._inflight.pop(key, None)
 
@@ -133,8 +144,9 @@ def _remember(bounded: OrderedDict, key: str, value) -> None:
         bounded.popitem(last=False)
 
 
-def _done(result=None, exception: Exception | None = None) -> Future:
-    future: Future = Future()
+def _done(result=None, exception: Exception | None = None) -> IndexFuture:
+    future = IndexFuture()
+    future.looked_up.set()
     if exception is not None:
         future.set_exception(exception)
     else:

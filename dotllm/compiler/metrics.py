@@ -40,7 +40,8 @@ class CompileMetrics:
         self.served_by_llguidance = Counter(
             "dotllm_constraint_llguidance",
             "Requests served by llguidance because outlines-core could not: grammar, "
-            "structural_tag, keywords, invalid, timeout, too_large, crash.", ["reason"],
+            "structural_tag, keywords, invalid, timeout, too_large, crash; or configured "
+            "(--dotllm-constraint-engine llguidance).", ["reason"],
             **kwargs)
         self.tier_start = Counter(
             "dotllm_constraint_tier_start", "Requests by the engine they started on: index "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import llguidance
@@ -35,7 +35,8 @@ from dotllm.vllm_ext.constraints import spec_from_params
 
 logger = logging.getLogger(__name__)
 # A warm disk lookup takes < 1 ms (bench/RESULTS.md): waiting this long for one costs
-# nothing, and the request starts on the index instead of handing over later.
+# little, and the request starts on the index instead of handing over later. A miss
+# ends the wait at once.
 _WARM_LOOKUP_S = 0.005
 _CORRUPT = "the cached compiled constraint is corrupt and was dropped; retrying recompiles it"
 
@@ -109,30 +110,33 @@ class DotllmBackend(StructuredOutputBackend):
         self.metrics = CompileMetrics()
         self.manager = CompilationManager(self.vocabulary, cache, pool, self.metrics)
         self._ll_tokenizer = llguidance_tokenizer(self.tokenizer, self.vocab_size)
+        self._eos = self.vocabulary.eos_token_id
         logger.info("DotLLM structured outputs: %d compile workers, cache %s",
                     s.workers, cache.disk.directory if cache.disk else "memory only")
 
     def compile_spec(self, spec: ConstraintSpec) -> DotllmGrammar:
         """The request's guide (runs in vLLM's grammar thread pool, returns at once unless
-        only the index can serve it):
+        only the index can serve it, or the engine setting says to wait for it):
 
         - the index, when it is ready (cached) or arrives within a warm disk lookup;
         - llguidance alone, for what outlines-core cannot serve (refused, or failed);
         - llguidance first, then the index at a step boundary (`TieredGuide`), while the
           pool compiles it.
         """
-        eos = self.vocabulary.eos_token_id
+        engine = self.settings.constraint_engine
         refusal, reason = spec.outlines_refusal(), spec.outlines_refusal_reason
+        if engine == "llguidance":
+            refusal, reason = llguidance_grammar.OUTLINES_OFF, "configured"
         if refusal is None:
             index = self.manager.get(spec)
-            wait([index], timeout=_WARM_LOOKUP_S)
-            if not index.done():
+            if engine == "tiered" and not (
+                    index.looked_up.wait(_WARM_LOOKUP_S) and index.done()):
                 try:
-                    first = LLGuidanceGuide(self._matcher(spec), eos)
+                    first = self._llguidance_guide(spec)
                 except ConstraintError as not_llguidance:  # only the index can serve it
                     return self._indexed(index, not_llguidance)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
-                return DotllmGrammar(TieredGuide(first, index, eos, self._handed_over,
+                return DotllmGrammar(TieredGuide(first, index, self._eos, self._handed_over,
                                                  self._count_tokens))
             try:
                 return self._indexed(index)
@@ -140,8 +144,10 @@ class DotllmBackend(StructuredOutputBackend):
                 refusal, reason = str(e), e.kind
             except ConstraintError as e:
                 refusal, reason = str(e), "invalid"
+        if engine == "outlines":
+            raise ConstraintError(refusal)
         try:
-            guide = LLGuidanceGuide(self._matcher(spec), eos)
+            guide = self._llguidance_guide(spec)
         except ConstraintError as e:
             raise ConstraintError(f"{refusal}; {e}") from None
         self.metrics.served_by_llguidance.labels(reason=reason).inc()
@@ -158,7 +164,7 @@ class DotllmBackend(StructuredOutputBackend):
                 raise
             raise ConstraintError(f"{e}; {not_llguidance}") from None
         self.metrics.tier_start.labels(tier="index").inc()
-        return DotllmGrammar(Guide(compiled, self.vocabulary.eos_token_id))
+        return DotllmGrammar(Guide(compiled, self._eos))
 
     def _handed_over(self, outcome: str) -> None:
         self.metrics.tier_handover.labels(outcome=outcome).inc()
@@ -166,13 +172,13 @@ class DotllmBackend(StructuredOutputBackend):
     def _count_tokens(self, tier: str, count: int) -> None:
         self.metrics.tier_tokens.labels(tier=tier).inc(count)
 
-    def _matcher(self, spec: ConstraintSpec) -> llguidance.LLMatcher:
+    def _llguidance_guide(self, spec: ConstraintSpec) -> LLGuidanceGuide:
         grammar = llguidance_grammar.grammar_for(spec)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
         if matcher.is_error():
             raise ConstraintError(
                 f"llguidance cannot either: {llguidance_grammar.short(matcher.get_error())}")
-        return matcher
+        return LLGuidanceGuide(matcher, self._eos)
 
     def compile_grammar(self, request_type: StructuredOutputOptions,
                         grammar_spec: str) -> DotllmGrammar:

@@ -19,16 +19,23 @@ NAME = "request_validation"
 def _validate_structured_outputs(self, model_config, structured_outputs_config, tokenizer):
     from dotllm.compiler import llguidance_grammar
     from dotllm.compiler.spec import ConstraintError
+    from dotllm.settings import Settings
     from dotllm.vllm_ext.constraints import spec_from_params
 
     if structured_outputs_config is None or self.structured_outputs is None:
         return
     if tokenizer is None:
         raise ValueError("structured outputs need a tokenizer (not with --skip-tokenizer-init)")
+    engine = Settings.from_environ().constraint_engine
     try:
         spec = spec_from_params(self.structured_outputs)
         spec.check()
-        if (refusal := spec.outlines_refusal()) is not None:
+        refusal = spec.outlines_refusal()
+        if engine == "llguidance":
+            refusal = llguidance_grammar.OUTLINES_OFF
+        if refusal is not None and engine == "outlines":
+            raise ConstraintError(refusal)
+        if refusal is not None:
             llguidance_grammar.check(spec, refusal)
     except ConstraintError as e:
         raise ValueError(f"Invalid structured output: {e}") from None
