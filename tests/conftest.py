@@ -163,6 +163,20 @@ def tokenizer(embedded_model):
 
 
 @pytest.fixture(scope="session")
+def backend(tokenizer, vocabulary, tmp_path_factory):
+    """DotLLM's vLLM backend in this process (one per process: its metrics are global)."""
+    from dotllm.settings import Settings
+    from dotllm.vllm_ext.backend import DotllmBackend
+
+    settings = Settings(compile_workers=2, compile_timeout=10,
+                        index_cache_dir=str(tmp_path_factory.mktemp("backend-indexes")))
+    backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
+                            settings=settings)
+    yield backend
+    backend.destroy()
+
+
+@pytest.fixture(scope="session")
 def vocabulary(tokenizer):
     from dotllm.compiler.vocabulary import Vocabulary
 

@@ -11,15 +11,6 @@ from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 from dotllm.compiler.spec import ConstraintError
 from dotllm.llguidance_guide import LLGuidanceGuide
 from dotllm.settings import Settings
-from dotllm.vllm_ext.backend import DotllmBackend
-
-
-@pytest.fixture(scope="module")
-def backend(tokenizer, vocabulary):
-    backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
-                            settings=Settings(compile_workers=1, index_cache_dir="off"))
-    yield backend
-    backend.destroy()
 
 
 def test_choice_key_compiles_and_guides(backend, tokenizer):

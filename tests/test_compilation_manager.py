@@ -145,3 +145,10 @@ def test_a_miss_is_known_before_its_compile_ends(make_manager):
     assert again.done() and again.looked_up.is_set()
     remembered = manager.get(EXPLODING)
     assert remembered.done() and remembered.looked_up.is_set()
+
+
+def test_compile_workers_yield_the_cpu_to_the_engine(make_manager):
+    manager = make_manager(workers=1)
+    manager.get(QUICK).result(timeout=120)
+    [worker] = workers_of(psutil.Process().pid)
+    assert worker.nice() >= psutil.Process().nice() + 10 or worker.nice() == 19

@@ -13,6 +13,7 @@ import json
 import jsonschema
 import pytest
 
+from bench import tier_coverage
 from bench.compile_coverage import report, run
 from bench.jsonschemabench import DATA_DIR, SUBSETS, in_schema_order, load
 
@@ -49,6 +50,29 @@ def test_every_schema_compiles_or_is_refused_clearly(tokenizer, vocabulary, tmp_
     valid = sum(o.valid_total for o in compiled)
     accepted = sum(o.valid_accepted for o in compiled)
     assert accepted >= 0.75 * valid, (accepted, valid)
+
+
+def test_tiers_serve_at_least_what_either_engine_serves(backend, tokenizer):
+    """Every schema is served (by the index, llguidance, or llguidance then the index) or
+    refused with both engines' reasons; what is served accepts no invalid instance."""
+    cache_dir = backend.settings.disk_dir(None)
+    outcomes = []
+    for subset in SUBSETS:
+        subset_outcomes = tier_coverage.run(load(subset, sample=SAMPLE, seed=1), backend,
+                                            tokenizer, 2, TIMEOUT_S, cache_dir)
+        print(json.dumps(tier_coverage.report(subset, subset_outcomes)))
+        outcomes += subset_outcomes
+    for o in outcomes:
+        assert o.tier or not (o.outlines or o.llguidance), o.case.id
+        assert o.tier or ("; llguidance cannot either" in o.reason and len(o.reason) < 2000)
+        assert not o.unsound, (o.case.id, o.unsound)
+        if o.tier == "index":
+            assert o.outlines
+    served = sum(o.tier is not None for o in outcomes)
+    assert served >= max(sum(o.outlines for o in outcomes), sum(o.llguidance for o in outcomes))
+    assert {o.tier for o in outcomes} >= {"index", "llguidance"}
+    valid = sum(o.valid_total for o in outcomes if o.tier)
+    assert sum(o.valid_accepted for o in outcomes if o.tier) >= 0.75 * valid
 
 
 def test_instances_are_written_in_schema_order():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import threading
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from dotllm.compiler.compiled import CompiledIndex
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
+
+_WORKER_NICENESS = 10  # added to the compile workers' scheduling niceness
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ def _cap_address_space(extra_bytes: int) -> None:
 
 
 def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
+    # Compiles are background work (requests decode on llguidance meanwhile): on a busy
+    # host the engine's own threads, which every running request waits on, go first.
+    os.nice(_WORKER_NICENESS)
     vocabulary: Vocabulary = pickle.loads(vocabulary_blob)
     if limits.max_worker_memory_bytes:
         _cap_address_space(limits.max_worker_memory_bytes)
