@@ -55,6 +55,12 @@ class Guide:
 
     def accept_tokens(self, tokens: list[int]) -> bool:
         """Advance through all of `tokens`, or through none of them and return False."""
+        if len(tokens) == 1 and not self._terminated:  # a decode step: the common case
+            if (state := self._next(self._states[-1], tokens[0])) is None:
+                return False
+            self._states.append(state)
+            self._terminated = tokens[0] == self._eos
+            return True
         states, terminated = self._walk(tokens)
         if len(states) != len(tokens):
             return False
@@ -83,7 +89,10 @@ class Guide:
         if self._terminated:
             out.fill(-1)
             return
-        row = self._compiled.mask_row(self.state)
-        n = min(len(row), len(out))
+        row = self._compiled.mask_row(self._states[-1])
+        if len(row) == len(out):
+            out[:] = row
+            return
+        n = min(len(row), len(out))  # a bitmask wider or narrower than the vocabulary
         out[:n] = row[:n]
         out[n:] = 0
