@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUBSETS = ("Github_trivial", "Github_easy", "Glaiveai2K", "Snowplow")
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
+# ../shared/data beside the repository; elsewhere (a GPU machine) a copy named by the variable.
+DATA_DIR = Path(os.environ.get(
+    "JSONSCHEMABENCH_DIR",
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"))
 
 
 @dataclass

@@ -6,8 +6,10 @@ engine alone vs stock vLLM (xgrammar), on real-world schemas (JSONSchemaBench).
 Each engine gets a fresh server on the embedded model (a fresh index cache: cold). Each
 unique schema is sent once (cold: nothing compiled yet), then, once the server's compiles
 have finished, once more (warm); unconstrained requests on the same server give the
-baseline. Requests are sequential streams, so the TTFT is the constraint's own cost plus a
-prefill and a step. A schema an engine refuses (HTTP 400) is counted, not timed.
+baseline. First one request at a time (streams: the TTFT is the constraint's own cost plus
+a prefill and a step), then in batches of as many requests at once, on other schemas
+(tokens/s: the batch's tokens over its wall time). A schema an engine refuses (HTTP 400)
+is counted, not timed.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jsonschema
 import openai
+import torch
 
 from bench.jsonschemabench import load, parser
 from dotllm.embedded_model import NAME
@@ -42,11 +46,15 @@ class Timing:
 
 
 @dataclass
+class Phase:
+    timings: list[Timing]
+    wall_s: float | None = None  # a batch: all its requests sent at once
+
+
+@dataclass
 class EngineRun:
     engine: str
-    baseline: list[Timing] = field(default_factory=list)
-    cold: list[Timing] = field(default_factory=list)
-    warm: list[Timing] = field(default_factory=list)
+    phases: dict[str, Phase] = field(default_factory=dict)
 
 
 def start(engine: str, workdir: Path, timeout: float) -> Server:
@@ -57,8 +65,9 @@ def start(engine: str, workdir: Path, timeout: float) -> Server:
         env = {k: v for k, v in os.environ.items() if k != "DOTLLM_SERVE"}
         env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2")
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-               str(embedded_model.build()), "--served-model-name", NAME, "--dtype", "float32",
-               "--port", str(port)]
+               str(embedded_model.build()), "--served-model-name", NAME, "--port", str(port)]
+        if not torch.cuda.is_available():
+            cmd += ["--dtype", "float32"]  # what `dotllm serve` picks on CPU
         return start_server(cmd, port, log, env=env)
     cmd = [str(DOTLLM), "serve", "--port", str(port), "--dotllm-constraint-engine", engine,
            "--dotllm-index-cache-dir", str(workdir / f"{engine}-indexes"),
@@ -105,24 +114,47 @@ def request(client: openai.OpenAI, schema: dict | None, max_tokens: int) -> Timi
     return Timing("ok", first - started, usage.completion_tokens, last - first, valid)
 
 
-def run_engine(engine: str, schemas: list[dict], max_tokens: int, timeout: float,
-               workdir: Path) -> EngineRun:
+def batch(client: openai.OpenAI, schemas: list, max_tokens: int) -> Phase:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(schemas)) as pool:
+        timings = list(pool.map(lambda schema: request(client, schema, max_tokens), schemas))
+    return Phase(timings, time.perf_counter() - started)
+
+
+def run_engine(engine: str, schemas: list[dict], batch_schemas: list[dict], max_tokens: int,
+               timeout: float, workdir: Path) -> EngineRun:
+    """One after another: unconstrained and cold requests alternate, then warm ones; then
+    in batches (all at once): unconstrained, cold (other schemas), warm."""
     server = start(engine, workdir, timeout)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
                            timeout=max(600.0, 4 * timeout))
-    result = EngineRun(engine)
+    run = EngineRun(engine)
+
+    def compiles_done(count: int) -> None:
+        if engine != "stock":
+            server.wait_for_compiles(timeout_s=count * timeout + 60)
+            # The first request after the engine idled costs ~300 ms more on CPU, with or
+            # without a constraint: not what the next phase measures.
+            request(client, None, max_tokens)
+
     try:
         for _ in range(3):  # warm-up: the first requests of a server are slower
             request(client, None, max_tokens)
+        unconstrained, cold = Phase([]), Phase([])
         for schema in schemas:
-            result.baseline.append(request(client, None, max_tokens))
-            result.cold.append(request(client, schema, max_tokens))
-        if engine != "stock":
-            server.wait_for_compiles(timeout_s=len(schemas) * timeout + 60)
-        result.warm = [request(client, schema, max_tokens) for schema in schemas]
+            unconstrained.timings.append(request(client, None, max_tokens))
+            cold.timings.append(request(client, schema, max_tokens))
+        run.phases.update(unconstrained=unconstrained, cold=cold)
+        compiles_done(len(schemas))
+        run.phases["warm"] = Phase([request(client, schema, max_tokens) for schema in schemas])
+        run.phases["batch unconstrained"] = batch(client, [None] * len(batch_schemas),
+                                                  max_tokens)
+        run.phases["batch cold"] = batch(client, batch_schemas, max_tokens)
+        compiles_done(len(batch_schemas))
+        run.phases["batch warm"] = batch(client, batch_schemas, max_tokens)
     finally:
         stop_server(server)
-    return result
+    return run
 
 
 def _ms(values: list[float], q: float) -> str:
@@ -133,27 +165,31 @@ def _ms(values: list[float], q: float) -> str:
 
 
 def summary(run: EngineRun) -> list[dict]:
-    base = [t.ttft_s for t in run.baseline if t.status == "ok"]
-    base_p50 = statistics.median(base)
+    """TTFT over the sequential unconstrained median; tokens/s: a sequential request's
+    decode rate, or a batch's tokens over its wall time."""
+    base_p50 = statistics.median(
+        t.ttft_s for t in run.phases["unconstrained"].timings if t.status == "ok")
     rows = []
-    for phase, timings in (("unconstrained", run.baseline), ("cold", run.cold),
-                           ("warm", run.warm)):
-        ok = [t for t in timings if t.status == "ok"]
+    for name, phase in run.phases.items():
+        ok = [t for t in phase.timings if t.status == "ok"]
         ttft = [t.ttft_s for t in ok]
         over = [x - base_p50 for x in ttft]
-        decode = [t for t in ok if t.tokens > 1 and t.decode_s > 0]
-        tokens_s = (sum(t.tokens - 1 for t in decode) / sum(t.decode_s for t in decode)
-                    if decode else 0.0)
+        if phase.wall_s is not None:
+            tokens_s = sum(t.tokens for t in ok) / phase.wall_s
+        else:
+            decode = [t for t in ok if t.tokens > 1 and t.decode_s > 0]
+            tokens_s = (sum(t.tokens - 1 for t in decode) / sum(t.decode_s for t in decode)
+                        if decode else 0.0)
         finished = [t.valid for t in ok if t.valid is not None]
         rows.append({
-            "engine": run.engine, "phase": phase, "answered": f"{len(ok)}/{len(timings)}",
-            "refused": sum(t.status == "400" for t in timings),
-            "errors": sum(t.status == "error" for t in timings),
+            "engine": run.engine, "phase": name, "answered": f"{len(ok)}/{len(phase.timings)}",
+            "refused": sum(t.status == "400" for t in phase.timings),
+            "errors": sum(t.status == "error" for t in phase.timings),
             "ttft_p50_ms": _ms(ttft, 0.5), "ttft_p90_ms": _ms(ttft, 0.9),
             "over_unconstrained_p50_ms": _ms(over, 0.5),
             "over_unconstrained_p90_ms": _ms(over, 0.9),
             "tokens_per_s": round(tokens_s, 1),
-            "valid": f"{sum(finished)}/{len(finished)}" if phase != "unconstrained" else "-",
+            "valid": f"{sum(finished)}/{len(finished)}" if "unconstrained" not in name else "-",
         })
     return rows
 
@@ -177,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--json", type=Path, help="also write every row here")
     args = p.parse_args(argv)
-    schemas = [case.schema for subset in args.subsets
-               for case in load(subset, sample=args.sample or None)]
+    def sample(seed: int) -> list[dict]:
+        return [case.schema for subset in args.subsets
+                for case in load(subset, sample=args.sample or None, seed=seed)]
+
+    schemas, batch_schemas = sample(0), sample(1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dotllm-tiers-bench-") as workdir:
         for engine in args.engines:
-            run = run_engine(engine, schemas, args.max_tokens, args.timeout, Path(workdir))
+            run = run_engine(engine, schemas, batch_schemas, args.max_tokens, args.timeout,
+                             Path(workdir))
             rows += summary(run)
-            print(json.dumps(rows[-3:]), flush=True)
+            print(json.dumps(rows[-len(run.phases):]), flush=True)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
