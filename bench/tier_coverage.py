@@ -9,7 +9,8 @@ guide for once the compiles are over (a request that came earlier started on llg
 or waited for the index where llguidance could not serve it). Each served schema's guide
 is checked against the schema's instances: an invalid instance may only be accepted for
 a `format` violation, which JSON Schema treats as an annotation, or for matching several
-`oneOf` branches: neither engine (nor xgrammar) enforces that only one matches.
+`oneOf` branches: outlines-core (like xgrammar) reads `oneOf` as `anyOf` (llguidance
+refuses a `oneOf` whose branches it cannot tell apart).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _valid(value, schema) -> bool:
 
 
 def _one_of_as_any_of(schema):
-    """How both engines (and xgrammar) read `oneOf`: a value matching several branches is
+    """How outlines-core (and xgrammar) read `oneOf`: a value matching several branches is
     not refused."""
     if isinstance(schema, list):
         return [_one_of_as_any_of(s) for s in schema]
