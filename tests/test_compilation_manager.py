@@ -18,9 +18,21 @@ EXPLODING = ConstraintSpec.regex("[ab]*a[ab]{22}")
 QUICK = ConstraintSpec.regex("[0-9]{1,3}")
 
 
-def workers_of(pool_owner_pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(pool_owner_pid).children()
-            if "spawn_main" in " ".join(p.cmdline())]
+def compile_workers() -> set[int]:
+    """This process's compile workers (other fixtures' pools included)."""
+    return {p.pid for p in psutil.Process().children()
+            if "spawn_main" in " ".join(p.cmdline())}
+
+
+@pytest.fixture
+def new_worker():
+    """The one compile worker a test's pool started."""
+    before = compile_workers()
+
+    def new_worker() -> psutil.Process:
+        [pid] = compile_workers() - before
+        return psutil.Process(pid)
+    return new_worker
 
 
 @pytest.fixture
@@ -90,13 +102,11 @@ def test_timeout_kills_the_worker_and_the_pool_recovers(make_manager):
     assert manager.stats["compiles"] == 2
 
 
-def test_a_worker_that_dies_fails_only_its_own_compile(make_manager):
-    import os
-
+def test_a_worker_that_dies_fails_only_its_own_compile(make_manager, new_worker):
     manager = make_manager(workers=1, timeout_s=120)
     manager.get(QUICK).result(timeout=120)  # the worker is up
     doomed = manager.get(EXPLODING)
-    [worker] = workers_of(os.getpid())
+    worker = new_worker()
     threading.Timer(1.0, worker.kill).start()  # as outlines-core aborting on a panic would
     with pytest.raises(CompileFailed, match="worker died") as info:
         doomed.result(timeout=60)
@@ -147,8 +157,8 @@ def test_a_miss_is_known_before_its_compile_ends(make_manager):
     assert remembered.done() and remembered.looked_up.is_set()
 
 
-def test_compile_workers_yield_the_cpu_to_the_engine(make_manager):
+def test_compile_workers_yield_the_cpu_to_the_engine(make_manager, new_worker):
     manager = make_manager(workers=1)
     manager.get(QUICK).result(timeout=120)
-    [worker] = workers_of(psutil.Process().pid)
+    worker = new_worker()
     assert worker.nice() >= psutil.Process().nice() + 10 or worker.nice() == 19
