@@ -88,7 +88,7 @@ def run(cases: list[Case], backend, tokenizer, workers: int, timeout: float,
                 outcome.valid_accepted += ok
             elif ok and not _valid(test["data"], case.schema):
                 target = outcome.unsound
-                if _valid(test["data"], _one_of_as_any_of(case.schema)):
+                if _valid(test["data"], one_of_as_any_of(case.schema)):
                     target = outcome.one_of_overlaps
                 target.append(text)
     return outcomes
@@ -102,15 +102,15 @@ def _valid(value, schema) -> bool:
         return False
 
 
-def _one_of_as_any_of(schema):
+def one_of_as_any_of(schema):
     """How outlines-core (and xgrammar) read `oneOf`: a value matching several branches is
     not refused."""
     if isinstance(schema, list):
-        return [_one_of_as_any_of(s) for s in schema]
+        return [one_of_as_any_of(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     return {"anyOf" if k == "oneOf" else k: v if k in ("enum", "const") else
-            _one_of_as_any_of(v) for k, v in schema.items()}
+            one_of_as_any_of(v) for k, v in schema.items()}
 
 
 def report(subset: str, outcomes: list[TierOutcome]) -> dict:

@@ -21,6 +21,7 @@ class Guide:
         self._terminated = False
 
     error: str | None = None  # an index never gives up mid-request (LLGuidanceGuide can)
+    tier = "index"  # the engine serving it, for metrics
 
     @property
     def state(self) -> int:

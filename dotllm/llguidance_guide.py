@@ -13,6 +13,8 @@ import numpy as np
 
 
 class LLGuidanceGuide:
+    tier = "llguidance"  # the engine serving it, for metrics
+
     def __init__(self, matcher: llguidance.LLMatcher, eos_token_id: int):
         self._matcher = matcher
         self._eos = eos_token_id

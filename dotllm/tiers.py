@@ -26,22 +26,20 @@ class TieredGuide:
     """`Guide`'s interface: llguidance until `index` is ready, then the index if it agrees.
 
     `on_handover` hears once how it went: "switched", "mismatch", or why the index never
-    came ("timeout", "too_large", "crash", "invalid"). `on_tokens(tier, n)` counts tokens.
+    came ("timeout", "too_large", "crash", "invalid").
     """
 
     def __init__(self, first: LLGuidanceGuide, index: Future, eos_token_id: int,
-                 on_handover: Callable[[str], None],
-                 on_tokens: Callable[[str, int], None] | None = None):
+                 on_handover: Callable[[str], None]):
         self._current: LLGuidanceGuide | Guide = first
         self._index: Future | None = index
         self._eos = eos_token_id
         self._accepted: list[int] = []  # replayed through the index when it arrives
         self._on_handover = on_handover
-        self._on_tokens = on_tokens or (lambda tier, n: None)
 
     @property
     def tier(self) -> str:
-        return "index" if isinstance(self._current, Guide) else "llguidance"
+        return self._current.tier
 
     def _hand_over_if_ready(self) -> None:
         if self._index is None or not self._index.done() or self._current.is_terminated():
@@ -66,7 +64,6 @@ class TieredGuide:
             return False
         if self._index is not None:
             self._accepted.extend(tokens)
-        self._on_tokens(self.tier, len(tokens))
         return True
 
     def validate_tokens(self, tokens: list[int]) -> list[int]:

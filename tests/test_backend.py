@@ -9,6 +9,7 @@ import pytest
 from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
 from dotllm.compiler.spec import ConstraintError
+from dotllm.guide import Guide
 from dotllm.llguidance_guide import LLGuidanceGuide
 from dotllm.settings import Settings
 
@@ -82,7 +83,6 @@ def test_what_neither_engine_serves_names_both_reasons(backend):
 def test_a_corrupt_block_ends_the_request_with_its_reason(tokenizer, vocabulary):
     """vLLM's scheduler ends a request whose tokens are refused; the engine keeps going."""
     from dotllm.compiler.compiled import CompiledIndex
-    from dotllm.guide import Guide
     from dotllm.vllm_ext import compile_errors
     from dotllm.vllm_ext.backend import DotllmGrammar
 
@@ -104,7 +104,6 @@ def test_a_corrupt_block_ends_the_request_with_its_reason(tokenizer, vocabulary)
 def test_one_engine_alone(backend, tokenizer, monkeypatch, engine):
     """`--dotllm-constraint-engine`: outlines waits for each index and refuses what
     outlines-core cannot serve; llguidance never compiles."""
-    from dotllm.guide import Guide
 
     monkeypatch.setattr(backend, "settings", Settings(constraint_engine=engine))
     compiles = backend.metrics.compiles._value.get()
@@ -120,3 +119,23 @@ def test_one_engine_alone(backend, tokenizer, monkeypatch, engine):
         grammar = backend.compile_grammar(StructuredOutputOptions.JSON, keywords)
         assert isinstance(grammar.guide, LLGuidanceGuide)
     assert backend.metrics.compiles._value.get() - compiles == (engine == "outlines")
+
+
+def test_tokens_are_counted_by_tier_in_batches(backend, tokenizer):
+    """Every request's tokens reach dotllm_constraint_tier_tokens_total{tier}, not one
+    metric write a token: at the end of the request, or when its grammar goes."""
+    def counted(tier):
+        return backend.metrics.tier_tokens.labels(tier=tier)._value.get()
+
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    index_before, ll_before = counted("index"), counted("llguidance")
+    grammar = backend.compile_grammar(StructuredOutputOptions.CHOICE, '["yes", "no"]')
+    assert isinstance(grammar.guide, Guide)  # compiled by the first test
+    assert grammar.accept_tokens("r", yes)
+    assert counted("index") == index_before  # not yet
+    assert grammar.accept_tokens("r", [tokenizer.eos_token_id])
+    assert counted("index") == index_before + len(yes) + 1
+    grammar = backend.compile_grammar(StructuredOutputOptions.GRAMMAR, 'start: "yes" | "no"')
+    assert grammar.accept_tokens("r", yes)
+    del grammar  # cut short: max_tokens, or aborted
+    assert counted("llguidance") == ll_before + len(yes)

@@ -42,12 +42,11 @@ def ll_tokenizer(tokenizer, vocabulary):
 @pytest.fixture
 def tiered(spec, ll_tokenizer, vocabulary):
     def make(index: Future):
-        outcomes, tokens = [], {}
+        outcomes = []
         matcher = llguidance.LLMatcher(ll_tokenizer, llguidance_grammar.grammar_for(spec))
         guide = TieredGuide(LLGuidanceGuide(matcher, vocabulary.eos_token_id), index,
-                            vocabulary.eos_token_id, outcomes.append,
-                            lambda tier, n: tokens.__setitem__(tier, tokens.get(tier, 0) + n))
-        return guide, outcomes, tokens
+                            vocabulary.eos_token_id, outcomes.append)
+        return guide, outcomes
     return make
 
 
@@ -58,7 +57,7 @@ def encode(tokenizer, text):
 def test_switches_to_the_index_mid_document_with_the_same_masks(
         tiered, compiled, tokenizer, vocabulary):
     index: Future = Future()
-    guide, outcomes, tokens = tiered(index)
+    guide, outcomes = tiered(index)
     assert guide.accept_tokens(encode(tokenizer, '{"name": "Ad'))
     assert guide.tier == "llguidance"
     index.set_result(compiled)  # the pool finished
@@ -73,12 +72,11 @@ def test_switches_to_the_index_mid_document_with_the_same_masks(
     assert np.array_equal(got, want)
     assert guide.accept_tokens(encode(tokenizer, "2}") + [vocabulary.eos_token_id])
     assert guide.is_terminated()
-    assert set(tokens) == {"llguidance", "index"}
 
 
 def test_rollback_before_the_switch_is_not_replayed(tiered, compiled, tokenizer):
     index: Future = Future()
-    guide, outcomes, _ = tiered(index)
+    guide, outcomes = tiered(index)
     assert guide.accept_tokens(encode(tokenizer, '{"name": "Bob'))
     draft = encode(tokenizer, '", "n"')
     assert guide.accept_tokens(draft)
@@ -93,7 +91,7 @@ def test_an_index_that_disagrees_leaves_the_request_on_llguidance(
     other = CompiledIndex.build("[0-9]+", vocabulary.inner, vocabulary.size,
                                 vocabulary.eos_token_id)
     index: Future = Future()
-    guide, outcomes, _ = tiered(index)
+    guide, outcomes = tiered(index)
     assert guide.accept_tokens(encode(tokenizer, '{"name'))
     index.set_result(other)
     assert guide.accept_tokens(encode(tokenizer, '": "x'))
@@ -102,7 +100,7 @@ def test_an_index_that_disagrees_leaves_the_request_on_llguidance(
 
 def test_a_failed_compile_leaves_the_request_on_llguidance(tiered, tokenizer):
     index: Future = Future()
-    guide, outcomes, _ = tiered(index)
+    guide, outcomes = tiered(index)
     index.set_exception(CompileFailed("took longer than 60 s", "timeout"))
     assert guide.accept_tokens(encode(tokenizer, '{"name": "x", "n": 1}'))
     assert guide.tier == "llguidance" and outcomes == ["timeout"]

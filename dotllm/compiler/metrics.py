@@ -52,8 +52,9 @@ class CompileMetrics:
             "switched, mismatch (stayed), or the compile's failure.", ["outcome"], **kwargs)
         self.tier_tokens = Counter(
             "dotllm_constraint_tier_tokens",
-            "Tokens accepted by requests that started on llguidance, by the tier that "
-            "guided them.", ["tier"], **kwargs)
+            "Tokens accepted by constrained requests, by the engine that guided them: index "
+            "or llguidance (added every 256 tokens and when a request ends).", ["tier"],
+            **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 # little, and the request starts on the index instead of handing over later. A miss
 # ends the wait at once.
 _WARM_LOOKUP_S = 0.005
+_COUNT_EVERY = 256  # tokens a request accepts before they are added to the metric
 _CORRUPT = "the cached compiled constraint is corrupt and was dropped; retrying recompiles it"
 
 
@@ -55,8 +57,13 @@ def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
 
 
 class DotllmGrammar(StructuredOutputGrammar):
-    def __init__(self, guide: Guide | LLGuidanceGuide | TieredGuide):
+    def __init__(self, guide: Guide | LLGuidanceGuide | TieredGuide,
+                 count_tokens: Callable[[str, int], None] | None = None):
         self.guide = guide
+        # Tokens per tier, reported in batches: a metric write costs about what the index
+        # tier spends on a token.
+        self._count_tokens = count_tokens
+        self._uncounted: dict[str, int] = {}
 
     def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
         # False ends the request with an error (vLLM's scheduler); the engine keeps going.
@@ -68,7 +75,22 @@ class DotllmGrammar(StructuredOutputGrammar):
         if not accepted and (error := self.guide.error):
             compile_errors.record(
                 request_id, f"llguidance gave up on it: {llguidance_grammar.short(error)}")
+        if accepted and self._count_tokens is not None:
+            tier = self.guide.tier
+            self._uncounted[tier] = count = self._uncounted.get(tier, 0) + len(tokens)
+            if count >= _COUNT_EVERY or self.guide.is_terminated():
+                self._report_tokens()
         return accepted
+
+    def _report_tokens(self) -> None:
+        for tier, count in self._uncounted.items():
+            if count:
+                self._count_tokens(tier, count)
+        self._uncounted.clear()
+
+    def __del__(self):  # a request cut short (max_tokens, abort) never reaches EOS
+        if self._count_tokens is not None and self._uncounted:
+            self._report_tokens()
 
     def validate_tokens(self, tokens: list[int]) -> list[int]:
         try:
@@ -136,8 +158,7 @@ class DotllmBackend(StructuredOutputBackend):
                 except ConstraintError as not_llguidance:  # only the index can serve it
                     return self._indexed(index, not_llguidance)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
-                return DotllmGrammar(TieredGuide(first, index, self._eos, self._handed_over,
-                                                 self._count_tokens))
+                return self._grammar(TieredGuide(first, index, self._eos, self._handed_over))
             try:
                 return self._indexed(index)
             except CompileFailed as e:
@@ -152,7 +173,7 @@ class DotllmBackend(StructuredOutputBackend):
             raise ConstraintError(f"{refusal}; {e}") from None
         self.metrics.served_by_llguidance.labels(reason=reason).inc()
         self.metrics.tier_start.labels(tier="llguidance").inc()
-        return DotllmGrammar(guide)
+        return self._grammar(guide)
 
     def _indexed(self, index: Future,
                  not_llguidance: ConstraintError | None = None) -> DotllmGrammar:
@@ -164,10 +185,13 @@ class DotllmBackend(StructuredOutputBackend):
                 raise
             raise ConstraintError(f"{e}; {not_llguidance}") from None
         self.metrics.tier_start.labels(tier="index").inc()
-        return DotllmGrammar(Guide(compiled, self._eos))
+        return self._grammar(Guide(compiled, self._eos))
 
     def _handed_over(self, outcome: str) -> None:
         self.metrics.tier_handover.labels(outcome=outcome).inc()
+
+    def _grammar(self, guide: Guide | LLGuidanceGuide | TieredGuide) -> DotllmGrammar:
+        return DotllmGrammar(guide, self._count_tokens)
 
     def _count_tokens(self, tier: str, count: int) -> None:
         self.metrics.tier_tokens.labels(tier=tier).inc(count)
