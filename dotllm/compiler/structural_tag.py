@@ -112,8 +112,7 @@ class _LarkWriter:
         end = "(" + " | ".join(_literal(e) for e in ends if e) + ")" if any(ends) else ""
         head = _literal(after_begin) + " " if after_begin else ""
         content = tag.get("content")
-        if _kind(content) == "any_text" and end:
-            _check_defaults(content)
+        if _kind(content) == "any_text" and end:  # _kind checked its options
             return head + self.rule(f"{_TEXT} {end}", lazy=True)  # text up to the first end
         return f"{head}{self.expr(content)} {end}".rstrip()
 
