@@ -16,8 +16,13 @@ from outlines_core.json_schema import WHITESPACE as OUTLINES_WHITESPACE
 from dotllm.compiler import structural_tag
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
 
-# Why a constraint outlines-core could serve is not, with `--dotllm-constraint-engine llguidance`.
-OUTLINES_OFF = "outlines-core is off (--dotllm-constraint-engine llguidance)"
+
+def outlines_refusal(spec: ConstraintSpec, engine: str) -> tuple[str | None, str]:
+    """Why outlines-core will not serve `spec` under `--dotllm-constraint-engine` (None
+    if it may), and the metric label; the API server and the engine decide alike."""
+    if engine == "llguidance":
+        return "outlines-core is off (--dotllm-constraint-engine llguidance)", "configured"
+    return spec.outlines_refusal(), spec.outlines_refusal_reason
 
 
 def _json_options(whitespace_pattern: str | None) -> dict:

@@ -146,9 +146,7 @@ class DotllmBackend(StructuredOutputBackend):
           pool compiles it.
         """
         engine = self.settings.constraint_engine
-        refusal, reason = spec.outlines_refusal(), spec.outlines_refusal_reason
-        if engine == "llguidance":
-            refusal, reason = llguidance_grammar.OUTLINES_OFF, "configured"
+        refusal, reason = llguidance_grammar.outlines_refusal(spec, engine)
         if refusal is None:
             index = self.manager.get(spec)
             if engine == "tiered" and not (

@@ -30,9 +30,7 @@ def _validate_structured_outputs(self, model_config, structured_outputs_config, 
     try:
         spec = spec_from_params(self.structured_outputs)
         spec.check()
-        refusal = spec.outlines_refusal()
-        if engine == "llguidance":
-            refusal = llguidance_grammar.OUTLINES_OFF
+        refusal, _ = llguidance_grammar.outlines_refusal(spec, engine)
         if refusal is not None and engine == "outlines":
             raise ConstraintError(refusal)
         if refusal is not None:
