@@ -41,25 +41,29 @@ class TieredGuide:
     def tier(self) -> str:
         return self._current.tier
 
-    def _hand_over_if_ready(self) -> None:
+    def _hand_over_if_ready(self, tokens: list[int]) -> bool:
+        """Move to the index if it is ready and accepts everything so far plus `tokens`
+        (they were drawn from llguidance's mask: the index must allow them too)."""
         if self._index is None or not self._index.done() or self._current.is_terminated():
-            return
+            return False
         future, self._index = self._index, None
         accepted, self._accepted = self._accepted, []
         try:
             compiled = future.result()
         except (CompileFailed, ConstraintError) as e:
             self._on_handover(getattr(e, "kind", "invalid"))
-            return
+            return False
         guide = Guide(compiled, self._eos)
-        if guide.accept_tokens(accepted):
+        if guide.accept_tokens(accepted) and guide.accept_tokens(tokens):
             self._current = guide
             self._on_handover("switched")
-        else:
-            self._on_handover("mismatch")
+            return True
+        self._on_handover("mismatch")
+        return False
 
     def accept_tokens(self, tokens: list[int]) -> bool:
-        self._hand_over_if_ready()
+        if self._hand_over_if_ready(tokens):
+            return True
         if not self._current.accept_tokens(tokens):
             return False
         if self._index is not None:

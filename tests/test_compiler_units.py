@@ -63,7 +63,7 @@ def test_choice_regex_escapes():
     [
         (lambda: ConstraintSpec.json_schema("{not json"), "not valid JSON"),
         (lambda: ConstraintSpec.json_schema("[1, 2]"), "object or a boolean"),
-        (lambda: ConstraintSpec.json_schema({"type": "foo"}).to_regex(), "Unsupported type"),
+        (lambda: ConstraintSpec.json_schema({"type": "foo"}).to_regex(), "not a JSON type"),
         (lambda: ConstraintSpec.regex(""), "non-empty"),
         (lambda: ConstraintSpec.regex("(a").to_regex(), "invalid regex"),
         (lambda: ConstraintSpec.choice([]), "non-empty list"),
@@ -221,35 +221,35 @@ def test_a_damaged_block_is_refused_when_first_needed(vocabulary, tokenizer):
     assert intact.next_state(intact.initial_state, quote) == inside
 
 
-def test_unenforced_keywords_are_refused_with_where_they_are():
-    from dotllm.compiler.schema_support import unenforced_keywords
+def test_what_no_engine_enforces_is_named_with_where_it_is():
+    from dotllm.compiler.enforcement import never_enforced
 
     schema = {
         "type": "object",
         "properties": {
-            "age": {"type": "integer", "minimum": 0},
-            "minimum": {"type": "string"},  # a property *named* like a keyword is fine
+            "age": {"type": "integer", "minimum": 0},  # llguidance enforces it
+            "not": {"type": "string"},  # a property *named* like a keyword is fine
             "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-            "any": {"anyOf": [{"type": "integer"}, {"type": "number", "multipleOf": 2}]},
+            "one": {"type": "array", "uniqueItems": True, "maxItems": 1},  # always unique
+            "site": {"type": "string", "format": "url"},
+            "word": {"type": "string", "pattern": r"\bword"},
         },
         "additionalProperties": False,
         "$defs": {"a/b": {"not": {"type": "null"}}},
-        "enum": [{"maximum": 1}],  # values are data, not schemas
+        "enum": [{"uniqueItems": True}],  # values are data, not schemas
     }
-    assert sorted(unenforced_keywords(schema)) == [
-        ("minimum", "/properties/age"),
-        ("multipleOf", "/properties/any/anyOf/1"),
-        ("not", "/$defs/a~1b"),
-        ("uniqueItems", "/properties/tags"),
-    ]
-    assert list(unenforced_keywords({"type": "object", "additionalProperties": False})) == [
-        ("additionalProperties", "/")]
-    assert not list(unenforced_keywords({"type": "array", "uniqueItems": False}))
-    spec = ConstraintSpec.json_schema(schema)
-    assert "does not enforce: minimum at /properties/age" in spec.outlines_refusal()
-    assert spec.outlines_refusal_reason == "keywords"
-    with pytest.raises(ConstraintError, match="does not enforce: minimum at /properties/age"):
-        spec.to_regex()
+    assert [str(u) for u in never_enforced(schema)] == [
+        "uniqueItems at /properties/tags", "format at /properties/site",
+        "pattern at /properties/word", "not at /$defs/a~1b"]
+    assert not never_enforced({"type": "array", "uniqueItems": False})
+    with pytest.raises(ConstraintError, match="no engine here enforces: uniqueItems at "
+                                              "/properties/tags, format at"):
+        ConstraintSpec.json_schema(schema).check()
+    minimum = ConstraintSpec.json_schema({"properties": {"age": {"minimum": 0}}})
+    assert minimum.outlines_refusal().endswith("exactly: minimum at /properties/age")
+    assert minimum.outlines_refusal_reason == "keywords"
+    with pytest.raises(ConstraintError, match="exactly: minimum at /properties/age"):
+        minimum.to_regex()
     assert ConstraintSpec.json_schema({"type": "integer"}).outlines_refusal() is None
     assert "does not compile grammar" in ConstraintSpec.grammar('start: "a"').outlines_refusal()
 
@@ -270,6 +270,10 @@ def test_check_never_builds_the_regex(monkeypatch):
             for i in range(8)}}
     schema["properties"] = {"root": {"$ref": "#/$defs/l5"}}
     spec = ConstraintSpec.json_schema(schema)
-    spec.check()  # to_regex would expand 8**6 leaves
+    spec.check()  # to_regex would expand 8**6 leaves: rewriting stops at its budget
+    assert "once its $refs are expanded" in spec.outlines_refusal()
+    small = ConstraintSpec.json_schema({"properties": {"a": {"$ref": "#/$defs/x"}},
+                                        "$defs": {"x": {"type": "string"}}})
+    small.check()
     with pytest.raises(AssertionError, match="built the regex"):
-        spec.to_regex()
+        small.to_regex()

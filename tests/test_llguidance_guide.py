@@ -95,11 +95,33 @@ def test_objects_are_closed_as_outlines_core_closes_them():
         "b": {"type": "string"}}, "additionalProperties": True},
         "properties": {"type": "string"}},  # a property of that name
         "enum": [{"properties": 1}], "$defs": {"x": {"properties": {}}}}
-    closed = llguidance_grammar.closed_objects(schema)
+    closed = llguidance_grammar.for_llguidance(schema)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["a"]["additionalProperties"] is False
-    assert closed["$defs"]["x"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["$defs"]["x"]  # may be an allOf branch
     assert closed["enum"] == [{"properties": 1}]  # data, not a schema
     assert closed["properties"]["properties"] == {"type": "string"}
     assert "additionalProperties" not in closed["properties"]
     assert "additionalProperties" not in schema  # the request's schema is left alone
+
+
+def test_required_names_are_declared_before_objects_are_closed():
+    """JSON Schema: a required name `properties` does not declare must be present, with
+    any value `additionalProperties` allows; closing the object must not forbid it."""
+    closed = llguidance_grammar.for_llguidance(
+        {"type": "object", "properties": {}, "required": ["top"]})
+    assert closed["properties"] == {"top": {}} and closed["additionalProperties"] is False
+    typed = llguidance_grammar.for_llguidance({"properties": {"a": {}}, "required": ["b"],
+                                               "additionalProperties": {"type": "integer"}})
+    assert typed["properties"]["b"] == {"type": "integer"}
+
+
+def test_patterns_and_formats_are_read_as_json_schema_means_them():
+    prepared = llguidance_grammar.for_llguidance({"type": "object", "properties": {
+        "code": {"type": "string", "pattern": r"^\d{3}$"},
+        "day": {"type": "string", "format": "date"}},
+        "patternProperties": {r"^\w+$": {}}})
+    assert prepared["properties"]["code"]["pattern"] == "^[0-9]{3}$"
+    assert prepared["properties"]["day"]["pattern"].startswith("^(?:(?:[0-9]{3}[1-9]")
+    assert "format" not in prepared["properties"]["day"]
+    assert list(prepared["patternProperties"]) == ["^[0-9A-Z_a-z]+$"]

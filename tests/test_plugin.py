@@ -41,8 +41,9 @@ def report():
                getattr(v1_runner, "apply_grammar_bitmask", None),
                getattr(getattr(v2_outputs, "StructuredOutputsWorker", None),
                        "apply_grammar_bitmask", None)]
+    from dotllm.vllm_ext.patching import patches_on
     return {"api_server_loaded": api is not None,
-            "patched": [getattr(t, "dotllm_patch", None) for t in targets]}
+            "patched": [",".join(patches_on(t)) or None for t in targets]}
 
 def child(queue):
     load_general_plugins()
@@ -86,8 +87,9 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
     out = probe(active=True, tmp_path=tmp_path)
     assert out["main"] == {
         "api_server_loaded": True,
-        "patched": ["server_identity", "request_validation", "legacy_fields", "engine_backend",
-                    "compile_errors", "compile_errors", None, None],
+        "patched": ["unenforced_report,server_identity", "request_validation",
+                    "unenforced_report,legacy_fields", "engine_backend", "compile_errors",
+                    "compile_errors", None, None],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in, and
     # the model runners' bitmask application is DotLLM's.
@@ -117,13 +119,16 @@ def test_register_is_idempotent(monkeypatch):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     original = api_server.build_app
     monkeypatch.setenv(plugin.ACTIVE_ENV, str(os.getpid()))
-    names = ["server_identity", "request_validation", "legacy_fields", "engine_backend",
-             "compile_errors"]
+    names = ["server_identity", "request_validation", "legacy_fields", "unenforced_report",
+             "engine_backend", "compile_errors"]
     assert plugin.register() == names
     once = [getattr(owner, name) for owner, name in targets]
     assert plugin.register() == names
     assert [getattr(owner, name) for owner, name in targets] == once
-    assert api_server.build_app.__wrapped__ is original
+    from dotllm.vllm_ext.patching import patches_on
+
+    assert patches_on(api_server.build_app) == ["unenforced_report", "server_identity"]
+    assert api_server.build_app.dotllm_wraps.dotllm_wraps is original
 
 
 def test_register_does_nothing_without_the_flag(monkeypatch):

@@ -13,7 +13,7 @@ import json
 import llguidance
 from outlines_core.json_schema import WHITESPACE as OUTLINES_WHITESPACE
 
-from dotllm.compiler import structural_tag
+from dotllm.compiler import ecma_regex, formats, structural_tag
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
 
 
@@ -41,28 +41,62 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
                           "dependentSchemas"})  # name -> subschema
 
 
-def closed_objects(schema):
-    """`schema` with no properties beyond those declared, wherever some are declared.
+# Closing an object beside these (or inside them) could forbid what they declare.
+_COMBINED = frozenset({"allOf", "anyOf", "oneOf", "$ref"})
 
-    outlines-core only ever writes declared properties (whatever `additionalProperties`
-    says); llguidance follows JSON Schema and would let a model add its own (and ramble
-    in their names). Closing the objects keeps llguidance's output within the index's.
+
+def for_llguidance(schema, in_branch: bool = False):
+    """`schema` as llguidance should read it to enforce what JSON Schema means, within the
+    index's output:
+
+    - objects closed where properties are declared: outlines-core only ever writes
+      declared properties (whatever `additionalProperties` says), and llguidance would
+      let a model add its own (and ramble in their names); a `required` name that is not
+      declared is declared first (with the schema `additionalProperties` gives extras),
+      so closing the object does not make it unsatisfiable. Not a branch of allOf, anyOf
+      or oneOf, nor an object beside them: closed alone, it would forbid what the others
+      declare (`spec.llguidance_schema` has such schemas rewritten, where it can);
+    - patterns read as ECMA-262 (`ecma_regex`: `\\d` is `[0-9]`), and the formats DotLLM
+      enforces as its own patterns (`formats`), which only match valid values.
     """
     if isinstance(schema, list):
-        return [closed_objects(item) for item in schema]
+        return [for_llguidance(item, in_branch) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    closed = {}
+    out = {}
     for key, value in schema.items():
         if key in _DATA_KEYWORDS:
-            closed[key] = value
+            out[key] = value
+        elif key in _COMBINED:
+            out[key] = for_llguidance(value, in_branch=True)
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            closed[key] = {name: closed_objects(sub) for name, sub in value.items()}
+            # a definition may be referred to as a branch: not closed at its root
+            shared = key in ("$defs", "definitions")
+            out[key] = {_pattern(name) if key == "patternProperties" else name:
+                        for_llguidance(sub, shared) for name, sub in value.items()}
+        elif key == "pattern" and isinstance(value, str):
+            out[key] = _pattern(value)
+        elif key == "format" and (pattern := formats.pattern_for(value)) is not None:
+            if "pattern" in schema:
+                out["allOf"] = [*out.get("allOf", []), {"pattern": _pattern(pattern)}]
+            else:
+                out["pattern"] = _pattern(pattern)
         else:
-            closed[key] = closed_objects(value)
-    if isinstance(schema.get("properties"), dict):
-        closed["additionalProperties"] = False
-    return closed
+            out[key] = for_llguidance(value)
+    if isinstance(schema.get("properties"), dict) and not in_branch and not (
+            _COMBINED & set(schema)):
+        extra = out.get("additionalProperties", True)
+        properties = out["properties"]
+        if extra is not False and isinstance(schema.get("required"), list):
+            for name in schema["required"]:
+                if isinstance(name, str) and name not in properties:
+                    properties[name] = {} if extra is True else extra
+        out["additionalProperties"] = False
+    return out
+
+
+def _pattern(pattern: str) -> str:
+    return ecma_regex.translate(pattern, ecma_regex.Mode.SEARCH)
 
 
 def grammar_for(spec: ConstraintSpec) -> str:
@@ -81,7 +115,7 @@ def _json_lark(schema) -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise ConstraintError("a JSON schema must be an object or a boolean")
-    schema = {**closed_objects(schema), "x-guidance": _json_options(None)}
+    schema = {**for_llguidance(schema), "x-guidance": _json_options(None)}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
@@ -89,13 +123,13 @@ def _grammar_for(spec: ConstraintSpec) -> str:
     matcher = llguidance.LLMatcher
     if spec.kind in (ConstraintKind.JSON, ConstraintKind.JSON_OBJECT):
         return matcher.grammar_from_json_schema(
-            closed_objects(json.loads(spec.source)),
+            for_llguidance(spec.llguidance_schema),
             defaults=_json_options(spec.whitespace_pattern))
     if spec.kind is ConstraintKind.STRUCTURAL_TAG:
         return matcher.grammar_from_lark(
             structural_tag.to_lark(json.loads(spec.source), _json_lark))
     if spec.kind is ConstraintKind.REGEX:
-        return matcher.grammar_from_regex(spec.source)
+        return matcher.grammar_from_regex(ecma_regex.translate(spec.source, ecma_regex.Mode.FULL))
     if spec.kind is ConstraintKind.CHOICE:
         return matcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(c) for c in json.loads(spec.source)))

@@ -7,6 +7,8 @@ itself does with several API servers.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _COMPILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -58,3 +60,12 @@ class CompileMetrics:
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)
+
+
+@functools.cache
+def unenforced_counter() -> Counter:
+    """Requests served with a schema keyword not enforced (API server; one per process)."""
+    return Counter("dotllm_constraint_unenforced",
+                   "JSON-schema requests served without enforcing a keyword no engine here "
+                   "enforces (not strict), by keyword; the response says which and whether "
+                   "the output validated.", ["keyword"])

@@ -17,7 +17,8 @@ from functools import cached_property
 
 from outlines_core.json_schema import build_regex_from_schema
 
-from dotllm.compiler.schema_support import unenforced_keywords
+from dotllm.compiler import ecma_regex, enforcement, outlines_schema
+from dotllm.compiler.errors import ConstraintError
 
 # Keys whose object value is an ordered list of members, not a set of keywords.
 _ORDERED_MEMBERS = frozenset({"properties"})
@@ -29,10 +30,6 @@ MAX_REGEX_CHARS = 65536
 _ANY_JSON_OBJECT_SCHEMA = {"type": "object"}
 
 
-class ConstraintError(ValueError):
-    """The constraint itself is invalid or unsupported: the client's error (HTTP 400)."""
-
-
 class ConstraintKind(enum.Enum):
     JSON = "json"
     JSON_OBJECT = "json_object"
@@ -42,6 +39,7 @@ class ConstraintKind(enum.Enum):
     STRUCTURAL_TAG = "structural_tag"  # text with tagged regions: llguidance only
 
 
+_JSON_KINDS = (ConstraintKind.JSON, ConstraintKind.JSON_OBJECT)
 # What outlines-core cannot compile at all (llguidance serves it).
 _NOT_FOR_OUTLINES = {
     ConstraintKind.GRAMMAR: "outlines-core does not compile grammar constraints",
@@ -137,21 +135,62 @@ class ConstraintSpec:
             if len(self.source) > MAX_REGEX_CHARS:
                 raise ConstraintError(
                     f"regex is {len(self.source)} characters long, over {MAX_REGEX_CHARS}")
-            try:
-                re.compile(self.source)
-            except re.error as e:
-                raise ConstraintError(f"invalid regex: {e}") from None
+            ecma_regex.translate(self.source, ecma_regex.Mode.FULL)
+        if self.kind in _JSON_KINDS:
+            if found := enforcement.never_enforced(self.schema):
+                raise ConstraintError(
+                    f"JSON schema uses what no engine here enforces: {enforcement.listed(found)}")
+            self._normalized  # noqa: B018  (an invalid schema raises here)
+
+    @cached_property
+    def schema(self):
+        """The JSON schema (JSON and JSON_OBJECT constraints)."""
+        return json.loads(self.source)
+
+    @cached_property
+    def _normalized(self) -> dict | outlines_schema.NotForOutlines:
+        """The JSON schema rewritten into what outlines-core enforces, or why it cannot be."""
+        try:
+            return outlines_schema.normalize(self.schema)
+        except outlines_schema.NotForOutlines as e:
+            return e
+
+    @cached_property
+    def _outlines_schema(self) -> dict | outlines_schema.NotForOutlines:
+        """What outlines-core compiles for a JSON constraint, or why it cannot."""
+        if isinstance(node := self._normalized, outlines_schema.NotForOutlines):
+            return node
+        try:
+            return outlines_schema.encode(node)
+        except outlines_schema.NotForOutlines as e:
+            return e
+
+    @property
+    def llguidance_schema(self):
+        """The schema llguidance serves: the rewritten one where there is one (both tiers
+        then write the same documents, and a request moves between them freely), else
+        the schema as given."""
+        node = self._normalized
+        return self.schema if isinstance(node, outlines_schema.NotForOutlines) else node
+
+    def with_schema(self, schema) -> ConstraintSpec:
+        """The same JSON constraint with another schema (a relaxed one)."""
+        return ConstraintSpec(ConstraintKind.JSON, _dumps(_canonical(schema)),
+                              self.whitespace_pattern)
+
+    def outlines_refusal_error(self) -> outlines_schema.NotForOutlines | None:
+        """Where outlines-core's rewriting of a JSON schema stopped, if it did."""
+        refusal = self._outlines_schema if self.kind in _JSON_KINDS else None
+        return refusal if isinstance(refusal, outlines_schema.NotForOutlines) else None
 
     def outlines_refusal(self) -> str | None:
         """Why outlines-core cannot serve this constraint, known without compiling; None
         if it may (the compile still decides). Such constraints go to llguidance."""
         if self.kind in _NOT_FOR_OUTLINES:
             return _NOT_FOR_OUTLINES[self.kind]
-        if self.kind is ConstraintKind.JSON and (
-                found := list(unenforced_keywords(json.loads(self.source)))):
-            where = ", ".join(f"{k} at {p}" for k, p in found[:5])
-            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            return f"JSON schema uses keywords outlines-core does not enforce: {where}{more}"
+        if self.kind in _JSON_KINDS and isinstance(
+                refusal := self._outlines_schema, outlines_schema.NotForOutlines):
+            return f"outlines-core cannot enforce the JSON schema exactly: {refusal}"
         return None
 
     @property
@@ -168,10 +207,11 @@ class ConstraintSpec:
         if (refusal := self.outlines_refusal()) is not None:
             raise ConstraintError(refusal)
         if self.kind is ConstraintKind.REGEX:
-            return self.source
+            return ecma_regex.translate(self.source, ecma_regex.Mode.FULL)
         if self.kind is ConstraintKind.CHOICE:
             return "|".join(f"({re.escape(c)})" for c in json.loads(self.source))
+        schema = self._outlines_schema
         try:
-            return build_regex_from_schema(self.source, self.whitespace_pattern)
+            return build_regex_from_schema(_dumps(schema), self.whitespace_pattern)
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"unsupported JSON schema: {e}") from None

@@ -145,14 +145,15 @@ class DotllmBackend(StructuredOutputBackend):
         - llguidance first, then the index at a step boundary (`TieredGuide`), while the
           pool compiles it.
         """
+        spec.check()
         engine = self.settings.constraint_engine
-        refusal, reason = llguidance_grammar.outlines_refusal(spec, engine)
+        refusal, reason = self.outlines_refusal(spec)
         if refusal is None:
             index = self.manager.get(spec)
             if engine == "tiered" and not (
                     index.looked_up.wait(_WARM_LOOKUP_S) and index.done()):
                 try:
-                    first = self._llguidance_guide(spec)
+                    first = self.llguidance_guide(spec)
                 except ConstraintError as not_llguidance:  # only the index can serve it
                     return self._indexed(index, not_llguidance)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
@@ -166,7 +167,7 @@ class DotllmBackend(StructuredOutputBackend):
         if engine == "outlines":
             raise ConstraintError(refusal)
         try:
-            guide = self._llguidance_guide(spec)
+            guide = self.llguidance_guide(spec)
         except ConstraintError as e:
             raise ConstraintError(f"{refusal}; {e}") from None
         self.metrics.served_by_llguidance.labels(reason=reason).inc()
@@ -194,7 +195,12 @@ class DotllmBackend(StructuredOutputBackend):
     def _count_tokens(self, tier: str, count: int) -> None:
         self.metrics.tier_tokens.labels(tier=tier).inc(count)
 
-    def _llguidance_guide(self, spec: ConstraintSpec) -> LLGuidanceGuide:
+    def outlines_refusal(self, spec: ConstraintSpec) -> tuple[str | None, str]:
+        """Why outlines-core will not serve `spec` here (None if it may), and the label."""
+        return llguidance_grammar.outlines_refusal(spec, self.settings.constraint_engine)
+
+    def llguidance_guide(self, spec: ConstraintSpec) -> LLGuidanceGuide:
+        """A fresh guide on llguidance (ConstraintError if it cannot serve `spec`)."""
         grammar = llguidance_grammar.grammar_for(spec)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
         if matcher.is_error():

@@ -22,14 +22,25 @@ def api_server_module(name: str, in_launcher: bool) -> ModuleType | None:
 
 
 def replace_attribute(owner, name: str, make, patch_name: str) -> None:
-    """Set `owner.name` to `make(current)`, unless this patch already did (idempotent).
+    """Set `owner.name` to `make(current)`, unless this patch already did (idempotent,
+    also when other patches wrapped the same attribute since).
 
-    The replacement carries `dotllm_patch = patch_name`, which tests and the idempotency
-    check read.
+    The replacement carries `dotllm_patch = patch_name` (which tests read) and
+    `dotllm_wraps`, what it replaced.
     """
     current = getattr(owner, name)
-    if getattr(current, "dotllm_patch", None) == patch_name:
+    if patch_name in patches_on(current):
         return
     replacement = make(current)
     replacement.dotllm_patch = patch_name
+    replacement.dotllm_wraps = current
     setattr(owner, name, replacement)
+
+
+def patches_on(attribute) -> list[str]:
+    """The DotLLM patches wrapped around an attribute, outermost first."""
+    names = []
+    while attribute is not None and (name := getattr(attribute, "dotllm_patch", None)):
+        names.append(name)
+        attribute = getattr(attribute, "dotllm_wraps", None)
+    return names

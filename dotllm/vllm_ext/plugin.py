@@ -18,6 +18,7 @@ from dotllm.vllm_ext import (
     mask_kernels,
     request_validation,
     server_identity,
+    unenforced_report,
 )
 
 ACTIVE_ENV = "DOTLLM_SERVE"
@@ -25,8 +26,8 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # Each patch is a module with NAME and apply(in_launcher: bool) -> bool (True when it
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
-    server_identity, request_validation, legacy_fields, engine_backend, compile_errors,
-    mask_kernels,
+    server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
+    compile_errors, mask_kernels,
 )
 
 

@@ -1,0 +1,102 @@
+"""Soundness by generation, CI-sized: random walks through each tier (the index,
+llguidance, and llguidance handed over to the index mid-document) on schemas that broke
+before and on a sample of ../shared/data; every ended document must validate against the
+schema served. `python -m bench.soundness --sample 0` runs all of ../shared/data.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.jsonschemabench import DATA_DIR, SUBSETS, Case, load
+from bench.soundness import TIERS, Walker, failures, fuzz_schema, report
+
+WALKS = 8
+
+# Each broke a tier once: the output did not validate, or the index refused what
+# llguidance had allowed when the request was handed over.
+REGRESSIONS = {
+    "allOf of two objects (was two documents glued)": {"allOf": [
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
+    "oneOf of required names beside properties (was {})": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"a": {"type": "boolean"}, "b": {"type": "boolean"}},
+        "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
+    "required name not declared (was {})": {
+        "type": "object", "properties": {}, "required": ["top"],
+        "additionalProperties": {"type": "boolean"}},
+    "ECMA digits in a pattern (were any Unicode digit)": {
+        "type": "object", "properties": {"code": {"type": "string", "pattern": r"^\d{3}-\w$"}},
+        "required": ["code"]},
+    "a pattern with . and a negated class (could close the string)": {
+        "type": "object", "properties": {"p": {"type": "string", "pattern": "^a.[^b]$"}},
+        "required": ["p"]},
+    "formats (no time zone, Feb 31st, leap seconds)": {
+        "type": "object", "required": ["d", "t", "dt", "u"], "properties": {
+            "d": {"type": "string", "format": "date"},
+            "t": {"type": "string", "format": "time"},
+            "dt": {"type": "string", "format": "date-time"},
+            "u": {"type": "string", "format": "uuid"}}},
+    "a recursive tree": {
+        "type": "object", "required": ["n"], "properties": {
+            "n": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}}},
+    "numbers whose exponent llguidance writes unsigned (hand-over refused)": {
+        "type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]},
+    "oneOf told apart by a discriminator": {"oneOf": [
+        {"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer"}},
+         "required": ["kind", "x"]},
+        {"type": "object", "properties": {"kind": {"const": "b"}}, "required": ["kind"]}]},
+    "enum of objects": {"enum": [{"a": [1, 2]}, "x", None]},
+}
+# Served by llguidance alone (outlines-core cannot enforce them).
+LLGUIDANCE_ONLY = {
+    "multipleOf in decimal": {
+        "type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.01}},
+        "required": ["price"]},
+    "allOf beside properties, objects not closed alone": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
+        "required": ["n"], "allOf": [{"properties": {"m": {"type": "boolean"}},
+                                      "required": ["m"]}]},
+}
+
+
+@pytest.fixture(scope="module")
+def walker(tokenizer, vocabulary) -> Walker:
+    return Walker(tokenizer, vocabulary.size, seed=7)
+
+
+def assert_sound(results) -> None:
+    assert not failures(results), "\n".join(failures(results))
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_schemas_that_broke_generate_only_valid_documents(backend, walker, name):
+    result = fuzz_schema(Case("regression", name, REGRESSIONS[name]), backend, walker,
+                         WALKS, index_timeout=60)
+    assert set(result.tiers) == set(TIERS)
+    assert all(t.served for t in result.tiers.values()), result.tiers
+    assert_sound([result])
+    assert all(t.ended >= WALKS for t in result.tiers.values()), result.tiers
+
+
+@pytest.mark.parametrize("name", list(LLGUIDANCE_ONLY))
+def test_what_only_llguidance_serves_generates_only_valid_documents(backend, walker, name):
+    result = fuzz_schema(Case("regression", name, LLGUIDANCE_ONLY[name]), backend, walker,
+                         WALKS, index_timeout=60)
+    assert result.tiers["llguidance"].served and not result.tiers["index"].served
+    assert_sound([result])
+    assert result.tiers["llguidance"].ended >= WALKS
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data not present")
+def test_a_sample_of_real_schemas_generates_only_valid_documents(backend, walker):
+    results = []
+    for subset in SUBSETS:
+        cases = load(subset, sample=3, seed=11)
+        subset_results = [fuzz_schema(c, backend, walker, WALKS, index_timeout=30)
+                          for c in cases]
+        print(report(subset, subset_results))
+        results += subset_results
+    assert_sound(results)
+    assert sum(r.served for r in results) >= 10
