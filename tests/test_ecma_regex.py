@@ -84,6 +84,8 @@ def test_json_body_writes_what_a_string_cannot_hold_raw_escaped(matches, pattern
 def test_search_mode_keeps_json_schemas_meaning():
     assert translate(r"^\d+$", Mode.SEARCH) == "^[0-9]+$"
     assert translate(r"ab", Mode.SEARCH) == "ab"  # a match anywhere: llguidance searches
+    anything = "[\\x{0}-\\x{10FFFF}]*"  # newlines too, unlike llguidance's own padding
+    assert translate(r"^x|y", Mode.SEARCH_AS_FULL) == f"^(?:x){anything}|{anything}(?:y){anything}"
 
 
 @pytest.mark.parametrize(("pattern", "feature"), [

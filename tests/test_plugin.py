@@ -87,7 +87,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
     out = probe(active=True, tmp_path=tmp_path)
     assert out["main"] == {
         "api_server_loaded": True,
-        "patched": ["unenforced_report,server_identity", "request_validation",
+        "patched": ["server_identity", "request_validation",
                     "unenforced_report,legacy_fields", "engine_backend", "compile_errors",
                     "compile_errors", None, None],
     }
@@ -127,8 +127,8 @@ def test_register_is_idempotent(monkeypatch):
     assert [getattr(owner, name) for owner, name in targets] == once
     from dotllm.vllm_ext.patching import patches_on
 
-    assert patches_on(api_server.build_app) == ["unenforced_report", "server_identity"]
-    assert api_server.build_app.dotllm_wraps.dotllm_wraps is original
+    assert patches_on(api_server.build_app) == ["server_identity"]
+    assert api_server.build_app.__wrapped__ is original
 
 
 def test_register_does_nothing_without_the_flag(monkeypatch):

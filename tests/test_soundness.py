@@ -54,6 +54,11 @@ LLGUIDANCE_ONLY = {
     "multipleOf in decimal": {
         "type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.01}},
         "required": ["price"]},
+    "patternProperties read as a search (a name need not match whole)": {
+        "type": "object", "patternProperties": {".*": {"type": "number"}}},
+    "patternProperties anchored, nothing else allowed": {
+        "type": "object", "patternProperties": {"^x": {"type": "integer"}},
+        "additionalProperties": False},
     "allOf beside properties, objects not closed alone": {
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
         "required": ["n"], "allOf": [{"properties": {"m": {"type": "boolean"}},

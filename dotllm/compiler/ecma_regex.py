@@ -18,7 +18,10 @@ Three ways to write one out (`Mode`):
   dropped;
 - JSON_BODY: FULL, written over the JSON text of a string's body, for outlines-core,
   which splices a pattern between two quotes: `"`, `\\` and control characters appear as
-  their JSON escapes, never raw.
+  their JSON escapes, never raw;
+- SEARCH_AS_FULL: SEARCH, with each branch not anchored at an edge padded with anything
+  there, line terminators included: llguidance searches a `patternProperties` name with
+  a `.` that stops at a newline, so a name holding one escaped `.*` and its schema.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Mode(enum.Enum):
     SEARCH = "search"
     FULL = "full"
     JSON_BODY = "json_body"
+    SEARCH_AS_FULL = "search_as_full"
 
 
 Ranges = tuple[tuple[int, int], ...]
@@ -485,8 +489,24 @@ def parse(pattern: str):
     return _Parser(pattern).parse()
 
 
+_ANYTHING = "[\\x{0}-\\x{10FFFF}]*"
+
+
 def translate(pattern: str, mode: Mode) -> str:
     """`pattern` (ECMA-262) in Rust regex syntax, written for `mode`."""
     node = parse(pattern)
+    if mode is Mode.SEARCH_AS_FULL:
+        branches = node.branches if isinstance(node, _Alt) else (node,)
+        return "|".join(_search_as_full(pattern, b) for b in branches)
     text = _Writer(pattern, mode).write(node, True, True)
     return f"(?:{text})" if isinstance(node, _Alt) else text
+
+
+def _search_as_full(source: str, branch) -> str:
+    items = branch.items if isinstance(branch, _Concat) else (branch,)
+    starts = bool(items) and items[0] == _Anchor(True)
+    ends = bool(items) and items[-1] == _Anchor(False)
+    inner = _Concat(tuple(items[int(starts):len(items) - int(ends)]))
+    # Anchors elsewhere (inside a group) cannot be honoured once padded.
+    body = _Writer(source, Mode.FULL).write(inner, False, False)
+    return f"{'^' if starts else _ANYTHING}(?:{body}){'$' if ends else _ANYTHING}"

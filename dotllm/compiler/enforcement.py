@@ -95,13 +95,13 @@ def _in_one(schema: dict, pointer: str) -> Iterator[Unenforced]:
         yield Unenforced("pattern", pointer)
     if isinstance(schema.get("patternProperties"), dict):
         for name in schema["patternProperties"]:
-            if not _servable(name):
+            if not _servable(name, ecma_regex.Mode.SEARCH_AS_FULL):
                 yield Unenforced("patternProperties", pointer, name)
 
 
-def _servable(pattern: str) -> bool:
+def _servable(pattern: str, mode: ecma_regex.Mode = ecma_regex.Mode.SEARCH) -> bool:
     try:
-        ecma_regex.translate(pattern, ecma_regex.Mode.SEARCH)
+        ecma_regex.translate(pattern, mode)
         return True
     except ecma_regex.UnsupportedRegex:
         return False

@@ -72,7 +72,8 @@ def for_llguidance(schema, in_branch: bool = False):
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             # a definition may be referred to as a branch: not closed at its root
             shared = key in ("$defs", "definitions")
-            out[key] = {_pattern(name) if key == "patternProperties" else name:
+            out[key] = {_pattern(name, ecma_regex.Mode.SEARCH_AS_FULL)
+                        if key == "patternProperties" else name:
                         for_llguidance(sub, shared) for name, sub in value.items()}
         elif key == "pattern" and isinstance(value, str):
             out[key] = _pattern(value)
@@ -95,8 +96,10 @@ def for_llguidance(schema, in_branch: bool = False):
     return out
 
 
-def _pattern(pattern: str) -> str:
-    return ecma_regex.translate(pattern, ecma_regex.Mode.SEARCH)
+def _pattern(pattern: str, mode: ecma_regex.Mode = ecma_regex.Mode.SEARCH) -> str:
+    """llguidance searches a string for its `pattern`, but matches a name against a
+    `patternProperties` pattern whole."""
+    return ecma_regex.translate(pattern, mode)
 
 
 def grammar_for(spec: ConstraintSpec) -> str:

@@ -31,10 +31,14 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Run the server exactly as `vllm serve` would with these arguments."""
+    """Run the server exactly as `vllm serve` would with these arguments, plus DotLLM's
+    HTTP middleware (through vLLM's own `--middleware`, after the user's)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
+    from dotllm.vllm_ext import unenforced_report
+
+    args.middleware = [*(args.middleware or []), unenforced_report.MIDDLEWARE]
     cli_env_setup()
     ServeSubcommand.cmd(args)
 

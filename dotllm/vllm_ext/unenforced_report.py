@@ -8,7 +8,8 @@ Targets (vLLM 0.26, API server):
   `relaxation.serve` decides: a strict schema with what no engine here enforces is a 400
   naming each keyword and its JSON pointer; any other is replaced by the schema without
   them, which the engine then serves as any schema.
-- `build_app`: an ASGI middleware that tells the client. On such a request, the response
+- an ASGI middleware (`UnenforcedReport`, added through vLLM's own `--middleware` option
+  by `dotllm serve`) tells the client. On such a request, the response
   carries the header `X-DotLLM-Unenforced` (the keywords and pointers, known before the
   first token) and, on each choice (non-streamed) or on the chunk that finishes it
   (streamed), a field
@@ -200,23 +201,15 @@ class _Rewriter:
         return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() if changed else event
 
 
-def _with_report(build_app):
-    def build_app_with_report(*args, **kwargs):
-        app = build_app(*args, **kwargs)
-        app.add_middleware(UnenforcedReport)
-        return app
-
-    return build_app_with_report
+MIDDLEWARE = f"{__name__}.{UnenforcedReport.__name__}"  # for vLLM's --middleware
 
 
 def apply(in_launcher: bool) -> bool:
-    api_server = api_server_module("vllm.entrypoints.openai.api_server", in_launcher)
     modules = [api_server_module(f"vllm.entrypoints.openai.{name}.protocol", in_launcher)
                for name in ("chat_completion", "completion")]
-    if api_server is None or None in modules:
+    if None in modules:
         return False
     for module in modules:
         request_cls = getattr(module, "ChatCompletionRequest", None) or module.CompletionRequest
         replace_attribute(request_cls, "extract_structured_outputs", _reporting, NAME)
-    replace_attribute(api_server, "build_app", _with_report, NAME)
     return True
