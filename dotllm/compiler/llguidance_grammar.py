@@ -57,7 +57,9 @@ def for_llguidance(schema, in_branch: bool = False):
       or oneOf, nor an object beside them: closed alone, it would forbid what the others
       declare (`spec.llguidance_schema` has such schemas rewritten, where it can);
     - patterns read as ECMA-262 (`ecma_regex`: `\\d` is `[0-9]`), and the formats DotLLM
-      enforces as its own patterns (`formats`), which only match valid values.
+      enforces as its own patterns (`formats`), which only match valid values;
+    - beside `patternProperties`, extra names held to every pattern's schema too (a
+      subset): llguidance does not match a name holding an escape against the patterns.
     """
     if isinstance(schema, list):
         return [for_llguidance(item, in_branch) for item in schema]
@@ -84,6 +86,13 @@ def for_llguidance(schema, in_branch: bool = False):
                 out["pattern"] = _pattern(pattern)
         else:
             out[key] = for_llguidance(value)
+    if isinstance(patterns := out.get("patternProperties"), dict) and patterns and out.get(
+            "additionalProperties", True) is not False:
+        # llguidance takes a name with an escape in it (`a\\/b`) for one no pattern
+        # matches: such names must also meet every pattern's schema.
+        extra = out.get("additionalProperties", True)
+        out["additionalProperties"] = {"allOf": [*([] if extra is True else [extra]),
+                                                 *patterns.values()]}
     if isinstance(schema.get("properties"), dict) and not in_branch and not (
             _COMBINED & set(schema)):
         extra = out.get("additionalProperties", True)
