@@ -13,6 +13,11 @@ towards EOS and closing tokens so walks end, and accepts it. Every ended documen
 decoded and validated with `jsonschema` against the schema served (ECMA-262 patterns,
 DotLLM's enforced formats checked: `dotllm.compiler.validation`). A token the mask
 allowed but the guide then refused is a failure too.
+
+Each schema is served as a non-strict request is (`relaxation.serve`): without what no
+engine here enforces, which the response would name; documents are validated against
+that schema ("invalid") and, for information, against the schema as asked. Beside it,
+whether stock vLLM's xgrammar compiles the schema (its served share).
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class SchemaResult:
     unenforced: list[str] = field(default_factory=list)  # left out, as a non-strict request
     tiers: dict[str, TierResult] = field(default_factory=dict)
     valid_as_asked: int = 0  # ended documents that validate against the schema as asked
+    xgrammar: bool | None = None  # stock vLLM's xgrammar compiles it (None: not asked)
 
     @property
     def served(self) -> bool:
@@ -216,6 +222,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
 def report(subset: str, results: list[SchemaResult]) -> dict:
     row: dict = {"subset": subset, "schemas": len(results),
                  "served": sum(r.served for r in results),
+                 "xgrammar_serves": sum(bool(r.xgrammar) for r in results),
                  "served_with_unenforced": sum(r.served and bool(r.unenforced) for r in results)}
     for tier in TIERS:
         outcomes = [r.tiers[tier] for r in results if tier in r.tiers and r.tiers[tier].served]
@@ -246,6 +253,7 @@ def not_served(results: list[SchemaResult]) -> Counter:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.compile_vs_stock import stock_engines, time_engine
     from bench.jsonschemabench import embedded_tokenizer_and_vocabulary
     from dotllm.settings import Settings
     from dotllm.vllm_ext.backend import DotllmBackend
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     options.add_argument("--cache-dir", help="index cache kept between runs (default: fresh)")
     options.add_argument("--seed", type=int, default=0)
     options.add_argument("--verbose", action="store_true", help="list every failure")
+    options.add_argument("--no-xgrammar", action="store_true",
+                         help="do not count what stock vLLM's xgrammar compiles")
     args = options.parse_args(argv)
     tokenizer, vocabulary = embedded_tokenizer_and_vocabulary()
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             results = [fuzz_schema(case, backend, walker, args.walks, args.timeout + 30)
                        for case in cases]
+            if not args.no_xgrammar:
+                xgrammar = stock_engines(tokenizer, vocabulary.size)["xgrammar"]
+                for result in results:
+                    result.xgrammar = time_engine(xgrammar, [result.case.schema])[0] == 1
             row = report(subset, results)
             row["wall_s"] = round(time.monotonic() - started)
             print(json.dumps(row), flush=True)
