@@ -124,4 +124,4 @@ def test_patterns_and_formats_are_read_as_json_schema_means_them():
     assert prepared["properties"]["code"]["pattern"] == "^[0-9]{3}$"
     assert prepared["properties"]["day"]["pattern"].startswith("^(?:(?:[0-9]{3}[1-9]")
     assert "format" not in prepared["properties"]["day"]
-    assert list(prepared["patternProperties"]) == ["^[0-9A-Z_a-z]+$"]
+    assert list(prepared["patternProperties"]) == ["^(?:[0-9A-Z_a-z]+)$"]

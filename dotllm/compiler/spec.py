@@ -26,6 +26,10 @@ _ORDERED_MEMBERS = frozenset({"properties"})
 # A longer pattern is a client error (and Python's re.compile of a huge one takes minutes).
 MAX_REGEX_CHARS = 65536
 
+# Bumped whenever a constraint's regex changes for the same constraint (the schema
+# rewriting, regex translation, formats): indexes cached before are then not reused.
+REWRITE_VERSION = 2
+
 # Any JSON value, for json_object requests: outlines-core builds it from an empty schema.
 _ANY_JSON_OBJECT_SCHEMA = {"type": "object"}
 
@@ -121,7 +125,8 @@ class ConstraintSpec:
     @cached_property
     def key(self) -> str:
         """A short stable digest of everything that determines the compiled index."""
-        text = json.dumps([self.kind.value, self.whitespace_pattern, self.source])
+        text = json.dumps([REWRITE_VERSION, self.kind.value, self.whitespace_pattern,
+                           self.source])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def check(self) -> None:
