@@ -183,7 +183,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
             continue
         outcome.served = True
         attempts = 0
-        while outcome.ended < walks and attempts < 2 * walks:
+        while outcome.ended < walks and attempts < 3 * walks:
             attempts += 1
             guide, handover = factory()
             at_step = None
@@ -219,7 +219,9 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
     return result
 
 
-def report(subset: str, results: list[SchemaResult]) -> dict:
+def report(subset: str, results: list[SchemaResult], walks: int = 20) -> dict:
+    """Counts per tier; `schemas_under_walks`: served schemas with fewer ended walks than
+    asked (their walks ran past the step budget)."""
     row: dict = {"subset": subset, "schemas": len(results),
                  "served": sum(r.served for r in results),
                  "xgrammar_serves": sum(bool(r.xgrammar) for r in results),
@@ -233,6 +235,7 @@ def report(subset: str, results: list[SchemaResult]) -> dict:
             "invalid": sum(o.invalid for o in outcomes),
             "refused": sum(o.refused for o in outcomes),
             "schemas_failing": sum(bool(o.invalid or o.refused) for o in outcomes),
+            "schemas_under_walks": sum(o.ended < walks for o in outcomes),
         }
     relaxed = [r for r in results if r.served and r.unenforced]
     row["unenforced_valid_as_asked"] = (
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 xgrammar = stock_engines(tokenizer, vocabulary.size)["xgrammar"]
                 for result in results:
                     result.xgrammar = time_engine(xgrammar, [result.case.schema])[0] == 1
-            row = report(subset, results)
+            row = report(subset, results, args.walks)
             row["wall_s"] = round(time.monotonic() - started)
             print(json.dumps(row), flush=True)
             lines = failures(results)
@@ -297,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("  FAIL", line[:600], flush=True)
             for reason, n in not_served(results).most_common(10 if not args.verbose else None):
                 print(f"  not served x{n}: {reason}", flush=True)
+            for r in results:
+                short = [f"{t.tier} {t.ended}/{t.walks}" for t in r.tiers.values()
+                         if t.served and t.ended < args.walks]
+                if short and args.verbose:
+                    print(f"  under {args.walks} ended walks: {r.case.id}: {', '.join(short)}")
         backend.destroy()
     return 0
 

@@ -101,7 +101,7 @@ def test_a_sample_of_real_schemas_generates_only_valid_documents(backend, walker
         cases = load(subset, sample=3, seed=11)
         subset_results = [fuzz_schema(c, backend, walker, WALKS, index_timeout=30)
                           for c in cases]
-        print(report(subset, subset_results))
+        print(report(subset, subset_results, WALKS))
         results += subset_results
     assert_sound(results)
     assert sum(r.served for r in results) >= 10
