@@ -158,7 +158,8 @@ def _guide_factories(backend, spec: ConstraintSpec, index_timeout: float):
     if compiled is not None and not isinstance(factories["llguidance"], str):
         def handover():
             future: Future = Future()
-            guide = TieredGuide(backend.llguidance_guide(spec), future, eos, lambda _: None)
+            guide = TieredGuide(backend.llguidance_guide(spec), future, eos, lambda _: None,
+                                lambda: backend.llguidance_guide(spec))
             return guide, (future, compiled)
         factories["handover"] = handover
     else:

@@ -29,11 +29,10 @@ from bench import compile_coverage
 from bench.jsonschemabench import Case, accepts, in_schema_order, load, parser
 from dotllm.compiler import llguidance_grammar
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
-from dotllm.guide import Guide
 from dotllm.llguidance_guide import LLGuidanceGuide
-from dotllm.tiers import TieredGuide
+from dotllm.tiers import IndexWithFallback, TieredGuide
 
-_TIERS = {Guide: "index", LLGuidanceGuide: "llguidance", TieredGuide: "tiered"}
+_TIERS = {IndexWithFallback: "index", LLGuidanceGuide: "llguidance", TieredGuide: "tiered"}
 
 
 @dataclass

@@ -10,7 +10,10 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from dotllm.compiler.limits import Limits
+
 _PREFIX = "DOTLLM_"
+_MAX_AUTO_COMPILE_MEMORY = 8 * 2**30
 MASK_KERNELS = ("auto", "cuda", "triton", "torch")  # dotllm.kernels' implementations
 CONSTRAINT_ENGINES = ("tiered", "outlines", "llguidance")
 
@@ -35,12 +38,29 @@ class Settings:
     compile_timeout: float = _option(
         "Seconds a constraint may compile before its worker is killed and the request "
         "gets a 400.", default=60.0)
+    remember_failures_s: float = _option(
+        "Seconds a constraint that failed to compile is remembered (its requests go "
+        "straight to llguidance, or get the same 400) before it is compiled again.",
+        default=600.0)
     max_index_mib: int = _option(
         "Largest compiled constraint (index and mask table) kept, in MiB; larger ones "
         "are refused with a 400.", default=256)
     max_compile_memory_mib: int = _option(
-        "Address-space cap of a compile worker in MiB (0: none); a compile over it "
-        "fails that request only.", default=0)
+        "Memory a compile may take in a worker, in MiB (0: half the machine's memory "
+        "shared among the workers, at most 8 GiB each; -1: no bound); a compile over it "
+        "ends its worker and fails that constraint only.", default=0)
+    max_schema_kib: int = _option(
+        "Largest JSON schema (or grammar, choice list) a request may send, in KiB; "
+        "larger is a 400.", default=Limits.schema_kib)
+    max_schema_depth: int = _option(
+        "Deepest nesting of objects and arrays in a request's JSON schema; deeper is a "
+        "400.", default=Limits.depth)
+    max_choices: int = _option(
+        "Most values in a `choice` list or a schema's `enum`; more is a 400.",
+        default=Limits.choices)
+    max_regex_chars: int = _option(
+        "Longest `regex` constraint, in characters; longer is a 400.",
+        default=Limits.regex_chars)
     index_cache_memory_mib: int = _option(
         "Memory for compiled constraints kept ready, in MiB (least recently used go).",
         default=1024)
@@ -70,6 +90,21 @@ class Settings:
     @property
     def workers(self) -> int:
         return self.compile_workers or default_compile_workers()
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(schema_kib=self.max_schema_kib, depth=self.max_schema_depth,
+                      choices=self.max_choices, regex_chars=self.max_regex_chars)
+
+    @property
+    def compile_memory_bytes(self) -> int:
+        """The memory bound of one compile (0: none)."""
+        if self.max_compile_memory_mib > 0:
+            return self.max_compile_memory_mib * 2**20
+        if self.max_compile_memory_mib < 0:
+            return 0
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return min(_MAX_AUTO_COMPILE_MEMORY, physical // 2 // self.workers)
 
     def disk_dir(self, cache_root: Path) -> Path | None:
         if self.index_cache_dir == "off":

@@ -7,6 +7,10 @@ request whose index is not ready does not wait for it: it decodes on llguidance,
 the index arrives, the tokens it has accepted so far are replayed through the index to
 find its state there. If the index refuses them (the engines disagree), the request stays
 on llguidance. Either way later requests with the same constraint start on the index.
+
+The other way round too: an index read from a cache is checked block by block as a request
+reaches each part of it. A block found corrupt mid-request is the server's fault, not the
+client's, so llguidance takes over (`IndexWithFallback`) and the request goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from dotllm.compiler.compiled import CorruptEntry
 from dotllm.compiler.pool import CompileFailed
 from dotllm.compiler.spec import ConstraintError
 from dotllm.guide import Guide
@@ -30,8 +35,10 @@ class TieredGuide:
     """
 
     def __init__(self, first: LLGuidanceGuide, index: Future, eos_token_id: int,
-                 on_handover: Callable[[str], None]):
-        self._current: LLGuidanceGuide | Guide = first
+                 on_handover: Callable[[str], None],
+                 make_llguidance: Callable[[], LLGuidanceGuide]):
+        self._current: LLGuidanceGuide | IndexWithFallback = first
+        self._make_llguidance = make_llguidance
         self._index: Future | None = index
         self._eos = eos_token_id
         self._accepted: list[int] = []  # replayed through the index when it arrives
@@ -53,7 +60,8 @@ class TieredGuide:
         except (CompileFailed, ConstraintError) as e:
             self._on_handover(getattr(e, "kind", "invalid"))
             return False
-        guide = Guide(compiled, self._eos)
+        guide = IndexWithFallback(Guide(compiled, self._eos), self._make_llguidance,
+                                  self._on_handover)
         if guide.accept_tokens(accepted) and guide.accept_tokens(tokens):
             self._current = guide
             self._on_handover("switched")
@@ -91,3 +99,85 @@ class TieredGuide:
 
     def fill_row(self, out: np.ndarray) -> None:
         self._current.fill_row(out)
+
+
+class ServerFault(Exception):
+    """The request cannot go on for a fault of the server's (not the constraint's)."""
+
+
+class IndexWithFallback:
+    """`Guide`'s interface over an index; where a block of it turns out corrupt, a fresh
+    llguidance guide replays the tokens accepted so far and serves the rest of the
+    request. `on_fallback("corrupt")` hears of it; ServerFault if llguidance cannot
+    serve the constraint either."""
+
+    def __init__(self, index: Guide, make_llguidance: Callable[[], LLGuidanceGuide],
+                 on_fallback: Callable[[str], None]):
+        self._current: Guide | LLGuidanceGuide = index
+        self._make_llguidance = make_llguidance
+        self._on_fallback = on_fallback
+        self._tokens: list[int] = []  # accepted on the index, for the replay
+
+    @property
+    def tier(self) -> str:
+        return self._current.tier
+
+    @property
+    def error(self) -> str | None:
+        return self._current.error
+
+    def _fall_back(self, corrupt: CorruptEntry) -> None:
+        try:
+            guide = self._make_llguidance()
+        except ConstraintError as e:
+            raise ServerFault(f"the cached compiled constraint is corrupt ({corrupt}) and "
+                              f"llguidance cannot serve it ({e}); it was dropped: retry "
+                              "the request") from None
+        if not guide.accept_tokens(self._tokens):
+            raise ServerFault(f"the cached compiled constraint is corrupt ({corrupt}) and "
+                              "llguidance does not allow what it wrote so far; it was "
+                              "dropped: retry the request")
+        self._current, self._tokens = guide, []
+        self._on_fallback("corrupt")
+
+    def _on_index(self) -> bool:
+        return isinstance(self._current, Guide)
+
+    def accept_tokens(self, tokens: list[int]) -> bool:
+        if self._on_index():
+            try:
+                if not self._current.accept_tokens(tokens):
+                    return False
+                self._tokens.extend(tokens)
+                return True
+            except CorruptEntry as e:
+                self._fall_back(e)
+        return self._current.accept_tokens(tokens)
+
+    def validate_tokens(self, tokens: list[int]) -> list[int]:
+        if self._on_index():
+            try:
+                return self._current.validate_tokens(tokens)
+            except CorruptEntry as e:
+                self._fall_back(e)
+        return self._current.validate_tokens(tokens)
+
+    def fill_row(self, out: np.ndarray) -> None:
+        if self._on_index():
+            try:
+                return self._current.fill_row(out)
+            except CorruptEntry as e:
+                self._fall_back(e)
+        return self._current.fill_row(out)
+
+    def rollback(self, num_tokens: int) -> None:
+        self._current.rollback(num_tokens)
+        if self._on_index() and num_tokens > 0:
+            del self._tokens[max(0, len(self._tokens) - num_tokens):]
+
+    def reset(self) -> None:
+        self._current.reset()
+        self._tokens.clear()
+
+    def is_terminated(self) -> bool:
+        return self._current.is_terminated()

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
-from dotllm.compiler.spec import ConstraintError
+from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.guide import Guide
 from dotllm.llguidance_guide import LLGuidanceGuide
 from dotllm.settings import Settings
@@ -83,24 +84,56 @@ def test_what_neither_engine_serves_names_both_reasons(backend):
             {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}))
 
 
-def test_a_corrupt_block_ends_the_request_with_its_reason(tokenizer, vocabulary):
-    """vLLM's scheduler ends a request whose tokens are refused; the engine keeps going."""
+def _corrupt_regex_index(vocabulary, regex: str):
     from dotllm.compiler.compiled import CompiledIndex
-    from dotllm.vllm_ext import compile_errors
-    from dotllm.vllm_ext.backend import DotllmGrammar
 
-    compiled = CompiledIndex.build("[0-9]{3}", vocabulary.inner, vocabulary.size,
+    compiled = CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
                                    vocabulary.eos_token_id)
     data = bytearray(compiled.to_bytes())
     data[-3] ^= 0xFF  # the last mask row: not the initial state's
     loaded = CompiledIndex.from_buffer(bytes(data))
     assert int(loaded.table.state_rows[loaded.initial_state]) != len(loaded.table.rows) - 1
-    grammar = DotllmGrammar(Guide(loaded, vocabulary.eos_token_id))
+    return loaded
+
+
+def test_a_corrupt_block_hands_the_request_to_llguidance(backend, tokenizer, vocabulary):
+    """A cached index found corrupt mid-request is the server's fault: llguidance takes
+    over with the tokens so far, and the request is served, not failed."""
+    from dotllm.tiers import IndexWithFallback
+    from dotllm.vllm_ext.backend import DotllmGrammar
+
+    spec = ConstraintSpec.regex("[0-9]{3}")
+    outcomes = []
+    guide = IndexWithFallback(Guide(_corrupt_regex_index(vocabulary, "[0-9]{3}"),
+                                    vocabulary.eos_token_id),
+                              lambda: backend.llguidance_guide(spec), outcomes.append)
+    grammar = DotllmGrammar(guide, vocabulary.eos_token_id)
+    row = torch.zeros((1, (vocabulary.size + 31) // 32), dtype=torch.int32)
+    for token in tokenizer.encode("123", add_special_tokens=False):
+        grammar.fill_bitmask(row, 0)  # a later state's row is the corrupt one
+        assert grammar.accept_tokens("req-1", [token])
+    assert grammar.accept_tokens("req-1", [vocabulary.eos_token_id])
+    assert grammar.is_terminated() and outcomes == ["corrupt"]
+    assert guide.tier == "llguidance"
+
+
+def test_a_corrupt_block_llguidance_cannot_take_over_is_a_server_fault(tokenizer, vocabulary):
+    """Then the request ends as the server's fault (a 503 that says to retry), never a 400."""
+    from dotllm.tiers import IndexWithFallback
+    from dotllm.vllm_ext import compile_errors
+    from dotllm.vllm_ext.backend import DotllmGrammar
+
+    def no_llguidance():
+        raise ConstraintError("llguidance cannot either: for this test")
+
+    guide = IndexWithFallback(Guide(_corrupt_regex_index(vocabulary, "[0-9]{3}"),
+                                    vocabulary.eos_token_id), no_llguidance, lambda _: None)
+    grammar = DotllmGrammar(guide, vocabulary.eos_token_id)
     tokens = tokenizer.encode("123", add_special_tokens=False) + [vocabulary.eos_token_id]
     assert grammar.validate_tokens(tokens) == []
-    assert not grammar.accept_tokens("req-1", tokens)
-    assert "corrupt" in compile_errors._take("req-1")
-    assert grammar.guide.num_accepted == 0
+    assert not grammar.accept_tokens("req-2", tokens)
+    reason = compile_errors._take("req-2")
+    assert reason.startswith(compile_errors.SERVER_FAULT) and "retry" in reason
 
 
 @pytest.mark.parametrize("engine", ["outlines", "llguidance"])
@@ -111,7 +144,7 @@ def test_one_engine_alone(backend, tokenizer, monkeypatch, engine):
     monkeypatch.setattr(backend, "settings", Settings(constraint_engine=engine))
     compiles = backend.metrics.compiles._value.get()
     grammar = backend.compile_grammar(StructuredOutputOptions.REGEX, f"[0-9]{{3}}{engine}")
-    assert isinstance(grammar.guide, Guide if engine == "outlines" else LLGuidanceGuide)
+    assert grammar.guide.tier == ("index" if engine == "outlines" else "llguidance")
     tokens = tokenizer.encode(f"123{engine}", add_special_tokens=False)
     assert grammar.accept_tokens("r", tokens + [tokenizer.eos_token_id])
     keywords = '{"type": "integer", "maximum": 20}'
@@ -133,7 +166,7 @@ def test_tokens_are_counted_by_tier_in_batches(backend, tokenizer):
     yes = tokenizer.encode("yes", add_special_tokens=False)
     index_before, ll_before = counted("index"), counted("llguidance")
     grammar = backend.compile_grammar(StructuredOutputOptions.CHOICE, '["yes", "no"]')
-    assert isinstance(grammar.guide, Guide)  # compiled by the first test
+    assert grammar.guide.tier == "index"  # compiled by the first test
     assert grammar.accept_tokens("r", yes)
     assert counted("index") == index_before  # not yet
     assert grammar.accept_tokens("r", [tokenizer.eos_token_id])

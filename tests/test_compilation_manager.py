@@ -102,17 +102,78 @@ def test_timeout_kills_the_worker_and_the_pool_recovers(make_manager):
     assert manager.stats["compiles"] == 2
 
 
-def test_a_worker_that_dies_fails_only_its_own_compile(make_manager, new_worker):
+def kill_each_new_worker(new_worker, times: int) -> threading.Thread:
+    """Kill the pool's worker once it is busy compiling, `times` times (each replacement
+    too), as outlines-core aborting on a panic, the OOM killer or an operator would."""
+    def run():
+        seen: set[int] = set()
+        while len(seen) < times:
+            try:
+                worker = new_worker()
+            except ValueError:  # between a death and its replacement
+                time.sleep(0.05)
+                continue
+            if worker.pid not in seen and worker.cpu_percent(0.3) > 50:  # compiling
+                seen.add(worker.pid)
+                worker.kill()
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_worker_that_keeps_dying_fails_only_its_own_compile(make_manager, new_worker):
     manager = make_manager(workers=1, timeout_s=120)
     manager.get(QUICK).result(timeout=120)  # the worker is up
     doomed = manager.get(EXPLODING)
-    worker = new_worker()
-    threading.Timer(1.0, worker.kill).start()  # as outlines-core aborting on a panic would
-    with pytest.raises(CompileFailed, match="worker died") as info:
-        doomed.result(timeout=60)
+    kill_each_new_worker(new_worker, times=2)  # the compile, and its second try
+    with pytest.raises(CompileFailed, match="worker died .* 2 times") as info:
+        doomed.result(timeout=120)
     assert info.value.kind == "crash"
     ok = manager.get(ConstraintSpec.regex("[xyz]{2}"))
     assert ok.result(timeout=120).num_states > 0
+
+
+def test_a_worker_killed_once_mid_compile_costs_a_retry_not_a_failure(make_manager,
+                                                                       new_worker):
+    manager = make_manager(workers=1, timeout_s=120)
+    manager.get(QUICK).result(timeout=120)
+    slow = ConstraintSpec.regex("[ab]{0,6}a[ab]{14}")  # ~3 s here
+    future = manager.get(slow)
+    kill_each_new_worker(new_worker, times=1).join(timeout=60)
+    assert future.result(timeout=120).num_states > 0
+    assert manager.pool.restarts == 1 and manager.stats["failed_crash"] == 0
+
+
+def test_a_worker_killed_while_idle_is_no_ones_fault(make_manager, new_worker):
+    """Killed between compiles (an OOM kill, an operator): the next, unrelated constraint
+    is compiled on a fresh worker, not told its worker died."""
+    manager = make_manager(workers=1, timeout_s=120)
+    manager.get(QUICK).result(timeout=120)
+    idle = new_worker()
+    idle.kill()
+    idle.wait(timeout=10)
+    assert manager.get(ConstraintSpec.regex("[uvw]{3}")).result(timeout=120).num_states > 0
+    assert manager.stats["failed_crash"] == 0
+
+
+def test_remembered_failures_expire(vocabulary, tmp_path):
+    pool = CompilePool(vocabulary, workers=1, limits=PoolLimits(timeout_s=2))
+    manager = CompilationManager(vocabulary, IndexCache(disk_dir=None), pool,
+                                 failure_ttl_s=1.0)
+    try:
+        with pytest.raises(CompileFailed):
+            manager.get(EXPLODING).result(timeout=60)
+        with pytest.raises(CompileFailed):
+            manager.get(EXPLODING).result(timeout=1)  # remembered: no compile
+        assert manager.stats["compiles"] == 1
+        time.sleep(1.1)
+        with pytest.raises(CompileFailed):
+            manager.get(EXPLODING).result(timeout=60)
+        assert manager.stats["compiles"] == 2
+    finally:
+        manager.shutdown()
 
 
 def test_index_over_the_size_budget_is_refused(make_manager):
@@ -138,7 +199,7 @@ def test_compile_over_the_memory_cap_aborts_only_its_worker(make_manager):
     with pytest.raises(CompileFailed, match="worker died") as info:
         manager.get(ConstraintSpec.json_object()).result(timeout=120)  # needs far more
     assert info.value.kind == "crash"
-    assert manager.pool.restarts == 1
+    assert manager.pool.restarts == 2  # tried again once on a fresh worker
     assert manager.get(QUICK).result(timeout=120).num_states > 0
 
 

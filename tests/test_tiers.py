@@ -41,11 +41,14 @@ def ll_tokenizer(tokenizer, vocabulary):
 
 @pytest.fixture
 def tiered(spec, ll_tokenizer, vocabulary):
+    def llguidance_guide():
+        matcher = llguidance.LLMatcher(ll_tokenizer, llguidance_grammar.grammar_for(spec))
+        return LLGuidanceGuide(matcher, vocabulary.eos_token_id)
+
     def make(index: Future):
         outcomes = []
-        matcher = llguidance.LLMatcher(ll_tokenizer, llguidance_grammar.grammar_for(spec))
-        guide = TieredGuide(LLGuidanceGuide(matcher, vocabulary.eos_token_id), index,
-                            vocabulary.eos_token_id, outcomes.append)
+        guide = TieredGuide(llguidance_guide(), index, vocabulary.eos_token_id,
+                            outcomes.append, llguidance_guide)
         return guide, outcomes
     return make
 

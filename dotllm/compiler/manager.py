@@ -3,14 +3,16 @@
 A request's constraint is looked up in the cache (memory, disk, remote); on a miss it is
 compiled once in the process pool, while every other request for the same key waits on
 the same Future. A constraint that failed to compile (invalid, too large, too slow, or
-crashed its worker) is remembered, so the same bad input does not cost a compile, or a
-worker, on every request.
+crashed its worker twice) is remembered for a while (`failure_ttl_s`), so the same bad
+input does not cost a compile, or a worker, on every request, and a failure the server
+caused (a loaded machine timing a compile out) does not stay with a schema for good.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -37,7 +39,7 @@ class IndexFuture(Future):
 
 class CompilationManager:
     def __init__(self, vocabulary: Vocabulary, cache: IndexCache, pool: CompilePool,
-                 metrics: CompileMetrics | None = None):
+                 metrics: CompileMetrics | None = None, failure_ttl_s: float = 600.0):
         self.vocabulary = vocabulary
         self.cache = cache
         self.pool = pool
@@ -45,7 +47,8 @@ class CompilationManager:
         self.stats: Counter[str] = Counter()
         self.compile_seconds: OrderedDict[str, float] = OrderedDict()  # key -> worker time
         self._inflight: dict[str, Future] = {}
-        self._failures: OrderedDict[str, Exception] = OrderedDict()
+        self._failures: OrderedDict[str, tuple[Exception, float]] = OrderedDict()
+        self.failure_ttl_s = failure_ttl_s
         self._lock = threading.Lock()
         # Lookups wait on disk, remote stores and the pool: threads, not CPU.
         self._lookups = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dotllm-lookup")
@@ -61,8 +64,11 @@ class CompilationManager:
             self.metrics.requests.inc()
         with self._lock:
             if (failure := self._failures.get(key)) is not None:
-                self.stats["remembered_failure"] += 1
-                return _done(exception=failure)
+                error, until = failure
+                if time.monotonic() < until:
+                    self.stats["remembered_failure"] += 1
+                    return _done(exception=error)
+                del self._failures[key]
             if (item := self.cache.get_from_memory(key)) is not None:
                 return _done(result=item)
             if (future := self._inflight.get(key)) is not None:
@@ -131,7 +137,7 @@ class CompilationManager:
         if self.metrics:
             self.metrics.failures.labels(reason=kind).inc()
         with self._lock:
-            _remember(self._failures, key, error)
+            _remember(self._failures, key, (error, time.monotonic() + self.failure_ttl_s))
 
     def shutdown(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)

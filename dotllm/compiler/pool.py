@@ -25,6 +25,7 @@ from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 
 _WORKER_NICENESS = 10  # added to the compile workers' scheduling niceness
+CRASH_RETRIES = 1  # times a compile whose worker died is tried again on a fresh one
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 class CompileResult:
     data: bytes  # CompiledIndex.to_bytes()
     seconds: float  # compile time in the worker, queueing excluded
+
+
+class _IdleWorkerGone(Exception):
+    """The worker was gone before the compile reached it (killed while idle)."""
 
 
 class CompileFailed(Exception):
@@ -119,6 +124,11 @@ class _Worker:
         self.conn.close()
 
 
+@dataclass
+class _Slot:
+    worker: _Worker | None = None
+
+
 class CompilePool:
     """`submit(spec)` -> Future[CompileResult]; at most `workers` compiles at once.
 
@@ -169,35 +179,59 @@ class CompilePool:
         return worker
 
     def _serve(self) -> None:
-        worker: _Worker | None = None
+        slot = _Slot()  # this thread's worker
         try:
             while (job := self._jobs.get()) is not None:
                 spec, future = job
                 if not future.set_running_or_notify_cancel():
                     continue
                 try:
-                    if worker is None:
-                        worker = self._start_worker()
-                    future.set_result(self._run(worker, spec))
+                    future.set_result(self._compile(slot, spec))
                 except CompileFailed as e:
-                    if e.kind in ("timeout", "crash") and worker is not None:
-                        worker.stop()
-                        worker = None
-                        self.restarts += 1
                     future.set_exception(e)
                 except Exception as e:  # never leave a waiter hanging
                     logger.exception("compile pool error")
                     future.set_exception(CompileFailed(f"compile failed: {e}", "crash"))
-                    if worker is not None:
-                        worker.stop()
-                        worker = None
+                    self._replace_worker(slot)
         finally:
-            if worker is not None:
-                worker.stop()
+            if slot.worker is not None:
+                slot.worker.stop()
+
+    def _replace_worker(self, slot: _Slot) -> None:
+        if slot.worker is not None:
+            slot.worker.stop()
+            slot.worker = None
+            self.restarts += 1
+
+    def _compile(self, slot: _Slot, spec: ConstraintSpec) -> CompileResult:
+        """One compile; a worker that dies during it is replaced and the compile tried
+        again (`CRASH_RETRIES`): killed from outside, it succeeds the second time; a
+        compile that kills its worker every time is then its own failure. A worker that
+        died before the compile began (killed while idle) is not this compile's fault."""
+        crashes = 0
+        while True:
+            if slot.worker is not None and not slot.worker.process.is_alive():
+                self._replace_worker(slot)
+            if slot.worker is None:
+                slot.worker = self._start_worker()
+            try:
+                return self._run(slot.worker, spec)
+            except _IdleWorkerGone:
+                self._replace_worker(slot)
+            except CompileFailed as e:
+                if e.kind in ("timeout", "crash"):
+                    self._replace_worker(slot)
+                if e.kind != "crash" or crashes >= CRASH_RETRIES:
+                    raise
+                crashes += 1
+                logger.warning("a compile worker died compiling a constraint; trying again")
 
     def _run(self, worker: _Worker, spec: ConstraintSpec) -> CompileResult:
         try:
             worker.conn.send(spec)
+        except OSError:
+            raise _IdleWorkerGone() from None
+        try:
             if not worker.conn.poll(self.limits.timeout_s):
                 raise CompileFailed(
                     f"compiling the constraint took longer than {self.limits.timeout_s:g} s",
@@ -207,8 +241,8 @@ class CompilePool:
             worker.process.join(timeout=1)
             code = worker.process.exitcode
             raise CompileFailed(
-                f"the compile worker died (exit code {code}) compiling this constraint",
-                "crash") from None
+                f"the compile worker died (exit code {code}) compiling this constraint "
+                f"{CRASH_RETRIES + 1} times", "crash") from None
         if reply[0] == "ok":
             return CompileResult(reply[1], reply[2])
         raise CompileFailed(reply[2], reply[1])

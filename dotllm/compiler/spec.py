@@ -19,12 +19,12 @@ from outlines_core.json_schema import build_regex_from_schema
 
 from dotllm.compiler import ecma_regex, enforcement, outlines_schema
 from dotllm.compiler.errors import ConstraintError
+from dotllm.compiler.limits import Limits
+
+DEFAULT_LIMITS = Limits()
 
 # Keys whose object value is an ordered list of members, not a set of keywords.
 _ORDERED_MEMBERS = frozenset({"properties"})
-
-# A longer pattern is a client error (and Python's re.compile of a huge one takes minutes).
-MAX_REGEX_CHARS = 65536
 
 # Bumped whenever a constraint's regex changes for the same constraint (the schema
 # rewriting, regex translation, formats): indexes cached before are then not reused.
@@ -64,6 +64,21 @@ def _dumps(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _json_value(value, what: str, limits: Limits):
+    """`value` parsed if it is text, checked against `limits` either way."""
+    if isinstance(value, str):
+        limits.check_text(value, what)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"{what} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConstraintError(f"{what} nests deeper than {limits.depth} levels "
+                                  "(--dotllm-max-schema-depth)") from None
+    limits.check_json(value, what)
+    return value
+
+
 @dataclass(frozen=True)
 class ConstraintSpec:
     kind: ConstraintKind
@@ -71,12 +86,9 @@ class ConstraintSpec:
     whitespace_pattern: str | None = None
 
     @classmethod
-    def json_schema(cls, schema: str | dict, whitespace_pattern: str | None = None):
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise ConstraintError(f"JSON schema is not valid JSON: {e}") from None
+    def json_schema(cls, schema: str | dict, whitespace_pattern: str | None = None,
+                    limits: Limits = DEFAULT_LIMITS):
+        schema = _json_value(schema, "JSON schema", limits)
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError("JSON schema must be an object or a boolean")
         return cls(ConstraintKind.JSON, _dumps(_canonical(schema)), whitespace_pattern)
@@ -87,37 +99,38 @@ class ConstraintSpec:
                    whitespace_pattern)
 
     @classmethod
-    def regex(cls, pattern: str):
+    def regex(cls, pattern: str, limits: Limits = DEFAULT_LIMITS):
         if not isinstance(pattern, str) or not pattern:
             raise ConstraintError("regex must be a non-empty string")
+        limits.check_regex(pattern)
         return cls(ConstraintKind.REGEX, pattern)
 
     @classmethod
-    def choice(cls, choices: list[str] | str):
+    def choice(cls, choices: list[str] | str, limits: Limits = DEFAULT_LIMITS):
         if isinstance(choices, str):
+            limits.check_text(choices, "choice")
             try:
                 choices = json.loads(choices)
             except json.JSONDecodeError as e:
                 raise ConstraintError(f"choice is not a JSON list of strings: {e}") from None
         if not isinstance(choices, list) or not choices:
             raise ConstraintError("choice must be a non-empty list of strings")
+        limits.check_choices(len(choices), "choice")
         if not all(isinstance(c, str) for c in choices):
             raise ConstraintError("every choice must be a string")
+        limits.check_text(_dumps(choices), "choice")
         return cls(ConstraintKind.CHOICE, _dumps(choices))
 
     @classmethod
-    def grammar(cls, text: str):
+    def grammar(cls, text: str, limits: Limits = DEFAULT_LIMITS):
         if not isinstance(text, str) or not text.strip():
             raise ConstraintError("grammar must be a non-empty string")
+        limits.check_text(text, "grammar")
         return cls(ConstraintKind.GRAMMAR, text)
 
     @classmethod
-    def structural_tag(cls, payload: str | dict):
-        if isinstance(payload, str):
-            try:
-                payload = json.loads(payload)
-            except json.JSONDecodeError as e:
-                raise ConstraintError(f"structural_tag is not valid JSON: {e}") from None
+    def structural_tag(cls, payload: str | dict, limits: Limits = DEFAULT_LIMITS):
+        payload = _json_value(payload, "structural_tag", limits)
         if not isinstance(payload, dict):
             raise ConstraintError("structural_tag must be a JSON object")
         return cls(ConstraintKind.STRUCTURAL_TAG, _dumps(_canonical(payload)))
@@ -137,9 +150,6 @@ class ConstraintSpec:
         builds. That happens in a compile worker (`to_regex`), under its time limit.
         """
         if self.kind is ConstraintKind.REGEX:
-            if len(self.source) > MAX_REGEX_CHARS:
-                raise ConstraintError(
-                    f"regex is {len(self.source)} characters long, over {MAX_REGEX_CHARS}")
             ecma_regex.translate(self.source, ecma_regex.Mode.FULL)
         if self.kind in _JSON_KINDS:
             if found := enforcement.never_enforced(self.schema):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.structured_output.backend_types import (
@@ -21,7 +22,6 @@ from vllm.v1.structured_output.backend_types import (
 from dotllm import embedded_model
 from dotllm.compiler import llguidance_grammar
 from dotllm.compiler.cache import IndexCache
-from dotllm.compiler.compiled import CorruptEntry
 from dotllm.compiler.manager import CompilationManager
 from dotllm.compiler.metrics import CompileMetrics
 from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
@@ -30,7 +30,7 @@ from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
 from dotllm.llguidance_guide import LLGuidanceGuide
 from dotllm.settings import Settings
-from dotllm.tiers import TieredGuide
+from dotllm.tiers import IndexWithFallback, ServerFault, TieredGuide
 from dotllm.vllm_ext import compile_errors
 from dotllm.vllm_ext.constraints import spec_from_params
 
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 # ends the wait at once.
 _WARM_LOOKUP_S = 0.005
 _COUNT_EVERY = 256  # tokens a request accepts before they are added to the metric
-_CORRUPT = "the cached compiled constraint is corrupt and was dropped; retrying recompiles it"
 
 
 def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
@@ -57,9 +56,10 @@ def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
 
 
 class DotllmGrammar(StructuredOutputGrammar):
-    def __init__(self, guide: Guide | LLGuidanceGuide | TieredGuide,
-                 count_tokens: Callable[[str, int], None] | None = None):
+    def __init__(self, guide: IndexWithFallback | LLGuidanceGuide | TieredGuide,
+                 eos_token_id: int, count_tokens: Callable[[str, int], None] | None = None):
         self.guide = guide
+        self._eos = eos_token_id
         # Tokens per tier, reported in batches: a metric write costs about what the index
         # tier spends on a token.
         self._count_tokens = count_tokens
@@ -69,8 +69,8 @@ class DotllmGrammar(StructuredOutputGrammar):
         # False ends the request with an error (vLLM's scheduler); the engine keeps going.
         try:
             accepted = self.guide.accept_tokens(tokens)
-        except CorruptEntry as e:
-            compile_errors.record(request_id, f"{_CORRUPT}: {e}")
+        except ServerFault as e:
+            compile_errors.record_server_fault(request_id, str(e))
             return False
         if not accepted and (error := self.guide.error):
             compile_errors.record(
@@ -95,14 +95,20 @@ class DotllmGrammar(StructuredOutputGrammar):
     def validate_tokens(self, tokens: list[int]) -> list[int]:
         try:
             return self.guide.validate_tokens(tokens)
-        except CorruptEntry:
-            return []  # the next accept_tokens meets the same block and ends the request
+        except ServerFault:
+            return []  # the next accept_tokens meets the same fault and ends the request
 
     def rollback(self, num_tokens: int) -> None:
         self.guide.rollback(num_tokens)
 
     def fill_bitmask(self, bitmask: torch.Tensor, batch_index: int) -> None:
-        self.guide.fill_row(bitmask[batch_index].numpy())
+        row = bitmask[batch_index].numpy()
+        try:
+            self.guide.fill_row(row)
+        except ServerFault:  # only EOS: the accept that follows ends the request
+            words = row.view(np.uint32)
+            words.fill(0)
+            words[self._eos >> 5] = 1 << (self._eos & 31)
 
     def is_terminated(self) -> bool:
         return self.guide.is_terminated()
@@ -126,11 +132,12 @@ class DotllmBackend(StructuredOutputBackend):
         limits = PoolLimits(
             timeout_s=s.compile_timeout,
             max_index_bytes=s.max_index_mib * 2**20,
-            max_worker_memory_bytes=s.max_compile_memory_mib * 2**20,
+            max_worker_memory_bytes=s.compile_memory_bytes,
         )
         pool = CompilePool(self.vocabulary, workers=s.workers, limits=limits)
         self.metrics = CompileMetrics()
-        self.manager = CompilationManager(self.vocabulary, cache, pool, self.metrics)
+        self.manager = CompilationManager(self.vocabulary, cache, pool, self.metrics,
+                                          failure_ttl_s=s.remember_failures_s)
         self._ll_tokenizer = llguidance_tokenizer(self.tokenizer, self.vocab_size)
         self._eos = self.vocabulary.eos_token_id
         logger.info("DotLLM structured outputs: %d compile workers, cache %s",
@@ -155,11 +162,12 @@ class DotllmBackend(StructuredOutputBackend):
                 try:
                     first = self.llguidance_guide(spec)
                 except ConstraintError as not_llguidance:  # only the index can serve it
-                    return self._indexed(index, not_llguidance)
+                    return self._indexed(index, spec, not_llguidance)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
-                return self._grammar(TieredGuide(first, index, self._eos, self._handed_over))
+                return self._grammar(TieredGuide(first, index, self._eos, self._handed_over,
+                                                 lambda: self.llguidance_guide(spec)))
             try:
-                return self._indexed(index)
+                return self._indexed(index, spec)
             except CompileFailed as e:
                 refusal, reason = str(e), e.kind
             except ConstraintError as e:
@@ -174,7 +182,7 @@ class DotllmBackend(StructuredOutputBackend):
         self.metrics.tier_start.labels(tier="llguidance").inc()
         return self._grammar(guide)
 
-    def _indexed(self, index: Future,
+    def _indexed(self, index: Future, spec: ConstraintSpec,
                  not_llguidance: ConstraintError | None = None) -> DotllmGrammar:
         """The index's guide, waiting for it; its failure says why llguidance could not."""
         try:
@@ -184,13 +192,16 @@ class DotllmBackend(StructuredOutputBackend):
                 raise
             raise ConstraintError(f"{e}; {not_llguidance}") from None
         self.metrics.tier_start.labels(tier="index").inc()
-        return self._grammar(Guide(compiled, self._eos))
+        return self._grammar(IndexWithFallback(Guide(compiled, self._eos),
+                                               lambda: self.llguidance_guide(spec),
+                                               self._handed_over))
 
     def _handed_over(self, outcome: str) -> None:
         self.metrics.tier_handover.labels(outcome=outcome).inc()
 
-    def _grammar(self, guide: Guide | LLGuidanceGuide | TieredGuide) -> DotllmGrammar:
-        return DotllmGrammar(guide, self._count_tokens)
+    def _grammar(self, guide: IndexWithFallback | LLGuidanceGuide | TieredGuide
+                 ) -> DotllmGrammar:
+        return DotllmGrammar(guide, self._eos, self._count_tokens)
 
     def _count_tokens(self, tier: str, count: int) -> None:
         self.metrics.tier_tokens.labels(tier=tier).inc(count)

@@ -26,6 +26,7 @@ from dotllm.vllm_ext.patching import api_server_module, replace_attribute
 
 NAME = "compile_errors"
 MARKER = "dotllm-constraint-error: "
+SERVER_FAULT = "dotllm-server-fault: "  # the server's fault: a 503 the client may retry
 
 # Bounded: a request aborted before its error output is built never collects its entry.
 _MAX_PENDING = 10_000
@@ -35,8 +36,18 @@ _lock = threading.Lock()
 
 def record(request_id: str, message: str) -> None:
     """Engine core: remember why this request's constraint failed to compile."""
+    _put(request_id, MARKER + message)
+
+
+def record_server_fault(request_id: str, message: str) -> None:
+    """Engine core: remember that this request ended for a fault of the server's (its
+    client gets a 503 that says to retry, never a 400)."""
+    _put(request_id, SERVER_FAULT + message)
+
+
+def _put(request_id: str, reason: str) -> None:
     with _lock:
-        _failures[request_id] = message
+        _failures[request_id] = reason
         while len(_failures) > _MAX_PENDING:
             _failures.popitem(last=False)
 
@@ -50,8 +61,8 @@ def _engine_output_factory(output_cls, finish_error):
     def engine_core_output(*args, **kwargs):
         if kwargs.get("finish_reason") == finish_error and kwargs.get("stop_reason") is None:
             request_id = kwargs.get("request_id", args[0] if args else None)
-            if (message := _take(request_id)) is not None:
-                kwargs["stop_reason"] = MARKER + message
+            if (reason := _take(request_id)) is not None:
+                kwargs["stop_reason"] = reason
         return output_cls(*args, **kwargs)
 
     return engine_core_output
@@ -65,13 +76,25 @@ def _raising_constraint_failures(generate, error_cls):
             super().__init__(message)
             self.status_code = HTTPStatus.BAD_REQUEST
 
+    class ConstraintServerFault(error_cls):
+        """vLLM's GenerationError as a 503: the server's fault, worth a retry."""
+
+        def __init__(self, message: str):
+            super().__init__(message)
+            self.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
     async def generate_outputs(self, *args, **kwargs):
         async for output in generate(self, *args, **kwargs):
             for completion in getattr(output, "outputs", ()):
                 reason = completion.stop_reason
-                if isinstance(reason, str) and reason.startswith(MARKER):
+                if not isinstance(reason, str):
+                    continue
+                if reason.startswith(MARKER):
                     raise ConstraintCompileError(
                         f"Invalid structured output: {reason[len(MARKER):]}")
+                if reason.startswith(SERVER_FAULT):
+                    raise ConstraintServerFault(
+                        f"Structured output failed: {reason[len(SERVER_FAULT):]}")
             yield output
 
     return generate_outputs
