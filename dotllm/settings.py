@@ -64,6 +64,9 @@ class Settings:
     index_cache_memory_mib: int = _option(
         "Memory for compiled constraints kept ready, in MiB (least recently used go).",
         default=1024)
+    index_cache_disk_mib: int = _option(
+        "Disk for compiled constraints, in MiB (least recently used go; 0: unbounded).",
+        default=4096)
     index_cache_dir: str = _option(
         "Disk cache of compiled constraints (default: <cache dir>/indexes; 'off': none).",
         default="")

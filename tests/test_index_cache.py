@@ -107,3 +107,33 @@ def test_a_block_found_corrupt_in_use_is_dropped_from_every_level(tmp_path, item
     assert events == [("hit", "disk"), ("corrupt", "disk")]
     assert cache.get("k") == (None, None)  # not in memory, on disk or remote any more
     assert not path.exists() and not list((tmp_path / "shared").glob("*.idx"))
+
+
+def test_disk_is_bounded_least_recently_used_first(tmp_path, items):
+    import os
+    import time
+
+    sizes = {k: len(item.to_bytes()) for k, item in items.items()}
+    budget = sizes["a"] + sizes["b"] + sizes["c"] - 1  # one of the three must go
+    writer = IndexCache(disk_dir=tmp_path, disk_bytes=budget)
+    writer.put("a", items["a"])
+    writer.put("b", items["b"])
+    old = time.time() - 100
+    for key in ("a", "b"):
+        path = writer.disk._path(key)
+        os.utime(path, (old, old))
+    reader = IndexCache(disk_dir=tmp_path)  # another server sharing the directory
+    held, _ = reader.get("a")  # "a" is used (and stays mapped there): "b" is now oldest
+    writer.put("c", items["c"])
+    present = {k for k in "abc" if writer.disk._path(k).exists()}
+    assert present == {"a", "c"}
+    total = sum(p.stat().st_size for p in tmp_path.rglob("*.idx"))
+    assert total <= budget
+    assert held.num_states == items["a"].num_states  # the mapped entry still reads
+
+
+def test_an_entry_evicted_by_another_server_is_a_miss_here(tmp_path, items):
+    one = IndexCache(disk_dir=tmp_path)
+    one.put("k", items["a"])
+    one.disk.delete("k")  # as another server's eviction would
+    assert IndexCache(disk_dir=tmp_path).get("k") == (None, None)

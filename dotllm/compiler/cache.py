@@ -2,7 +2,11 @@
 
 - memory: an LRU bounded in bytes, holding ready `CompiledIndex` objects;
 - disk: one file per key in a directory, written atomically (temp file + rename), used
-  in place through a read-only memory map (files are replaced, never rewritten);
+  in place through a read-only memory map (files are replaced, never rewritten), bounded
+  in bytes: after each write the least recently used entries go (a hit touches its
+  file). Safe beside other servers sharing the directory: an entry another process has
+  mapped stays readable after it is unlinked, and one deleted before it is opened is a
+  miss;
 - remote: any fsspec URL (a shared directory, s3://bucket/prefix, ...), so replicas behind
   a load balancer compile each schema once between them.
 
@@ -23,6 +27,7 @@ import mmap
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -76,9 +81,11 @@ class MemoryLRU:
 
 
 class DiskStore:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, max_bytes: int = 0):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes  # 0: unbounded
+        self._evicting = threading.Lock()
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.idx"
@@ -89,7 +96,10 @@ class DiskStore:
             with open(self._path(key), "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
                     return b""
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                with contextlib.suppress(OSError):
+                    os.utime(f.fileno())  # recently used: evicted last
+                return data
         except FileNotFoundError:
             return None
 
@@ -107,6 +117,37 @@ class DiskStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        if self.max_bytes:
+            self.evict(keep=path)
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete least recently used entries until the directory fits `max_bytes` (and
+        temporary files a crashed writer left an hour ago); returns the bytes freed."""
+        entries, total, freed = [], 0, 0
+        with self._evicting:
+            for sub in os.scandir(self.directory):
+                if not sub.is_dir():
+                    continue
+                for entry in os.scandir(sub.path):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = entry.stat()
+                        if entry.name.startswith(".tmp-"):
+                            if st.st_mtime < time.time() - 3600:
+                                os.unlink(entry.path)
+                            continue
+                        entries.append((st.st_mtime, st.st_size, entry.path))
+                        total += st.st_size
+            for _, size, path in sorted(entries):
+                if total - freed <= self.max_bytes:
+                    break
+                if keep is not None and path == str(keep):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    freed += size
+        if freed:
+            logger.info("index disk cache: evicted %.0f MiB", freed / 2**20)
+        return freed
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -149,9 +190,9 @@ class IndexCache:
 
     def __init__(self, memory_bytes: int = 1 << 30, disk_dir: Path | None = None,
                  remote_url: str | None = None,
-                 on_event: Callable[[str, str], None] | None = None):
+                 on_event: Callable[[str, str], None] | None = None, disk_bytes: int = 0):
         self.memory = MemoryLRU(memory_bytes)
-        self.disk = DiskStore(disk_dir) if disk_dir is not None else None
+        self.disk = DiskStore(disk_dir, disk_bytes) if disk_dir is not None else None
         self.remote = RemoteStore(remote_url) if remote_url else None
         self.observers: list[Callable[[str, str], None]] = [on_event] if on_event else []
 

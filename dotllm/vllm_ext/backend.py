@@ -128,6 +128,7 @@ class DotllmBackend(StructuredOutputBackend):
             memory_bytes=s.index_cache_memory_mib * 2**20,
             disk_dir=s.disk_dir(embedded_model.cache_root()),
             remote_url=s.index_cache_url or None,
+            disk_bytes=s.index_cache_disk_mib * 2**20,
         )
         limits = PoolLimits(
             timeout_s=s.compile_timeout,
