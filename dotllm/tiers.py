@@ -36,9 +36,11 @@ class TieredGuide:
 
     def __init__(self, first: LLGuidanceGuide, index: Future, eos_token_id: int,
                  on_handover: Callable[[str], None],
-                 make_llguidance: Callable[[], LLGuidanceGuide]):
+                 make_llguidance: Callable[[], LLGuidanceGuide],
+                 release: Callable[[Future, bool], None] = lambda future, abandoned: None):
         self._current: LLGuidanceGuide | IndexWithFallback = first
         self._make_llguidance = make_llguidance
+        self._release = release  # told when this request no longer wants the index
         self._index: Future | None = index
         self._eos = eos_token_id
         self._accepted: list[int] = []  # replayed through the index when it arrives
@@ -55,6 +57,7 @@ class TieredGuide:
             return False
         future, self._index = self._index, None
         accepted, self._accepted = self._accepted, []
+        self._release(future, False)
         try:
             compiled = future.result()
         except (CompileFailed, ConstraintError) as e:
@@ -92,6 +95,13 @@ class TieredGuide:
 
     def is_terminated(self) -> bool:
         return self._current.is_terminated()
+
+    def close(self) -> None:
+        """The request is over: if its index never came, it does not want it any more
+        (abandoned unless it ended by itself)."""
+        if self._index is not None:
+            future, self._index = self._index, None
+            self._release(future, not self.is_terminated())
 
     @property
     def error(self) -> str | None:

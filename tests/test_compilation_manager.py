@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psutil
@@ -102,46 +101,19 @@ def test_timeout_kills_the_worker_and_the_pool_recovers(make_manager):
     assert manager.stats["compiles"] == 2
 
 
-def kill_each_new_worker(new_worker, times: int) -> threading.Thread:
-    """Kill the pool's worker once it is busy compiling, `times` times (each replacement
-    too), as outlines-core aborting on a panic, the OOM killer or an operator would."""
-    def run():
-        seen: set[int] = set()
-        while len(seen) < times:
-            try:
-                worker = new_worker()
-            except ValueError:  # between a death and its replacement
-                time.sleep(0.05)
-                continue
-            if worker.pid not in seen and worker.cpu_percent(0.3) > 50:  # compiling
-                seen.add(worker.pid)
-                worker.kill()
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
-def test_a_worker_that_keeps_dying_fails_only_its_own_compile(make_manager, new_worker):
-    manager = make_manager(workers=1, timeout_s=120)
-    manager.get(QUICK).result(timeout=120)  # the worker is up
-    doomed = manager.get(EXPLODING)
-    kill_each_new_worker(new_worker, times=2)  # the compile, and its second try
-    with pytest.raises(CompileFailed, match="worker died .* 2 times") as info:
-        doomed.result(timeout=120)
-    assert info.value.kind == "crash"
-    ok = manager.get(ConstraintSpec.regex("[xyz]{2}"))
-    assert ok.result(timeout=120).num_states > 0
-
-
 def test_a_worker_killed_once_mid_compile_costs_a_retry_not_a_failure(make_manager,
                                                                        new_worker):
+    """Killed from outside mid-compile (the OOM killer, an operator): the compile is tried
+    again on a fresh worker and succeeds. (One that kills its worker each time fails:
+    test_compile_over_the_memory_cap_aborts_only_its_worker.)"""
     manager = make_manager(workers=1, timeout_s=120)
     manager.get(QUICK).result(timeout=120)
-    slow = ConstraintSpec.regex("[ab]{0,6}a[ab]{14}")  # ~3 s here
-    future = manager.get(slow)
-    kill_each_new_worker(new_worker, times=1).join(timeout=60)
+    worker = new_worker()
+    future = manager.get(ConstraintSpec.regex("[ab]{0,6}a[ab]{14}"))  # ~3 s here
+    while not (manager._queued and next(iter(manager._queued.values())).running()):
+        time.sleep(0.01)
+    time.sleep(0.3)  # sent to the worker, which compiles it
+    worker.kill()
     assert future.result(timeout=120).num_states > 0
     assert manager.pool.restarts == 1 and manager.stats["failed_crash"] == 0
 
@@ -223,3 +195,35 @@ def test_compile_workers_yield_the_cpu_to_the_engine(make_manager, new_worker):
     manager.get(QUICK).result(timeout=120)
     worker = new_worker()
     assert worker.nice() >= psutil.Process().nice() + 10 or worker.nice() == 19
+
+
+def test_a_queued_compile_no_one_waits_for_is_cancelled(make_manager):
+    """Its requests went away (abandoned): it must not hold the queue. Not remembered as
+    a failure, so the next request for it compiles it."""
+    manager = make_manager(workers=1, timeout_s=3)
+    busy = manager.get(EXPLODING)  # holds the only worker for 3 s
+    while not manager._queued:
+        time.sleep(0.01)
+    orphan_spec = ConstraintSpec.regex("[pq]{4}")
+    orphan, again = manager.get(orphan_spec), manager.get(orphan_spec)
+    while len(manager._queued) < 2:
+        time.sleep(0.01)
+    manager.release(again, abandoned=True)  # another request still waits: kept
+    assert manager.stats["cancelled"] == 0
+    manager.release(orphan, abandoned=True)
+    with pytest.raises(CompileFailed, match="cancelled") as info:
+        orphan.result(timeout=10)
+    assert info.value.kind == "cancelled" and manager.stats["cancelled"] == 1
+    with pytest.raises(CompileFailed):
+        busy.result(timeout=60)
+    assert manager.get(orphan_spec).result(timeout=60).num_states > 0  # not remembered
+    assert manager.stats["compiles"] == 3
+
+
+def test_a_compile_its_request_finished_without_is_kept(make_manager):
+    """A request that ended by itself (on llguidance) before its index came: the index
+    is still worth having for the next request."""
+    manager = make_manager(workers=1)
+    future = manager.get(ConstraintSpec.regex("[rs]{5}"))
+    manager.release(future, abandoned=False)
+    assert future.result(timeout=60).num_states > 0 and manager.stats["cancelled"] == 0

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from dotllm.compiler.cache import IndexCache, cache_key
 from dotllm.compiler.compiled import CompiledIndex
@@ -30,11 +30,14 @@ _MAX_REMEMBERED = 4096  # failures and compile times kept, most recent first
 
 class IndexFuture(Future):
     """Future[CompiledIndex] that also tells when the cache lookup is over: after
-    `looked_up` is set and the future is not done, the index is being compiled."""
+    `looked_up` is set and the future is not done, the index is being compiled.
+    `waiters` counts the requests that asked for it and have not released it."""
 
     def __init__(self):
         super().__init__()
         self.looked_up = threading.Event()
+        self.waiters = 1
+        self.key: str | None = None
 
 
 class CompilationManager:
@@ -46,7 +49,8 @@ class CompilationManager:
         self.metrics = metrics
         self.stats: Counter[str] = Counter()
         self.compile_seconds: OrderedDict[str, float] = OrderedDict()  # key -> worker time
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[str, IndexFuture] = {}
+        self._queued: dict[str, Future] = {}  # key -> its pool job, while not done
         self._failures: OrderedDict[str, tuple[Exception, float]] = OrderedDict()
         self.failure_ttl_s = failure_ttl_s
         self._lock = threading.Lock()
@@ -73,12 +77,32 @@ class CompilationManager:
                 return _done(result=item)
             if (future := self._inflight.get(key)) is not None:
                 self.stats["deduplicated"] += 1
+                future.waiters += 1
                 if self.metrics:
                     self.metrics.deduplicated.inc()
                 return future
             future = self._inflight[key] = IndexFuture()
+            future.key = key
         self._lookups.submit(self._resolve, key, spec, future)
         return future
+
+    def release(self, future: Future, abandoned: bool) -> None:
+        """A request no longer wants `future`'s index. If it was `abandoned` (the request
+        ended before it was done: its client went away, or it hit max_tokens) and no
+        other request waits for it, a compile still queued is cancelled: it must not
+        hold the queue for no one. A compile already running finishes and is cached."""
+        if not isinstance(future, IndexFuture) or future.key is None:
+            return
+        with self._lock:
+            future.waiters -= 1
+            if future.waiters > 0 or not abandoned or future.done():
+                return
+            queued = self._queued.get(future.key)
+            if queued is not None and queued.cancel():
+                self.stats["cancelled"] += 1
+                # A request asking from now on starts a compile of its own.
+                if self._inflight.get(future.key) is future:
+                    del self._inflight[future.key]
 
     def _resolve(self, key: str, spec: ConstraintSpec, future: IndexFuture) -> None:
         try:
@@ -87,6 +111,9 @@ class CompilationManager:
                 future.looked_up.set()
                 item = self._compile(key, spec)
             future.set_result(item)
+        except CancelledError:  # not the constraint's failure: not remembered
+            future.set_exception(CompileFailed("the compile was cancelled: no request "
+                                               "waited for it any more", "cancelled"))
         except (ConstraintError, CompileFailed) as e:
             self._remember_failure(key, e)
             future.set_exception(e)
@@ -96,7 +123,8 @@ class CompilationManager:
         finally:
             future.looked_up.set()
             with self._lock:
-                self._inflight.pop(key, None)
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
 
     def _compile(self, key: str, spec: ConstraintSpec) -> CompiledIndex:
         spec.check()
@@ -106,10 +134,15 @@ class CompilationManager:
         if self.metrics:
             self.metrics.compiles.inc()
         future = self.pool.submit(spec)
+        with self._lock:
+            self._queued[key] = future
         self._sample_queue_length()
         try:
             result = future.result()
         finally:
+            with self._lock:
+                if self._queued.get(key) is future:
+                    del self._queued[key]
             self._sample_queue_length()
         _remember(self.compile_seconds, key, result.seconds)
         if self.metrics:

@@ -45,7 +45,7 @@ class CompileFailed(Exception):
 
     def __init__(self, reason: str, kind: str):
         super().__init__(reason)
-        self.kind = kind  # "invalid", "timeout", "too_large", "crash"
+        self.kind = kind  # "invalid", "timeout", "too_large", "crash", "cancelled"
 
 
 @dataclass(frozen=True)

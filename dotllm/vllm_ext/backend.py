@@ -88,9 +88,11 @@ class DotllmGrammar(StructuredOutputGrammar):
                 self._count_tokens(tier, count)
         self._uncounted.clear()
 
-    def __del__(self):  # a request cut short (max_tokens, abort) never reaches EOS
+    def __del__(self):  # the request is over (a request cut short never reaches EOS)
         if self._count_tokens is not None and self._uncounted:
             self._report_tokens()
+        if isinstance(self.guide, TieredGuide):
+            self.guide.close()
 
     def validate_tokens(self, tokens: list[int]) -> list[int]:
         try:
@@ -166,7 +168,8 @@ class DotllmBackend(StructuredOutputBackend):
                     return self._indexed(index, spec, not_llguidance)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
                 return self._grammar(TieredGuide(first, index, self._eos, self._handed_over,
-                                                 lambda: self.llguidance_guide(spec)))
+                                                 lambda: self.llguidance_guide(spec),
+                                                 self.manager.release))
             try:
                 return self._indexed(index, spec)
             except CompileFailed as e:
