@@ -100,6 +100,8 @@ class CompilationManager:
             queued = self._queued.get(future.key)
             if queued is not None and queued.cancel():
                 self.stats["cancelled"] += 1
+                if self.metrics:
+                    self.metrics.cancelled.inc()
                 # A request asking from now on starts a compile of its own.
                 if self._inflight.get(future.key) is future:
                     del self._inflight[future.key]

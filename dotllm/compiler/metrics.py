@@ -57,6 +57,10 @@ class CompileMetrics:
             "Tokens accepted by constrained requests, by the engine that guided them: index "
             "or llguidance (added every 256 tokens and when a request ends).", ["tier"],
             **kwargs)
+        self.cancelled = Counter(
+            "dotllm_constraint_cancelled",
+            "Queued compiles cancelled because every request that wanted them had gone "
+            "away.", **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)
