@@ -45,7 +45,7 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
 _COMBINED = frozenset({"allOf", "anyOf", "oneOf", "$ref"})
 
 
-def for_llguidance(schema, in_branch: bool = False):
+def for_llguidance(schema, in_branch: bool = False, whole_patterns: bool = False):
     """`schema` as llguidance should read it to enforce what JSON Schema means, within the
     index's output:
 
@@ -55,14 +55,17 @@ def for_llguidance(schema, in_branch: bool = False):
       declared is declared first (with the schema `additionalProperties` gives extras),
       so closing the object does not make it unsatisfiable. Not a branch of allOf, anyOf
       or oneOf, nor an object beside them: closed alone, it would forbid what the others
-      declare (`spec.llguidance_schema` has such schemas rewritten, where it can);
+      declare (`spec.rewritten_schema` has such schemas rewritten, where it can);
     - patterns read as ECMA-262 (`ecma_regex`: `\\d` is `[0-9]`), and the formats DotLLM
-      enforces as its own patterns (`formats`), which only match valid values;
+      enforces as its own patterns (`formats`), which only match valid values. With
+      `whole_patterns` (a rewritten schema: outlines-core's reading), a string matches
+      its pattern whole, not just somewhere (a subset, which is also what the index
+      writes: a pattern searched for lets a random walk write on and on around it);
     - beside `patternProperties`, extra names held to every pattern's schema too (a
       subset): llguidance does not match a name holding an escape against the patterns.
     """
     if isinstance(schema, list):
-        return [for_llguidance(item, in_branch) for item in schema]
+        return [for_llguidance(item, in_branch, whole_patterns) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
@@ -70,22 +73,23 @@ def for_llguidance(schema, in_branch: bool = False):
         if key in _DATA_KEYWORDS:
             out[key] = value
         elif key in _COMBINED:
-            out[key] = for_llguidance(value, in_branch=True)
+            out[key] = for_llguidance(value, True, whole_patterns)
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             # a definition may be referred to as a branch: not closed at its root
             shared = key in ("$defs", "definitions")
             out[key] = {_pattern(name, ecma_regex.Mode.SEARCH_AS_FULL)
                         if key == "patternProperties" else name:
-                        for_llguidance(sub, shared) for name, sub in value.items()}
+                        for_llguidance(sub, shared, whole_patterns)
+                        for name, sub in value.items()}
         elif key == "pattern" and isinstance(value, str):
-            out[key] = _pattern(value)
+            out[key] = _whole(value) if whole_patterns else _pattern(value)
         elif key == "format" and (pattern := formats.pattern_for(value)) is not None:
             if "pattern" in schema:
                 out["allOf"] = [*out.get("allOf", []), {"pattern": _pattern(pattern)}]
             else:
                 out["pattern"] = _pattern(pattern)
         else:
-            out[key] = for_llguidance(value)
+            out[key] = for_llguidance(value, False, whole_patterns)
     if isinstance(patterns := out.get("patternProperties"), dict) and patterns and out.get(
             "additionalProperties", True) is not False:
         # llguidance takes a name with an escape in it (`a\\/b`) for one no pattern
@@ -103,6 +107,10 @@ def for_llguidance(schema, in_branch: bool = False):
                     properties[name] = {} if extra is True else extra
         out["additionalProperties"] = False
     return out
+
+
+def _whole(pattern: str) -> str:
+    return f"^(?:{ecma_regex.translate(pattern, ecma_regex.Mode.FULL)})$"
 
 
 def _pattern(pattern: str, mode: ecma_regex.Mode = ecma_regex.Mode.SEARCH) -> str:
@@ -134,10 +142,12 @@ def _json_lark(schema) -> str:
 def _grammar_for(spec: ConstraintSpec) -> str:
     matcher = llguidance.LLMatcher
     if spec.kind in (ConstraintKind.JSON, ConstraintKind.JSON_OBJECT):
-        if (explosive := _explosive(spec.llguidance_schema)) is not None:
+        rewritten = spec.rewritten_schema
+        schema = spec.schema if rewritten is None else rewritten
+        if (explosive := _explosive(schema)) is not None:
             raise ConstraintError(f"llguidance cannot either: {explosive}")
         return matcher.grammar_from_json_schema(
-            for_llguidance(spec.llguidance_schema),
+            for_llguidance(schema, whole_patterns=rewritten is not None),
             defaults=_json_options(spec.whitespace_pattern))
     if spec.kind is ConstraintKind.STRUCTURAL_TAG:
         return matcher.grammar_from_lark(

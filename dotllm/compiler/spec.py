@@ -181,12 +181,12 @@ class ConstraintSpec:
             return e
 
     @property
-    def llguidance_schema(self):
-        """The schema llguidance serves: the rewritten one where there is one (both tiers
-        then write the same documents, and a request moves between them freely), else
-        the schema as given."""
+    def rewritten_schema(self) -> dict | None:
+        """The schema rewritten into what outlines-core enforces, None where it has none.
+        llguidance serves it too where there is one: both tiers then write the same
+        documents, and a request moves between them freely."""
         node = self._normalized
-        return self.schema if isinstance(node, outlines_schema.NotForOutlines) else node
+        return None if isinstance(node, outlines_schema.NotForOutlines) else node
 
     def with_schema(self, schema) -> ConstraintSpec:
         """The same JSON constraint with another schema (a relaxed one)."""
