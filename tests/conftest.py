@@ -65,7 +65,8 @@ class Server:
         """Whether a compile the pool started has not finished (requests no longer wait
         for theirs, so a test's compiles can outlive it)."""
         m = self.metrics()
-        finished = m.get("dotllm_constraint_compile_seconds_count", 0) + sum(
+        finished = m.get("dotllm_constraint_compile_seconds_count", 0) + m.get(
+            "dotllm_constraint_cancelled_total", 0) + sum(
             v for k, v in m.items() if k.startswith("dotllm_constraint_failures_total"))
         return m.get("dotllm_constraint_compiles_total", 0) > finished
 

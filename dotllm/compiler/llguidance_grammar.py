@@ -196,15 +196,20 @@ def _explosive(schema) -> str | None:
     return None
 
 
-def check(spec: ConstraintSpec, why_not_outlines: str) -> None:
-    """Cheap (no tokenizer, no matcher, bounded size): ConstraintError if llguidance
-    cannot serve `spec` either, naming both engines' reasons. A spec over
-    `CHECK_MAX_CHARS` is not checked here: the engine tells."""
+def refusal(spec: ConstraintSpec) -> str | None:
+    """Why llguidance cannot serve `spec` (None if it can). Cheap: no tokenizer, no
+    matcher, and a spec over `CHECK_MAX_CHARS` is not asked (None: the engine tells)."""
     if len(spec.source) > CHECK_MAX_CHARS:
-        return
+        return None
     try:
         error = llguidance.LLMatcher.validate_grammar(grammar_for(spec))
     except ConstraintError as e:
-        raise ConstraintError(f"{why_not_outlines}; {e}") from None
-    if error:
-        raise ConstraintError(f"{why_not_outlines}; llguidance cannot either: {short(error)}")
+        return str(e)
+    return f"llguidance cannot either: {short(error)}" if error else None
+
+
+def check(spec: ConstraintSpec, why_not_outlines: str) -> None:
+    """ConstraintError if llguidance cannot serve `spec` either, naming both engines'
+    reasons (`refusal`)."""
+    if (why_not := refusal(spec)) is not None:
+        raise ConstraintError(f"{why_not_outlines}; {why_not}")

@@ -41,14 +41,6 @@ class Served:
     original: object = None  # the schema as asked, when `unenforced` is not empty
 
 
-def _llguidance_refusal(spec: ConstraintSpec) -> str | None:
-    try:
-        llguidance_grammar.check(spec, "")
-        return None
-    except ConstraintError as e:
-        return str(e).removeprefix("; ")
-
-
 def serve(spec: ConstraintSpec, strict: bool) -> Served:
     """The spec to serve for a request's JSON-schema `spec` (ConstraintError: a 400)."""
     original = spec.schema
@@ -61,7 +53,7 @@ def serve(spec: ConstraintSpec, strict: bool) -> Served:
             enforcement.relax(original, found))
         candidate.check()
         refusal = candidate.outlines_refusal_error()
-        if refusal is None or (llguidance_refused := _llguidance_refusal(candidate)) is None:
+        if refusal is None or (llguidance_refused := llguidance_grammar.refusal(candidate)) is None:
             return Served(candidate, found, original if found else None)
         if strict or refusal.keyword not in RELAXABLE or refusal.pointer is None:
             strictly = "strict JSON schema: " if strict else ""

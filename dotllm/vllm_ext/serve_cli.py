@@ -32,13 +32,16 @@ def validate(args: argparse.Namespace) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """Run the server exactly as `vllm serve` would with these arguments, plus DotLLM's
-    HTTP middleware (through vLLM's own `--middleware`, after the user's)."""
+    HTTP middleware (through vLLM's own `--middleware`, after the user's: the body depth
+    check, the unenforced-keyword report)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
-    from dotllm.vllm_ext import unenforced_report
+    from dotllm.vllm_ext import body_depth, unenforced_report
 
-    args.middleware = [*(args.middleware or []), unenforced_report.MIDDLEWARE]
+    # vLLM adds them in order, each around the ones before: the body check runs first.
+    args.middleware = [*(args.middleware or []), unenforced_report.MIDDLEWARE,
+                       body_depth.MIDDLEWARE]
     cli_env_setup()
     ServeSubcommand.cmd(args)
 
