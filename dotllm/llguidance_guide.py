@@ -35,13 +35,16 @@ class LLGuidanceGuide:
         """Advance through all of `tokens`, or through none of them and return False."""
         if self._terminated:
             return False
+        if self._matcher.is_error():  # it gave up (a limit): it must not end the output
+            return False
         if self._matcher.is_stopped():
             if list(tokens) == [self._eos]:
                 self._terminated, self._eos_lag = True, 1
                 return True
             return False
         consumed = self._matcher.try_consume_tokens(tokens)
-        if consumed == len(tokens) - 1 and tokens[-1] == self._eos and self._matcher.is_stopped():
+        if consumed == len(tokens) - 1 and tokens[-1] == self._eos and self._matcher.is_stopped(
+                ) and not self._matcher.is_error():
             self._terminated, self._eos_lag = True, 1  # the tokens before EOS ended it
             return True
         if consumed != len(tokens):

@@ -86,6 +86,9 @@ def test_search_mode_keeps_json_schemas_meaning():
     assert translate(r"ab", Mode.SEARCH) == "ab"  # a match anywhere: llguidance searches
     anything = "[\\x{0}-\\x{10FFFF}]*"  # newlines too, unlike llguidance's own padding
     assert translate(r"^x|y", Mode.SEARCH_AS_FULL) == f"^(?:x){anything}|{anything}(?:y){anything}"
+    # found anywhere, a repeat at an unanchored edge needs only its least count
+    assert translate(r"[A-Z]{1,255}", Mode.SEARCH_AS_FULL) == f"{anything}(?:[A-Z]{{1}}){anything}"
+    assert translate(r"^a+b*", Mode.SEARCH_AS_FULL) == f"^(?:a{{1}}){anything}"
 
 
 @pytest.mark.parametrize(("pattern", "feature"), [

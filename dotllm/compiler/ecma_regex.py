@@ -506,7 +506,19 @@ def _search_as_full(source: str, branch) -> str:
     items = branch.items if isinstance(branch, _Concat) else (branch,)
     starts = bool(items) and items[0] == _Anchor(True)
     ends = bool(items) and items[-1] == _Anchor(False)
-    inner = _Concat(tuple(items[int(starts):len(items) - int(ends)]))
+    items = list(items[int(starts):len(items) - int(ends)])
+    # Found anywhere, `x{1,255}` is found where `x` is: at an unanchored edge a repeat
+    # needs only its least count (the padding takes the rest). Padded as it stands, it
+    # made llguidance's lexer give up ("too many expressions constructed").
+    for edge, anchored in ((-1, ends), (0, starts)):
+        while items and not anchored and isinstance(items[edge], _Repeat):
+            least = items[edge]
+            if least.low == 0:
+                del items[edge]
+            else:
+                items[edge] = _Repeat(least.item, least.low, least.low)
+                break
+    inner = _Concat(tuple(items))
     # Anchors elsewhere (inside a group) cannot be honoured once padded.
     body = _Writer(source, Mode.FULL).write(inner, False, False)
     return f"{'^' if starts else _ANYTHING}(?:{body}){'$' if ends else _ANYTHING}"
