@@ -151,6 +151,8 @@ class CompilationManager:
             self.metrics.compile_seconds.observe(result.seconds)
         item = CompiledIndex.from_buffer(result.data)
         self.cache.put(key, item, result.data)
+        if self.metrics:
+            self.metrics.memory_cache_bytes.set(self.cache.memory.nbytes)
         return item
 
     def _sample_queue_length(self) -> None:
@@ -163,6 +165,7 @@ class CompilationManager:
             return
         if event == "hit":
             self.metrics.cache_hits.labels(level=level).inc()
+            self.metrics.memory_cache_bytes.set(self.cache.memory.nbytes)
         elif event == "corrupt":
             self.metrics.corrupt_entries.labels(level=level).inc()
 

@@ -61,6 +61,10 @@ class CompileMetrics:
             "dotllm_constraint_cancelled",
             "Queued compiles cancelled because every request that wanted them had gone "
             "away.", **kwargs)
+        self.memory_cache_bytes = Gauge(
+            "dotllm_constraint_cache_memory_bytes",
+            "Bytes of compiled constraints held in memory (bounded by "
+            "--dotllm-index-cache-memory-mib).", multiprocess_mode="livesum", **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)
