@@ -216,7 +216,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
             if walk.refused:
                 outcome.refused += 1
             if failure and not outcome.first_failure:
-                outcome.first_failure = f"{text[:300]!r}: {failure}"
+                outcome.first_failure = f"{failure} | document: {text[:400]!r}"
     return result
 
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             lines = failures(results)
             for line in lines if args.verbose else lines[:10]:
-                print("  FAIL", line[:600], flush=True)
+                print("  FAIL", line[:1200], flush=True)
             for reason, n in not_served(results).most_common(10 if not args.verbose else None):
                 print(f"  not served x{n}: {reason}", flush=True)
             for r in results:

@@ -84,11 +84,14 @@ def test_json_body_writes_what_a_string_cannot_hold_raw_escaped(matches, pattern
 def test_search_mode_keeps_json_schemas_meaning():
     assert translate(r"^\d+$", Mode.SEARCH) == "^[0-9]+$"
     assert translate(r"ab", Mode.SEARCH) == "ab"  # a match anywhere: llguidance searches
-    anything = "[\\x{0}-\\x{10FFFF}]*"  # newlines too, unlike llguidance's own padding
+    # newlines too (unlike llguidance's own padding), but not what a name escapes
+    anything = "[\\x20-!\\#-\\[\\]-\\x{D7FF}\\x{E000}-\\x{10FFFF}]*"
     assert translate(r"^x|y", Mode.SEARCH_AS_FULL) == f"^(?:x){anything}|{anything}(?:y){anything}"
     # found anywhere, a repeat at an unanchored edge needs only its least count
     assert translate(r"[A-Z]{1,255}", Mode.SEARCH_AS_FULL) == f"{anything}(?:[A-Z]{{1}}){anything}"
     assert translate(r"^a+b*", Mode.SEARCH_AS_FULL) == f"^(?:a{{1}}){anything}"
+    no_escapes = "[!\\#-\\[\\]-\\x{D7FF}\\x{E000}-\\x{10FFFF}]"
+    assert translate(r'^[^ "]$', Mode.SEARCH_AS_FULL) == f"^(?:{no_escapes})$"
 
 
 @pytest.mark.parametrize(("pattern", "feature"), [

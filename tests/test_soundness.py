@@ -62,6 +62,8 @@ LLGUIDANCE_ONLY = {
     "patternProperties with a long repeat (llguidance's lexer gave up, EOS was taken)": {
         "$schema": "http://json-schema.org/draft-04/schema#",
         "patternProperties": {"[A-Za-z0-9-_.:]{1,255}": {"type": "string", "format": "uri"}}},
+    "patternProperties and nothing else (llguidance matched escaped names)": {
+        "additionalProperties": False, "patternProperties": {"^[a-zA-Z]+://[^ \"]+$": {}}},
     "allOf beside properties, objects not closed alone": {
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
         "required": ["n"], "allOf": [{"properties": {"m": {"type": "boolean"}},

@@ -19,9 +19,12 @@ Three ways to write one out (`Mode`):
 - JSON_BODY: FULL, written over the JSON text of a string's body, for outlines-core,
   which splices a pattern between two quotes: `"`, `\\` and control characters appear as
   their JSON escapes, never raw;
-- SEARCH_AS_FULL: SEARCH, with each branch not anchored at an edge padded with anything
-  there, line terminators included: llguidance searches a `patternProperties` name with
-  a `.` that stops at a newline, so a name holding one escaped `.*` and its schema.
+- SEARCH_AS_FULL: SEARCH for a `patternProperties` name in llguidance, which matches a
+  name's JSON text, escapes and all (`"a\\"b"` matched `[^"]+`), and pads an unanchored
+  pattern with a `.` that stops at a newline: each branch not anchored at an edge is
+  padded with anything there, and neither the padding nor the pattern matches `"`, `\\`
+  or a control character, so only names written without escapes match (a subset: the
+  others are held to `additionalProperties`).
 """
 
 from __future__ import annotations
@@ -449,20 +452,20 @@ class _Writer:
 
     def set(self, node: _Set) -> str:
         ranges, escapes = node.ranges, []
-        if self.mode is Mode.JSON_BODY:
+        if self.mode is Mode.JSON_BODY and not node.props:
             # The quote and the backslash appear escaped; control characters too where
             # the set holds nothing else (`\n`), and are left out of wider sets.
-            if not node.props:
-                specials = [cp for cp in (0x22, 0x5C) if _contains(ranges, cp)]
-                if not _subtract(ranges, _JSON_SPECIAL):
-                    specials = [cp for lo, hi in ranges for cp in range(lo, hi + 1)]
-                escapes = [_json_escape(cp) for cp in specials]
-            if not node.negated:
-                ranges = _subtract(ranges, _JSON_SPECIAL)
+            specials = [cp for cp in (0x22, 0x5C) if _contains(ranges, cp)]
+            if not _subtract(ranges, _JSON_SPECIAL):
+                specials = [cp for lo, hi in ranges for cp in range(lo, hi + 1)]
+            escapes = [_json_escape(cp) for cp in specials]
+        no_specials = self.mode in (Mode.JSON_BODY, Mode.SEARCH_AS_FULL)
+        if no_specials and not node.negated:
+            ranges = _subtract(ranges, _JSON_SPECIAL)
         body = self.class_body(ranges, node.props)
         if node.negated:
             text = f"[^{body}]"
-            if self.mode is Mode.JSON_BODY:
+            if no_specials:
                 text = f"[{text}--[{self.class_body(_JSON_SPECIAL, ())}]]" if body else ""
         elif len(ranges) == 1 and ranges[0][0] == ranges[0][1] and not node.props:
             text = _rust_char(ranges[0][0])
@@ -489,7 +492,7 @@ def parse(pattern: str):
     return _Parser(pattern).parse()
 
 
-_ANYTHING = "[\\x{0}-\\x{10FFFF}]*"
+_ANYTHING = f"[{_Writer.class_body(_complement(_JSON_SPECIAL), ())}]*"
 
 
 def translate(pattern: str, mode: Mode) -> str:
@@ -520,5 +523,5 @@ def _search_as_full(source: str, branch) -> str:
                 break
     inner = _Concat(tuple(items))
     # Anchors elsewhere (inside a group) cannot be honoured once padded.
-    body = _Writer(source, Mode.FULL).write(inner, False, False)
+    body = _Writer(source, Mode.SEARCH_AS_FULL).write(inner, False, False)
     return f"{'^' if starts else _ANYTHING}(?:{body}){'$' if ends else _ANYTHING}"
