@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+from bench import prometheus
 from dotllm.compiler.validation import OutputValidator
 
 MODEL = "tiny-llama-tekken"
@@ -83,26 +84,13 @@ def tree_rss(pid: int) -> int:
 
 
 async def _metrics(client: httpx.AsyncClient) -> dict[str, float]:
-    text = (await client.get("/metrics")).text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def _compiling(m: dict[str, float]) -> bool:
-    finished = m.get("dotllm_constraint_compile_seconds_count", 0) + m.get(
-        "dotllm_constraint_cancelled_total", 0) + sum(
-        v for k, v in m.items() if k.startswith("dotllm_constraint_failures_total"))
-    return m.get("dotllm_constraint_compiles_total", 0) > finished
+    return prometheus.samples((await client.get("/metrics")).text)
 
 
 async def _idle(client: httpx.AsyncClient, pid: int, timeout_s: float) -> dict:
     """Wait for the pool to finish what it started, then describe the server at rest."""
     deadline = time.monotonic() + timeout_s
-    while _compiling(m := await _metrics(client)):
+    while prometheus.compiling(m := await _metrics(client)):
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(1)
@@ -110,7 +98,7 @@ async def _idle(client: httpx.AsyncClient, pid: int, timeout_s: float) -> dict:
             "rss_mib": round(tree_rss(pid) / 2**20),
             "cache_mib": round(m.get("dotllm_constraint_cache_memory_bytes", 0) / 2**20),
             "queue": m.get("dotllm_constraint_pool_queue_length", 0),
-            "compiling": _compiling(m)}
+            "compiling": prometheus.compiling(m)}
 
 
 async def _ask(client: httpx.AsyncClient, i: int, result: StressResult) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench import prometheus
+
 REPO = Path(__file__).resolve().parents[1]
 DOTLLM = Path(sys.executable).with_name("dotllm")
 STARTUP_TIMEOUT_S = 300
@@ -45,13 +47,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples at /metrics: 'name{labels}' -> value."""
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return prometheus.samples(requests.get(self.url + "/metrics", timeout=10).text)
 
     def wait_for_metric(self, name: str, at_least: float, timeout_s: float = 120) -> None:
         """Until a sample reaches `at_least` (a compile that finishes after its request)."""
@@ -64,11 +60,7 @@ class Server:
     def compiling(self) -> bool:
         """Whether a compile the pool started has not finished (requests no longer wait
         for theirs, so a test's compiles can outlive it)."""
-        m = self.metrics()
-        finished = m.get("dotllm_constraint_compile_seconds_count", 0) + m.get(
-            "dotllm_constraint_cancelled_total", 0) + sum(
-            v for k, v in m.items() if k.startswith("dotllm_constraint_failures_total"))
-        return m.get("dotllm_constraint_compiles_total", 0) > finished
+        return prometheus.compiling(self.metrics())
 
     def wait_for_compiles(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,22 @@
+"""Reading a server's /metrics as a benchmark or test does: samples by name, and whether
+compiles are still under way (requests no longer wait for theirs, so they can outlive them)."""
+
+from __future__ import annotations
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus exposition text -> {'name{labels}': value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def compiling(m: dict[str, float]) -> bool:
+    """Whether a compile the pool started has not finished, been cancelled or failed."""
+    finished = m.get("dotllm_constraint_compile_seconds_count", 0) + m.get(
+        "dotllm_constraint_cancelled_total", 0) + sum(
+        v for k, v in m.items() if k.startswith("dotllm_constraint_failures_total"))
+    return m.get("dotllm_constraint_compiles_total", 0) > finished
