@@ -18,6 +18,7 @@ import psutil
 import pytest
 import requests
 
+from bench import stress
 from dotllm.embedded_model import NAME
 from tests.conftest import start_dotllm, stop_server
 
@@ -118,11 +119,7 @@ def test_the_api_server_stays_responsive_while_a_large_schema_is_checked(dotllm_
 
 
 def compile_workers(server) -> list[psutil.Process]:
-    """The engine core's compile workers (the children it spawned)."""
-    engine = [p for p in psutil.Process(server.process.pid).children(recursive=True)
-              if "EngineCore" in p.name()]
-    return [p for e in engine for p in e.children()
-            if "spawn_main" in " ".join(p.cmdline())]
+    return stress.compile_workers(server.process.pid)
 
 
 def ask(client, schema: dict, seed: int = 0, max_tokens: int = 60) -> str:
