@@ -1,7 +1,7 @@
 """Soundness fuzzer: what does each tier *generate*, and does every document validate?
 
     python -m bench.soundness [--sample N] [--walks 20] [--timeout S] [--workers W]
-                              [--subsets ...] [--cache-dir DIR] [--markdown]
+                              [--jobs J] [--part K/N] [--subsets ...] [--cache-dir DIR]
 
 Feeding a schema's own test instances to an index says what it accepts, never what it
 produces; a model samples from the mask, so the fuzzer does too. For each schema served,
@@ -23,12 +23,14 @@ whether stock vLLM's xgrammar compiles the schema (its served share).
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.util
 import random
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,8 +72,11 @@ class Walker:
         self.rng = random.Random(seed)
 
     def _allowed(self, row: np.ndarray) -> np.ndarray:
-        bits = np.unpackbits(row.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return np.flatnonzero(bits)
+        words = np.flatnonzero(row)  # most rows allow few words: unpack only those
+        bits = np.unpackbits(row[words].view(np.uint8), bitorder="little").reshape(-1, 32)
+        word, bit = np.nonzero(bits)
+        tokens = words[word] * 32 + bit
+        return tokens[tokens < self.vocab_size]
 
     def choose(self, row: np.ndarray, step: int, horizon: int) -> int | None:
         if self.rng.random() < min(0.95, step / horizon):
@@ -256,44 +261,90 @@ def not_served(results: list[SchemaResult]) -> Counter:
                    for r in results if not r.served)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench.compile_vs_stock import stock_engines, time_engine
-    from bench.jsonschemabench import embedded_tokenizer_and_vocabulary
-    from dotllm.settings import Settings
-    from dotllm.vllm_ext.backend import DotllmBackend
+class _Job:
+    """One process's share of a subset: its own backend (compile pool, llguidance) and
+    walker, so that shares run side by side (`--jobs`)."""
 
+    def __init__(self, args, seed: int):
+        from bench.compile_vs_stock import stock_engines
+        from bench.jsonschemabench import embedded_tokenizer_and_vocabulary
+        from dotllm.settings import Settings
+        from dotllm.vllm_ext.backend import DotllmBackend
+
+        tokenizer, vocabulary = embedded_tokenizer_and_vocabulary()
+        self.args = args
+        self.tmp = tempfile.TemporaryDirectory()
+        settings = Settings(compile_workers=args.workers, compile_timeout=args.timeout,
+                            index_cache_dir=args.cache_dir or self.tmp.name)
+        self.backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
+                                     settings=settings)
+        self.walker = Walker(tokenizer, vocabulary.size, seed)
+        self.xgrammar = None if args.no_xgrammar else stock_engines(
+            tokenizer, vocabulary.size)["xgrammar"]
+
+    def run(self, cases: list[Case]) -> list[SchemaResult]:
+        for case in cases:  # compile in the background while the walks run
+            try:
+                spec = relaxation.serve(ConstraintSpec.json_schema(case.schema), False).spec
+                if self.backend.outlines_refusal(spec)[0] is None:
+                    self.backend.manager.get(spec)
+            except ConstraintError:
+                pass
+        results = [fuzz_schema(case, self.backend, self.walker, self.args.walks,
+                               self.args.timeout + 30) for case in cases]
+        if self.xgrammar is not None:
+            from bench.compile_vs_stock import time_engine
+            for result in results:
+                result.xgrammar = time_engine(self.xgrammar, [result.case.schema])[0] == 1
+        return results
+
+
+_job: _Job | None = None
+
+
+def _start_job(args, seeds) -> None:
+    global _job
+    _job = _Job(args, seeds.get())
+    multiprocessing.util.Finalize(_job, _job.backend.destroy, exitpriority=10)
+
+
+def _run_share(cases: list[Case]) -> list[SchemaResult]:
+    return _job.run(cases)
+
+
+def main(argv: list[str] | None = None) -> int:
     options = parser(__doc__.splitlines()[0])
     options.add_argument("--walks", type=int, default=20, help="ended walks per schema and tier")
     options.add_argument("--cache-dir", help="index cache kept between runs (default: fresh)")
     options.add_argument("--seed", type=int, default=0)
+    options.add_argument("--jobs", type=int, default=1,
+                         help="processes side by side, each with --workers compile workers")
+    options.add_argument("--part", default="1/1",
+                         help="K/N: only the K-th of N slices of each subset (runs split up)")
     options.add_argument("--verbose", action="store_true", help="list every failure")
     options.add_argument("--no-xgrammar", action="store_true",
                          help="do not count what stock vLLM's xgrammar compiles")
     args = options.parse_args(argv)
-    tokenizer, vocabulary = embedded_tokenizer_and_vocabulary()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(compile_workers=args.workers, compile_timeout=args.timeout,
-                            index_cache_dir=args.cache_dir or tmp)
-        backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
-                                settings=settings)
-        walker = Walker(tokenizer, vocabulary.size, args.seed)
+    part, parts = map(int, args.part.split("/"))
+    if args.jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        seeds = context.Manager().Queue()
+        for job in range(args.jobs):
+            seeds.put(args.seed + job)
+        executor = ProcessPoolExecutor(args.jobs, context, _start_job, (args, seeds))
+        share = executor.map
+    else:
+        job = _Job(args, args.seed)
+        share = map
+    try:
         for subset in args.subsets:
             started = time.monotonic()
-            cases = load(subset, sample=args.sample or None)
-            for case in cases:  # compile in the background while the walks run
-                try:
-                    spec = relaxation.serve(ConstraintSpec.json_schema(case.schema), False).spec
-                    if backend.outlines_refusal(spec)[0] is None:
-                        backend.manager.get(spec)
-                except ConstraintError:
-                    pass
-            results = [fuzz_schema(case, backend, walker, args.walks, args.timeout + 30)
-                       for case in cases]
-            if not args.no_xgrammar:
-                xgrammar = stock_engines(tokenizer, vocabulary.size)["xgrammar"]
-                for result in results:
-                    result.xgrammar = time_engine(xgrammar, [result.case.schema])[0] == 1
+            cases = load(subset, sample=args.sample or None)[part - 1::parts]
+            shares = [cases[j::args.jobs] for j in range(args.jobs)]
+            results = [r for done in share(_run_share if args.jobs > 1 else job.run, shares)
+                       for r in done]
             row = report(subset, results, args.walks)
+            row["part"] = args.part
             row["wall_s"] = round(time.monotonic() - started)
             print(json.dumps(row), flush=True)
             lines = failures(results)
@@ -306,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                          if t.served and t.ended < args.walks]
                 if short and args.verbose:
                     print(f"  under {args.walks} ended walks: {r.case.id}: {', '.join(short)}")
-        backend.destroy()
+    finally:
+        if args.jobs > 1:
+            executor.shutdown(cancel_futures=True)
+        else:
+            job.backend.destroy()
     return 0
 
 
