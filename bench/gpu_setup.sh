@@ -1,12 +1,7 @@
-# Sourced by the GPU scripts, in the last of the four vLLM staging calls
-# (../shared/gpu/README.md): assemble vLLM, build DotLLM's CUDA kernel in place, and
-# register what `pip install -e .` would (the vLLM plugin, the `dotllm` command) without
-# pip (no network, no build isolation).
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-bash .gpu/p4/assemble.sh
-site=$HOME/dotllm-site
-export PYTHONPATH=$site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+# Sourced by the GPU scripts that serve: vLLM and DotLLM's dependencies (gpu_site.sh),
+# DotLLM's CUDA kernel built in place, and what `pip install -e .` would register (the
+# vLLM plugin, the `dotllm` command) without pip (no network, no build isolation).
+source bench/gpu_site.sh
 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
     || { tail -30 "$OUT/build.log"; exit 1; }
 info=$site/dotllm-0.1.0.dist-info

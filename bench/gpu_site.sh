@@ -1,0 +1,13 @@
+# Sourced by the GPU scripts, in the last of the four vLLM staging calls
+# (../shared/gpu/README.md): assemble vLLM, add DotLLM's own runtime dependencies
+# (requirements/dotllm.lock, carried as wheels for python3.12 in .gpu/wheels:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .gpu/wheels -r requirements/dotllm.lock
+# ) and export what the scripts run with.
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+bash .gpu/p4/assemble.sh
+site=$HOME/dotllm-site
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
+    .gpu/wheels/*.whl 2>&1 | grep -v "WARNING: Target directory" || true
+export PYTHONPATH=$site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1

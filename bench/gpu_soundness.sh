@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# bench/soundness.py on the GPU machine's CPUs (16 cores: one job a core, one compile
+# worker each), after the three staging part calls, with ../shared/data carried along:
+#   mkdir -p .gpu/data && cp ../shared/data/jsonschemabench/*.gz .gpu/data/
+#   run(carry=[".gpu/p4", ".gpu/data", ".gpu/wheels"],
+#       command="bash bench/gpu_soundness.sh --subsets Snowplow")
+# Arguments go to bench.soundness (--part K/N splits a subset over calls of 10 min).
+set -euo pipefail
+source bench/gpu_site.sh
+JSONSCHEMABENCH_DIR=$PWD/.gpu/data python3 -m bench.soundness --sample 0 --walks 20 \
+    --timeout 20 --workers 1 --jobs "$(nproc)" --verbose "$@" 2> "$OUT/soundness-stderr.log" \
+    | tee -a "$OUT/soundness.txt"
