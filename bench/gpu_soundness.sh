@@ -7,6 +7,9 @@
 # Arguments go to bench.soundness (--part K/N splits a subset over calls of 10 min).
 set -euo pipefail
 source bench/gpu_site.sh
+# One thread a job: torch's and llguidance's pools sized to the machine, 16 times over,
+# thrash.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 JSONSCHEMABENCH_DIR=$PWD/.gpu/data python3 -m bench.soundness --sample 0 --walks 20 \
     --timeout 20 --workers 1 --jobs "$(nproc)" --verbose "$@" 2> "$OUT/soundness-stderr.log" \
     | tee -a "$OUT/soundness.txt"

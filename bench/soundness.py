@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.jsonschemabench import Case, load, parser
+from dotllm import embedded_model
 from dotllm.compiler import relaxation
 from dotllm.compiler.mask_table import words_for
 from dotllm.compiler.pool import CompileFailed
@@ -69,6 +70,7 @@ class Walker:
         closing[[i for i, b in table.items() if any(c in b for c in _CLOSING)]] = True
         closing[self.eos] = True
         self.closing = np.packbits(closing, bitorder="little").view(np.int32)
+        self.first_byte = np.array([t[0] if t else 256 for t in self.token_text])
         self.rng = random.Random(seed)
 
     def _allowed(self, row: np.ndarray) -> np.ndarray:
@@ -79,7 +81,11 @@ class Walker:
         return tokens[tokens < self.vocab_size]
 
     def choose(self, row: np.ndarray, step: int, horizon: int) -> int | None:
-        if self.rng.random() < min(0.95, step / horizon):
+        """Uniform over the allowed tokens; past the horizon, more and more often EOS, a
+        closing token, or else a token by its first byte chosen uniformly (a loop such as
+        `[a-z0-9-]+` has thousands of tokens in and one byte out: by byte it is left)."""
+        biased = self.rng.random() < min(0.95, step / horizon)
+        if biased:
             word = self.eos >> 5
             if row[word] >> (self.eos & 31) & 1:
                 return self.eos
@@ -87,6 +93,10 @@ class Walker:
             if len(closing):
                 return int(closing[self.rng.randrange(len(closing))])
         allowed = self._allowed(row)
+        if biased and len(allowed):
+            first = self.first_byte[allowed]
+            starts = np.unique(first)
+            allowed = allowed[first == starts[self.rng.randrange(len(starts))]]
         return int(allowed[self.rng.randrange(len(allowed))]) if len(allowed) else None
 
     def walk(self, guide, max_tokens: int = 2048,
@@ -135,6 +145,7 @@ class SchemaResult:
     tiers: dict[str, TierResult] = field(default_factory=dict)
     valid_as_asked: int = 0  # ended documents that validate against the schema as asked
     xgrammar: bool | None = None  # stock vLLM's xgrammar compiles it (None: not asked)
+    seconds: float = 0.0  # its compile (waited for) and walks
 
     @property
     def served(self) -> bool:
@@ -290,8 +301,12 @@ class _Job:
                     self.backend.manager.get(spec)
             except ConstraintError:
                 pass
-        results = [fuzz_schema(case, self.backend, self.walker, self.args.walks,
-                               self.args.timeout + 30) for case in cases]
+        results = []
+        for case in cases:
+            started = time.monotonic()
+            results.append(fuzz_schema(case, self.backend, self.walker, self.args.walks,
+                                       self.args.timeout + 30))
+            results[-1].seconds = time.monotonic() - started
         if self.xgrammar is not None:
             from bench.compile_vs_stock import time_engine
             for result in results:
@@ -327,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = options.parse_args(argv)
     part, parts = map(int, args.part.split("/"))
     if args.jobs > 1:
+        embedded_model.build()  # once, before the jobs look for it
         context = multiprocessing.get_context("spawn")
         seeds = context.Manager().Queue()
         for job in range(args.jobs):
@@ -357,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                          if t.served and t.ended < args.walks]
                 if short and args.verbose:
                     print(f"  under {args.walks} ended walks: {r.case.id}: {', '.join(short)}")
+            for r in sorted(results, key=lambda r: -r.seconds)[:5 if args.verbose else 0]:
+                print(f"  slowest: {r.case.id} {r.seconds:.0f} s", flush=True)
     finally:
         if args.jobs > 1:
             executor.shutdown(cancel_futures=True)

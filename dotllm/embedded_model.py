@@ -70,7 +70,8 @@ def build(path: Path | None = None, *, force: bool = False, seed: int = 0) -> Pa
     """Build the model into `path` (default: the cache) unless a build is already there.
 
     The model is written to a temporary sibling directory and renamed into place, so an
-    interrupted build never leaves a directory that looks complete.
+    interrupted build never leaves a directory that looks complete, and processes building
+    at once never read one another's half-written files.
     """
     path = Path(path) if path is not None else default_model_dir()
     if is_built(path) and not force:
@@ -103,9 +104,13 @@ def build(path: Path | None = None, *, force: bool = False, seed: int = 0) -> Pa
         (staging / _DONE_MARKER).write_text(
             json.dumps({"name": NAME, "recipe": RECIPE_VERSION, "seed": seed}) + "\n"
         )
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
+        if path.exists() and (force or not is_built(path)):
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            staging.rename(path)
+        except OSError:  # another process's build came first: its model is the same
+            if not is_built(path):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
