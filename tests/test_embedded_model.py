@@ -57,6 +57,26 @@ def test_incomplete_or_stale_directory_is_rebuilt(tmp_path):
     assert not embedded_model.is_built(path)
 
 
+def test_a_build_that_finishes_second_leaves_the_first_in_place(tmp_path, monkeypatch):
+    """Processes that find no model build it side by side (servers or benchmark jobs
+    starting on a fresh machine): the one that finishes second must not delete the
+    model another process is already reading."""
+    path = embedded_model.build(tmp_path / "m")
+    weights = path / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    real, calls = embedded_model.is_built, []
+
+    def is_built(p):  # not there yet when this builder looked; there when it ends
+        calls.append(p)
+        return len(calls) > 1 and real(p)
+
+    monkeypatch.setattr(embedded_model, "is_built", is_built)
+    assert embedded_model.build(path) == path
+    assert weights.stat().st_mtime_ns == first
+    assert real(path)
+    assert not list(tmp_path.glob(".m-*")), "staging directory left behind"
+
+
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DOTLLM_CACHE_DIR", str(tmp_path / "c"))
     assert embedded_model.default_model_dir() == tmp_path / "c" / "models" / embedded_model.NAME
