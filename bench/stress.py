@@ -1,7 +1,7 @@
 """Stress: many unique schemas at once, clients that go away mid-stream, and a compile
 worker killed mid-load, against one `dotllm serve` on loopback.
 
-    python -m bench.stress [--schemas 256] [--disconnects 50] [--url URL --pid PID]
+    python -m bench.stress [--schemas 256] [--disconnects 50] [--rounds 1] [--url URL --pid PID]
 
 Without --url it starts `dotllm serve` on the embedded model. Afterwards: no 5xx, every
 answer that finished by itself validates, and once the compiles it started are over the
@@ -142,7 +142,9 @@ async def _kill_a_worker(pid: int, after_s: float, result: StressResult) -> None
 
 
 async def run(base_url: str, pid: int, schemas: int = 256, disconnects: int = 50,
-              kill_after_s: float = 2.0, settle_s: float = 600) -> StressResult:
+              kill_after_s: float = 2.0, settle_s: float = 600, first: int = 0
+              ) -> StressResult:
+    """One round; `first` numbers its schemas (rounds on one server: none cached)."""
     result = StressResult()
     limits = httpx.Limits(max_connections=schemas + disconnects + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
@@ -150,8 +152,8 @@ async def run(base_url: str, pid: int, schemas: int = 256, disconnects: int = 50
         result.idle_before = await _idle(client, pid, settle_s)
         started = time.monotonic()
         await asyncio.gather(
-            *(_ask(client, i, result) for i in range(schemas)),
-            *(_go_away(client, i, result) for i in range(disconnects)),
+            *(_ask(client, first + i, result) for i in range(schemas)),
+            *(_go_away(client, first + i, result) for i in range(disconnects)),
             _kill_a_worker(pid, kill_after_s, result))
         result.seconds = time.monotonic() - started
         result.idle_after = await _idle(client, pid, settle_s)
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disconnects", type=int, default=50)
     parser.add_argument("--url", help="a running server (with --pid, its process)")
     parser.add_argument("--pid", type=int)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds on the same server, new schemas each (memory kept or not)")
     args = parser.parse_args(argv)
     process = None
     if args.url is None:
@@ -204,16 +208,20 @@ def main(argv: list[str] | None = None) -> int:
             port = s.getsockname()[1]
         process = _start_server(port)
         args.url, args.pid = f"http://127.0.0.1:{port}", process.pid
+    failed = False
     try:
-        result = asyncio.run(run(args.url, args.pid, args.schemas, args.disconnects))
+        for round_ in range(args.rounds):
+            result = asyncio.run(run(args.url, args.pid, args.schemas, args.disconnects,
+                                     first=round_ * 1_000_000))
+            print(json.dumps({"round": round_ + 1, **report(result)}), flush=True)
+            for line in result.invalid[:5]:
+                print("  INVALID", line)
+            failed |= bool(result.server_errors or result.invalid)
     finally:
         if process is not None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
-    print(json.dumps(report(result)))
-    for line in result.invalid[:5]:
-        print("  INVALID", line)
-    return 0 if not result.server_errors and not result.invalid else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
