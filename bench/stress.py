@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid", type=int)
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds on the same server, new schemas each (memory kept or not)")
+    parser.add_argument("--first-round", type=int, default=1,
+                        help="the first round's number (another run on the same server)")
     args = parser.parse_args(argv)
     process = None
     if args.url is None:
@@ -210,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         args.url, args.pid = f"http://127.0.0.1:{port}", process.pid
     failed = False
     try:
-        for round_ in range(args.rounds):
+        for round_ in range(args.first_round, args.first_round + args.rounds):
             result = asyncio.run(run(args.url, args.pid, args.schemas, args.disconnects,
-                                     first=round_ * 1_000_000))
-            print(json.dumps({"round": round_ + 1, **report(result)}), flush=True)
+                                     first=(round_ - 1) * 1_000_000))
+            print(json.dumps({"round": round_, **report(result)}), flush=True)
             for line in result.invalid[:5]:
                 print("  INVALID", line)
             failed |= bool(result.server_errors or result.invalid)
