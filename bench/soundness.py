@@ -47,6 +47,7 @@ from dotllm.guide import Guide
 from dotllm.tiers import TieredGuide
 
 TIERS = ("index", "llguidance", "handover")
+SHARE = 4  # schemas a job takes at a time (compiled ahead of their walks)
 _CLOSING = (b'"', b"}", b"]")
 
 
@@ -356,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         for subset in args.subsets:
             started = time.monotonic()
             cases = load(subset, sample=args.sample or None)[part - 1::parts]
-            shares = [cases[j::args.jobs] for j in range(args.jobs)]
+            # Small shares handed out as jobs come free: one slow schema holds up one job,
+            # not a sixteenth of the subset.
+            size = len(cases) if args.jobs == 1 else SHARE
+            shares = [cases[i:i + size] for i in range(0, len(cases), size)]
             results = [r for done in share(_run_share if args.jobs > 1 else job.run, shares)
                        for r in done]
             row = report(subset, results, args.walks)
