@@ -25,8 +25,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.util
+import os
 import random
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -318,10 +320,19 @@ class _Job:
 _job: _Job | None = None
 
 
-def _start_job(args, seeds) -> None:
+def _start_job(args, seeds, parent: int) -> None:
     global _job
     _job = _Job(args, seeds.get())
     multiprocessing.util.Finalize(_job, _job.backend.destroy, exitpriority=10)
+    threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
+
+
+def _exit_without(parent: int) -> None:
+    """A job whose run was killed goes too (with its compile workers), not on alone."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    _job.backend.destroy()
+    os._exit(1)
 
 
 def _run_share(cases: list[Case]) -> list[SchemaResult]:
@@ -345,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1:
         embedded_model.build()  # once, before the jobs look for it
         context = multiprocessing.get_context("spawn")
-        seeds = context.Manager().Queue()
+        seeds = context.Queue()
         for job in range(args.jobs):
             seeds.put(args.seed + job)
-        executor = ProcessPoolExecutor(args.jobs, context, _start_job, (args, seeds))
+        executor = ProcessPoolExecutor(args.jobs, context, _start_job,
+                                       (args, seeds, os.getpid()))
         share = executor.map
     else:
         job = _Job(args, args.seed)
