@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from dotllm.compiler import lexer_probe
 from dotllm.compiler.compiled import CompiledIndex
 from dotllm.compiler.enforcement import Unenforced, never_enforced, relax
 from dotllm.compiler.outlines_schema import NotForOutlines, normalize, to_outlines
@@ -205,3 +206,32 @@ def test_what_neither_engine_takes_where_it_stands_is_relaxed_if_not_strict():
     assert [str(u) for u in served.unenforced] == ["oneOf at /"]
     assert served.spec.schema == {"anyOf": schema["oneOf"]}
     assert served.spec.outlines_refusal() is None
+
+
+# A real schema's (Github_easy o21053): llguidance's lexer gave up a few characters into
+# the string on 58 of 60 random walks; the pattern alone is cheap.
+WORDS = {"type": "string", "pattern": r"^$|(^(?:\S+\s+){0,99}\S+$)",
+         "minLength": 1, "maxLength": 5000}
+
+
+def test_length_bounds_beside_a_pattern_past_llguidances_lexer_are_left_out_if_not_strict():
+    schema = {"type": "object", "properties": {"q": WORDS, "n": {
+        "type": "string", "pattern": "^[a-z]+$", "maxLength": 8}}, "required": ["q", "n"]}
+    with pytest.raises(ConstraintError, match="strict JSON schema: .*pattern at /properties/q "
+                                              "with minLength, maxLength: past llguidance's "
+                                              "lexer limits"):
+        serve(ConstraintSpec.json_schema(schema), strict=True)
+    served = serve(ConstraintSpec.json_schema(schema), strict=False)
+    assert [str(u) for u in served.unenforced] == ["minLength at /properties/q",
+                                                   "maxLength at /properties/q"]
+    assert served.spec.schema["properties"]["q"] == {
+        "type": "string", "pattern": WORDS["pattern"]}
+    assert served.spec.schema["properties"]["n"]["maxLength"] == 8  # llguidance takes it
+
+
+def test_the_lexer_probe_passes_what_llguidance_takes():
+    assert lexer_probe.beyond_lexer(
+        {"type": "string", "pattern": r"^\d{3}-[a-z]{2,40}$", "maxLength": 30}) == []
+    assert lexer_probe.beyond_lexer({"type": "string", "pattern": WORDS["pattern"]}) == []
+    [limit] = lexer_probe.beyond_lexer({"items": WORDS})
+    assert limit.pointer == "/items" and "too many expressions" in limit.error

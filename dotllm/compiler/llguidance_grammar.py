@@ -25,7 +25,7 @@ def outlines_refusal(spec: ConstraintSpec, engine: str) -> tuple[str | None, str
     return spec.outlines_refusal(), spec.outlines_refusal_reason
 
 
-def _json_options(whitespace_pattern: str | None) -> dict:
+def json_options(whitespace_pattern: str | None) -> dict:
     """llguidance repeats its whitespace pattern between tokens; outlines-core's default,
     `[ ]?`, allows one space at most: llguidance then writes `{"a": 1, "b": 2}`, which
     that pattern allows too, so a request can move to the index mid-document."""
@@ -135,7 +135,7 @@ def _json_lark(schema) -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise ConstraintError("a JSON schema must be an object or a boolean")
-    schema = {**for_llguidance(schema), "x-guidance": _json_options(None)}
+    schema = {**for_llguidance(schema), "x-guidance": json_options(None)}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
@@ -148,7 +148,7 @@ def _grammar_for(spec: ConstraintSpec) -> str:
             raise ConstraintError(f"llguidance cannot either: {explosive}")
         return matcher.grammar_from_json_schema(
             for_llguidance(schema, whole_patterns=rewritten is not None),
-            defaults=_json_options(spec.whitespace_pattern))
+            defaults=json_options(spec.whitespace_pattern))
     if spec.kind is ConstraintKind.STRUCTURAL_TAG:
         return matcher.grammar_from_lark(
             structural_tag.to_lark(json.loads(spec.source), _json_lark))

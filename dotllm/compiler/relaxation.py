@@ -11,7 +11,9 @@ right shape instead of a 400. What is left out:
   for, regexes with look-arounds);
 - what neither engine enforces where it stands: outlines-core's rewriting stops at a
   keyword (`outlines_schema.NotForOutlines`) that llguidance cannot take either (a `oneOf`
-  whose branches may overlap is then read as `anyOf`, `minProperties` dropped, ...).
+  whose branches may overlap is then read as `anyOf`, `minProperties` dropped, ...);
+- the length bounds beside a pattern on which llguidance's lexer would give up
+  mid-answer (`lexer_probe`), where outlines-core does not serve the schema.
 
 Cheap enough for the API server: each round is one pass of the rewriting and one
 llguidance grammar check, and there are at most `MAX_ROUNDS`.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dotllm.compiler import enforcement, llguidance_grammar
+from dotllm.compiler import enforcement, lexer_probe, llguidance_grammar
 from dotllm.compiler.enforcement import Unenforced
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 
@@ -53,7 +55,15 @@ def serve(spec: ConstraintSpec, strict: bool) -> Served:
             enforcement.relax(original, found))
         candidate.check()
         refusal = candidate.outlines_refusal_error()
-        if refusal is None or (llguidance_refused := llguidance_grammar.refusal(candidate)) is None:
+        if refusal is None:
+            return Served(candidate, found, original if found else None)
+        if limits := lexer_probe.beyond_lexer(candidate.schema):
+            if strict:
+                raise ConstraintError(f"strict JSON schema: {candidate.outlines_refusal()}; "
+                                      f"llguidance cannot either: {limits[0]}")
+            found = [*found, *(u for limit in limits for u in limit.unenforced)]
+            continue
+        if (llguidance_refused := llguidance_grammar.refusal(candidate)) is None:
             return Served(candidate, found, original if found else None)
         if strict or refusal.keyword not in RELAXABLE or refusal.pointer is None:
             strictly = "strict JSON schema: " if strict else ""
