@@ -2,6 +2,7 @@
 
     python -m bench.soundness [--sample N] [--walks 20] [--timeout S] [--workers W]
                               [--jobs J] [--part K/N] [--subsets ...] [--cache-dir DIR]
+                              [--records FILE]
 
 Feeding a schema's own test instances to an index says what it accepts, never what it
 produces; a model samples from the mask, so the fuzzer does too. For each schema served,
@@ -18,6 +19,11 @@ Each schema is served as a non-strict request is (`relaxation.serve`): without w
 engine here enforces, which the response would name; documents are validated against
 that schema ("invalid") and, for information, against the schema as asked. Beside it,
 whether stock vLLM's xgrammar compiles the schema (its served share).
+
+With `--records FILE` each schema's result is appended to FILE (JSON lines) as soon as it
+is known, and schemas FILE already has are not run again: a run killed part way (a
+device call's time limit) goes on where it stopped, and runs on several machines are
+reported together from their files concatenated.
 """
 
 from __future__ import annotations
@@ -27,19 +33,23 @@ import multiprocessing
 import multiprocessing.util
 import os
 import random
+import re
+import re._constants as re_constants  # Python's regex parser: ECMA-262 patterns read
+import re._parser as re_parser  # closely enough to spell them
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from bench.jsonschemabench import Case, load, parser
 from dotllm import embedded_model
-from dotllm.compiler import relaxation
+from dotllm.compiler import enforcement, relaxation
 from dotllm.compiler.mask_table import words_for
 from dotllm.compiler.pool import CompileFailed
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
@@ -69,12 +79,17 @@ class Walker:
         self.words = words_for(vocab_size)
         table = token_bytes(tokenizer)
         self.token_text = [table.get(i, b"") for i in range(vocab_size)]
-        closing = np.zeros(self.words * 32, dtype=bool)
-        closing[[i for i, b in table.items() if any(c in b for c in _CLOSING)]] = True
-        closing[self.eos] = True
-        self.closing = np.packbits(closing, bitorder="little").view(np.int32)
+        self.closing = self._mask([i for i, b in table.items()
+                                   if any(c in b for c in _CLOSING)] + [self.eos])
+        # Inside a string `}` and `]` are text: only a quote closes it.
+        self.closing_string = self._mask([i for i, b in table.items() if b[:1] == b'"'])
         self.first_byte = np.array([t[0] if t else 256 for t in self.token_text])
         self.rng = random.Random(seed)
+
+    def _mask(self, tokens: list[int]) -> np.ndarray:
+        bits = np.zeros(self.words * 32, dtype=bool)
+        bits[tokens] = True
+        return np.packbits(bits, bitorder="little").view(np.int32)
 
     def _allowed(self, row: np.ndarray) -> np.ndarray:
         words = np.flatnonzero(row)  # most rows allow few words: unpack only those
@@ -83,36 +98,44 @@ class Walker:
         tokens = words[word] * 32 + bit
         return tokens[tokens < self.vocab_size]
 
-    def choose(self, row: np.ndarray, step: int, horizon: int) -> int | None:
-        """Uniform over the allowed tokens; past the horizon, more and more often EOS, a
+    def choose(self, row: np.ndarray, step: int, horizon: int,
+               spelled: np.ndarray | None = None, in_string: bool = False) -> int | None:
+        r"""Uniform over the allowed tokens; past the horizon, more and more often EOS, a
         closing token, or else a token by its first byte chosen uniformly (a loop such as
-        `[a-z0-9-]+` has thousands of tokens in and one byte out: by byte it is left)."""
+        `[a-z0-9-]+` has thousands of tokens in and one byte out: by byte it is left),
+        among the tokens `spelled` marks where it allows some (a string that must contain
+        `\d+\.\d+` is left by writing digits and dots, not any of 200 bytes)."""
         biased = self.rng.random() < min(0.95, step / horizon)
         if biased:
             word = self.eos >> 5
             if row[word] >> (self.eos & 31) & 1:
                 return self.eos
-            closing = self._allowed(row & self.closing)
+            closing = self._allowed(row & (self.closing_string if in_string else self.closing))
             if len(closing):
                 return int(closing[self.rng.randrange(len(closing))])
         allowed = self._allowed(row)
         if biased and len(allowed):
+            if spelled is not None and spelled[allowed].any():
+                allowed = allowed[spelled[allowed]]
             first = self.first_byte[allowed]
             starts = np.unique(first)
             allowed = allowed[first == starts[self.rng.randrange(len(starts))]]
         return int(allowed[self.rng.randrange(len(allowed))]) if len(allowed) else None
 
     def walk(self, guide, max_tokens: int = 2048,
-             at_step: Callable[[int], None] | None = None) -> Walk:
-        """One document; `at_step(i)` runs before step i (the index arriving, say)."""
+             at_step: Callable[[int], None] | None = None,
+             spelled: np.ndarray | None = None) -> Walk:
+        """One document; `at_step(i)` runs before step i (the index arriving, say);
+        `spelled`: tokens preferred where the walk must find its way out."""
         row = np.empty(self.words, dtype=np.int32)
         horizon = self.rng.choice((8, 16, 32, 64, 128))
         tokens: list[int] = []
+        in_string = escaped = False
         for step in range(max_tokens):
             if at_step is not None:
                 at_step(step)
             guide.fill_row(row)
-            token = self.choose(row, step, horizon)
+            token = self.choose(row, step, horizon, spelled, in_string)
             if token is None:
                 return Walk(tokens, False, f"no token allowed after {len(tokens)} tokens")
             if not guide.accept_tokens([token]):
@@ -121,10 +144,66 @@ class Walker:
             if token == self.eos:
                 return Walk(tokens, True)
             tokens.append(token)
+            for byte in self.token_text[token]:  # where the JSON text is: in a string?
+                if escaped:
+                    escaped = False
+                elif in_string and byte == 0x5C:
+                    escaped = True
+                elif byte == 0x22:
+                    in_string = not in_string
         return Walk(tokens, False)
+
+    def spelled(self, alphabet: np.ndarray | None) -> np.ndarray | None:
+        """The one-byte tokens of `alphabet`'s bytes (a mask over the vocabulary): where a
+        pattern must be met, a byte at a time, or `...` and `--` tokens write past it."""
+        if alphabet is None:
+            return None
+        spelled = np.zeros(self.vocab_size, dtype=bool)
+        spelled[[i for i, t in enumerate(self.token_text) if len(t) == 1 and alphabet[t[0]]]] = True
+        return spelled
 
     def text(self, tokens: list[int]) -> str:
         return b"".join(self.token_text[t] for t in tokens).decode("utf-8", errors="strict")
+
+
+def pattern_alphabet(schema) -> np.ndarray | None:
+    r"""The bytes a schema's patterns spell out (literals, small classes, `\d`), as a mask
+    over first bytes (257: the empty token's too); None without patterns."""
+    alphabet = np.zeros(257, dtype=bool)
+    stack, found = [(schema, "")], False
+    while stack:
+        node, pointer = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("pattern"), str):
+            found |= _spell(node["pattern"], alphabet)
+        stack.extend(enforcement.subschemas(node, pointer))
+    return alphabet if found else None
+
+
+def _spell(pattern: str, alphabet: np.ndarray) -> bool:
+    try:
+        parsed = re_parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    items = list(parsed)
+    while items:
+        op, arg = items.pop()
+        if op is re_constants.LITERAL and arg < 128:
+            alphabet[arg] = True
+        elif op is re_constants.RANGE and arg[1] - arg[0] < 64 and arg[1] < 128:
+            alphabet[arg[0]:arg[1] + 1] = True
+        elif op is re_constants.CATEGORY and arg is re_constants.CATEGORY_DIGIT:
+            alphabet[ord("0"):ord("9") + 1] = True
+        elif op is re_constants.IN:
+            items.extend(arg)
+        elif op in (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT):
+            items.extend(arg[2])
+        elif op is re_constants.SUBPATTERN:
+            items.extend(arg[3])
+        elif op is re_constants.BRANCH:
+            items.extend(i for branch in arg[1] for i in branch)
+    return bool(alphabet.any())
 
 
 @dataclass
@@ -154,36 +233,49 @@ class SchemaResult:
     def served(self) -> bool:
         return any(t.served for t in self.tiers.values())
 
+    def record(self) -> dict:
+        """What the report needs, as one JSON line of `--records`."""
+        return {"subset": self.case.subset, "id": self.case.id, "served": self.served,
+                "reason": self.reason, "unenforced": self.unenforced,
+                "tiers": {name: asdict(t) for name, t in self.tiers.items()},
+                "valid_as_asked": self.valid_as_asked, "xgrammar": self.xgrammar,
+                "seconds": round(self.seconds, 1)}
+
 
 def _guide_factories(backend, spec: ConstraintSpec, index_timeout: float):
-    """tier -> a factory of fresh guides (or the reason the tier does not serve it)."""
+    """(tier, a factory of fresh guides or the reason the tier does not serve it), the
+    llguidance tier first: its walks run while the index compiles."""
     eos = backend.vocabulary.eos_token_id
-    factories: dict[str, Callable | str] = {}
+
+    def fresh_llguidance():
+        return backend.llguidance_guide(spec), None
+    try:
+        backend.llguidance_guide(spec)
+        llguidance: Callable | str = fresh_llguidance
+    except ConstraintError as e:
+        llguidance = str(e)
+    yield "llguidance", llguidance
     compiled = None
     refusal, _ = backend.outlines_refusal(spec)
     if refusal is not None:
-        factories["index"] = refusal
+        yield "index", refusal
     else:
         try:
             compiled = backend.manager.get(spec).result(timeout=index_timeout)
-            factories["index"] = lambda: (Guide(compiled, eos), None)
         except (CompileFailed, ConstraintError, TimeoutError) as e:
-            factories["index"] = str(e) or type(e).__name__
-    try:
-        backend.llguidance_guide(spec)
-        factories["llguidance"] = lambda: (backend.llguidance_guide(spec), None)
-    except ConstraintError as e:
-        factories["llguidance"] = str(e)
-    if compiled is not None and not isinstance(factories["llguidance"], str):
-        def handover():
-            future: Future = Future()
-            guide = TieredGuide(backend.llguidance_guide(spec), future, eos, lambda _: None,
-                                lambda: backend.llguidance_guide(spec))
-            return guide, (future, compiled)
-        factories["handover"] = handover
-    else:
-        factories["handover"] = "needs both tiers"
-    return factories
+            yield "index", str(e) or type(e).__name__
+        else:
+            yield "index", lambda: (Guide(compiled, eos), None)
+    if compiled is None or isinstance(llguidance, str):
+        yield "handover", "needs both tiers"
+        return
+
+    def handover():
+        future: Future = Future()
+        guide = TieredGuide(backend.llguidance_guide(spec), future, eos, lambda _: None,
+                            lambda: backend.llguidance_guide(spec))
+        return guide, (future, compiled)
+    yield "handover", handover
 
 
 def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: float,
@@ -195,8 +287,9 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
     spec = served.spec
     result = SchemaResult(case, spec, unenforced=[str(u) for u in served.unenforced])
     validator = OutputValidator(spec.schema)  # what DotLLM says it enforces
+    spelled = walker.spelled(pattern_alphabet(spec.schema))
     as_asked = OutputValidator(case.schema) if served.unenforced else validator
-    for tier, factory in _guide_factories(backend, spec, index_timeout).items():
+    for tier, factory in _guide_factories(backend, spec, index_timeout):
         outcome = result.tiers[tier] = TierResult(tier)
         if isinstance(factory, str):
             outcome.reason = factory
@@ -214,7 +307,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
                 def at_step(step, future=future, compiled=compiled, switch_at=switch_at):
                     if step == switch_at:
                         future.set_result(compiled)
-            walk = walker.walk(guide, max_tokens, at_step)
+            walk = walker.walk(guide, max_tokens, at_step, spelled)
             outcome.walks += 1
             failure = walk.refused
             if walk.ended:
@@ -239,40 +332,40 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
     return result
 
 
-def report(subset: str, results: list[SchemaResult], walks: int = 20) -> dict:
-    """Counts per tier; `schemas_under_walks`: served schemas with fewer ended walks than
-    asked (their walks ran past the step budget)."""
-    row: dict = {"subset": subset, "schemas": len(results),
-                 "served": sum(r.served for r in results),
-                 "xgrammar_serves": sum(bool(r.xgrammar) for r in results),
-                 "served_with_unenforced": sum(r.served and bool(r.unenforced) for r in results)}
+def report(subset: str, records: list[dict], walks: int = 20) -> dict:
+    """Counts per tier over `SchemaResult.record()`s; `schemas_under_walks`: served
+    schemas with fewer ended walks than asked (their walks ran past the step budget)."""
+    row: dict = {"subset": subset, "schemas": len(records),
+                 "served": sum(r["served"] for r in records),
+                 "xgrammar_serves": sum(bool(r["xgrammar"]) for r in records),
+                 "served_with_unenforced": sum(r["served"] and bool(r["unenforced"])
+                                               for r in records)}
     for tier in TIERS:
-        outcomes = [r.tiers[tier] for r in results if tier in r.tiers and r.tiers[tier].served]
+        outcomes = [r["tiers"][tier] for r in records
+                    if r["tiers"].get(tier, {}).get("served")]
         row[tier] = {
             "schemas": len(outcomes),
-            "walks": sum(o.walks for o in outcomes),
-            "ended": sum(o.ended for o in outcomes),
-            "invalid": sum(o.invalid for o in outcomes),
-            "refused": sum(o.refused for o in outcomes),
-            "schemas_failing": sum(bool(o.invalid or o.refused) for o in outcomes),
-            "schemas_under_walks": sum(o.ended < walks for o in outcomes),
+            **{count: sum(o[count] for o in outcomes)
+               for count in ("walks", "ended", "invalid", "refused")},
+            "schemas_failing": sum(bool(o["invalid"] or o["refused"]) for o in outcomes),
+            "schemas_under_walks": sum(o["ended"] < walks for o in outcomes),
         }
-    relaxed = [r for r in results if r.served and r.unenforced]
+    relaxed = [r for r in records if r["served"] and r["unenforced"]]
     row["unenforced_valid_as_asked"] = (
-        f"{sum(r.valid_as_asked for r in relaxed)}/"
-        f"{sum(t.ended for r in relaxed for t in r.tiers.values())}")
+        f"{sum(r['valid_as_asked'] for r in relaxed)}/"
+        f"{sum(t['ended'] for r in relaxed for t in r['tiers'].values())}")
     return row
 
 
-def failures(results: list[SchemaResult]) -> list[str]:
+def failures(records: list[dict]) -> list[str]:
     """One line per failing (schema, tier): the first failing document and why."""
-    return [f"{r.case.id} [{t.tier}] {t.first_failure}" for r in results
-            for t in r.tiers.values() if t.first_failure]
+    return [f"{r['id']} [{tier}] {t['first_failure']}" for r in records
+            for tier, t in r["tiers"].items() if t["first_failure"]]
 
 
-def not_served(results: list[SchemaResult]) -> Counter:
-    return Counter((r.reason or "; ".join(t.reason for t in r.tiers.values()))[:120]
-                   for r in results if not r.served)
+def not_served(records: list[dict]) -> Counter:
+    return Counter((r["reason"] or "; ".join(t["reason"] for t in r["tiers"].values()))[:120]
+                   for r in records if not r["served"])
 
 
 class _Job:
@@ -296,7 +389,7 @@ class _Job:
         self.xgrammar = None if args.no_xgrammar else stock_engines(
             tokenizer, vocabulary.size)["xgrammar"]
 
-    def run(self, cases: list[Case]) -> list[SchemaResult]:
+    def run(self, cases: list[Case]) -> list[dict]:
         for case in cases:  # compile in the background while the walks run
             try:
                 spec = relaxation.serve(ConstraintSpec.json_schema(case.schema), False).spec
@@ -314,7 +407,7 @@ class _Job:
             from bench.compile_vs_stock import time_engine
             for result in results:
                 result.xgrammar = time_engine(self.xgrammar, [result.case.schema])[0] == 1
-        return results
+        return [result.record() for result in results]
 
 
 _job: _Job | None = None
@@ -335,8 +428,73 @@ def _exit_without(parent: int) -> None:
     os._exit(1)
 
 
-def _run_share(cases: list[Case]) -> list[SchemaResult]:
+def _run_share(cases: list[Case]) -> list[dict]:
     return _job.run(cases)
+
+
+def _recorded(path: str | None) -> dict[tuple[str, str], dict]:
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {(r["subset"], r["id"]): r for r in map(json.loads, filter(str.strip, f))}
+
+
+def _print_report(subset: str, records: list[dict], args, wall_s: float) -> None:
+    row = report(subset, records, args.walks)
+    row["part"] = args.part
+    row["wall_s"] = round(wall_s)
+    print(json.dumps(row), flush=True)
+    lines = failures(records)
+    for line in lines if args.verbose else lines[:10]:
+        print("  FAIL", line[:1200], flush=True)
+    for reason, n in not_served(records).most_common(10 if not args.verbose else None):
+        print(f"  not served x{n}: {reason}", flush=True)
+    if not args.verbose:
+        return
+    for r in records:
+        short = [f"{tier} {t['ended']}/{t['walks']}" for tier, t in r["tiers"].items()
+                 if t["served"] and t["ended"] < args.walks]
+        if short:
+            print(f"  under {args.walks} ended walks: {r['id']}: {', '.join(short)}")
+    for r in sorted(records, key=lambda r: -r["seconds"])[:5]:
+        print(f"  slowest: {r['id']} {r['seconds']:.0f} s", flush=True)
+
+
+class _Shares:
+    """Runs shares of cases in this process (one job) or in `--jobs` processes, yielding
+    each share's records as it is done; the jobs start only when there is work."""
+
+    def __init__(self, args):
+        self.args = args
+        self.executor: ProcessPoolExecutor | None = None
+        self.job: _Job | None = None
+
+    def run(self, cases: list[Case]):
+        if not cases:
+            return
+        if self.args.jobs == 1:
+            self.job = self.job or _Job(self.args, self.args.seed)
+            yield from (self.job.run([case]) for case in cases)
+            return
+        if self.executor is None:
+            embedded_model.build()  # once, before the jobs look for it
+            context = multiprocessing.get_context("spawn")
+            seeds = context.Queue()
+            for job in range(self.args.jobs):
+                seeds.put(self.args.seed + job)
+            self.executor = ProcessPoolExecutor(self.args.jobs, context, _start_job,
+                                                (self.args, seeds, os.getpid()))
+        # Small shares handed out as jobs come free: one slow schema holds up one job,
+        # not a sixteenth of the subset.
+        futures = [self.executor.submit(_run_share, cases[i:i + SHARE])
+                   for i in range(0, len(cases), SHARE)]
+        yield from (future.result() for future in as_completed(futures))
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+        if self.job is not None:
+            self.job.backend.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,54 +506,31 @@ def main(argv: list[str] | None = None) -> int:
                          help="processes side by side, each with --workers compile workers")
     options.add_argument("--part", default="1/1",
                          help="K/N: only the K-th of N slices of each subset (runs split up)")
+    options.add_argument("--records", help="JSON lines of results: appended to, and the "
+                         "schemas it has are not run again")
     options.add_argument("--verbose", action="store_true", help="list every failure")
     options.add_argument("--no-xgrammar", action="store_true",
                          help="do not count what stock vLLM's xgrammar compiles")
     args = options.parse_args(argv)
     part, parts = map(int, args.part.split("/"))
-    if args.jobs > 1:
-        embedded_model.build()  # once, before the jobs look for it
-        context = multiprocessing.get_context("spawn")
-        seeds = context.Queue()
-        for job in range(args.jobs):
-            seeds.put(args.seed + job)
-        executor = ProcessPoolExecutor(args.jobs, context, _start_job,
-                                       (args, seeds, os.getpid()))
-        share = executor.map
-    else:
-        job = _Job(args, args.seed)
-        share = map
+    recorded = _recorded(args.records)
+    shares = _Shares(args)
     try:
         for subset in args.subsets:
             started = time.monotonic()
             cases = load(subset, sample=args.sample or None)[part - 1::parts]
-            # Small shares handed out as jobs come free: one slow schema holds up one job,
-            # not a sixteenth of the subset.
-            size = len(cases) if args.jobs == 1 else SHARE
-            shares = [cases[i:i + size] for i in range(0, len(cases), size)]
-            results = [r for done in share(_run_share if args.jobs > 1 else job.run, shares)
-                       for r in done]
-            row = report(subset, results, args.walks)
-            row["part"] = args.part
-            row["wall_s"] = round(time.monotonic() - started)
-            print(json.dumps(row), flush=True)
-            lines = failures(results)
-            for line in lines if args.verbose else lines[:10]:
-                print("  FAIL", line[:1200], flush=True)
-            for reason, n in not_served(results).most_common(10 if not args.verbose else None):
-                print(f"  not served x{n}: {reason}", flush=True)
-            for r in results:
-                short = [f"{t.tier} {t.ended}/{t.walks}" for t in r.tiers.values()
-                         if t.served and t.ended < args.walks]
-                if short and args.verbose:
-                    print(f"  under {args.walks} ended walks: {r.case.id}: {', '.join(short)}")
-            for r in sorted(results, key=lambda r: -r.seconds)[:5 if args.verbose else 0]:
-                print(f"  slowest: {r.case.id} {r.seconds:.0f} s", flush=True)
+            records = [recorded[subset, c.id] for c in cases if (subset, c.id) in recorded]
+            todo = [c for c in cases if (subset, c.id) not in recorded]
+            for done in shares.run(todo):
+                records += done
+                if args.records:
+                    with open(args.records, "a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in done)
+                print(f"{subset}: {len(records)}/{len(cases)} schemas", file=sys.stderr,
+                      flush=True)
+            _print_report(subset, records, args, time.monotonic() - started)
     finally:
-        if args.jobs > 1:
-            executor.shutdown(cancel_futures=True)
-        else:
-            job.backend.destroy()
+        shares.close()
     return 0
 
 

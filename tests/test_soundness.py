@@ -6,10 +6,14 @@ schema served. `python -m bench.soundness --sample 0` runs all of ../shared/data
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from bench import soundness
 from bench.jsonschemabench import DATA_DIR, SUBSETS, Case, load
 from bench.soundness import TIERS, Walker, failures, fuzz_schema, report
+from tests.test_outlines_schema import WORDS
 
 WALKS = 8
 
@@ -48,6 +52,9 @@ REGRESSIONS = {
          "required": ["kind", "x"]},
         {"type": "object", "properties": {"kind": {"const": "b"}}, "required": ["kind"]}]},
     "enum of objects": {"enum": [{"a": [1, 2]}, "x", None]},
+    "a pattern met anywhere in its string (walks wrote past it, never ended)": {
+        "type": "object", "properties": {"v": {"type": "string", "pattern": r"\d+\.\d+\.\d+"}},
+        "required": ["v"]},
 }
 # Served by llguidance alone (outlines-core cannot enforce them).
 LLGUIDANCE_ONLY = {
@@ -77,7 +84,8 @@ def walker(tokenizer, vocabulary) -> Walker:
 
 
 def assert_sound(results) -> None:
-    assert not failures(results), "\n".join(failures(results))
+    lines = failures([r.record() for r in results])
+    assert not lines, "\n".join(lines)
 
 
 @pytest.mark.parametrize("name", list(REGRESSIONS))
@@ -99,6 +107,18 @@ def test_what_only_llguidance_serves_generates_only_valid_documents(backend, wal
     assert result.tiers["llguidance"].ended >= WALKS
 
 
+def test_a_pattern_past_llguidances_lexer_with_its_lengths_generates_without_them(
+        backend, walker):
+    """llguidance gave up a few characters into this string (its lengths beside the
+    pattern); served without the lengths, named, it writes whole documents."""
+    schema = {"type": "object", "properties": {"q": WORDS}, "required": ["q"]}
+    result = fuzz_schema(Case("regression", "words", schema), backend, walker, WALKS,
+                         index_timeout=15)
+    assert result.unenforced == ["minLength at /properties/q", "maxLength at /properties/q"]
+    assert result.tiers["llguidance"].ended >= WALKS
+    assert_sound([result])
+
+
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data not present")
 def test_a_sample_of_real_schemas_generates_only_valid_documents(backend, walker):
     results = []
@@ -106,7 +126,27 @@ def test_a_sample_of_real_schemas_generates_only_valid_documents(backend, walker
         cases = load(subset, sample=3, seed=11)
         subset_results = [fuzz_schema(c, backend, walker, WALKS, index_timeout=30)
                           for c in cases]
-        print(report(subset, subset_results, WALKS))
+        print(report(subset, [r.record() for r in subset_results], WALKS))
         results += subset_results
     assert_sound(results)
     assert sum(r.served for r in results) >= 10
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data not present")
+def test_schemas_already_recorded_are_reported_not_run_again(tmp_path, monkeypatch, capsys):
+    cases = load("Github_trivial", sample=2)
+    tier = {"served": True, "reason": "", "walks": 21, "ended": 20, "invalid": 0,
+            "refused": 1, "first_failure": "x"}
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({
+        "subset": c.subset, "id": c.id, "served": True, "reason": "", "unenforced": [],
+        "tiers": {t: tier for t in TIERS}, "valid_as_asked": 0, "xgrammar": True,
+        "seconds": 1.0}) + "\n" for c in cases))
+
+    def no_job(*_):
+        raise AssertionError("a recorded schema was run again")
+    monkeypatch.setattr(soundness, "_Job", no_job)
+    soundness.main(["--sample", "2", "--subsets", "Github_trivial", "--records", str(records)])
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["schemas"] == row["served"] == row["xgrammar_serves"] == 2
+    assert row["index"]["ended"] == 40 and row["index"]["schemas_failing"] == 2
