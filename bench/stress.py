@@ -74,13 +74,17 @@ def compile_workers(pid: int) -> list[psutil.Process]:
     return workers
 
 
-def tree_rss(pid: int) -> int:
-    total = 0
+def process_rss_mib(pid: int) -> dict[str, int]:
+    """Each process of the server by what it is (its title, "compile worker" for the
+    pool's), with its pid: which one keeps what a load left behind."""
     root = psutil.Process(pid)
+    workers = {p.pid for p in compile_workers(pid)}
+    rss = {}
     for p in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
+            name = "compile worker" if p.pid in workers else p.name()
+            rss[f"{name} {p.pid}"] = round(p.memory_info().rss / 2**20)
+    return rss
 
 
 async def _metrics(client: httpx.AsyncClient) -> dict[str, float]:
@@ -94,8 +98,9 @@ async def _idle(client: httpx.AsyncClient, pid: int, timeout_s: float) -> dict:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(1)
+    processes = process_rss_mib(pid)
     return {"compile_workers": len(compile_workers(pid)),
-            "rss_mib": round(tree_rss(pid) / 2**20),
+            "rss_mib": sum(processes.values()), "rss_by_process_mib": processes,
             "cache_mib": round(m.get("dotllm_constraint_cache_memory_bytes", 0) / 2**20),
             "queue": m.get("dotllm_constraint_pool_queue_length", 0),
             "compiling": prometheus.compiling(m)}
