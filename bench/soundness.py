@@ -439,6 +439,19 @@ def _recorded(path: str | None) -> dict[tuple[str, str], dict]:
         return {(r["subset"], r["id"]): r for r in map(json.loads, filter(str.strip, f))}
 
 
+def _stands(record: dict, case: Case, walks: int) -> bool:
+    """A record still stands (`--rerun`): each tier that served the schema ended its walks,
+    and DotLLM serves the schema as it did then (the same keywords left out)."""
+    if any(t["served"] and (t["ended"] < walks or t["refused"])
+           for t in record["tiers"].values()):
+        return False
+    try:
+        served = relaxation.serve(ConstraintSpec.json_schema(case.schema), strict=False)
+    except ConstraintError:
+        return bool(record["reason"])
+    return not record["reason"] and record["unenforced"] == [str(u) for u in served.unenforced]
+
+
 def _print_report(subset: str, records: list[dict], args, wall_s: float) -> None:
     row = report(subset, records, args.walks)
     row["part"] = args.part
@@ -508,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="K/N: only the K-th of N slices of each subset (runs split up)")
     options.add_argument("--records", help="JSON lines of results: appended to, and the "
                          "schemas it has are not run again")
+    options.add_argument("--rerun", action="store_true",
+                         help="run recorded schemas again where a tier ended too few walks or "
+                         "DotLLM now serves the schema differently")
     options.add_argument("--verbose", action="store_true", help="list every failure")
     options.add_argument("--no-xgrammar", action="store_true",
                          help="do not count what stock vLLM's xgrammar compiles")
@@ -519,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         for subset in args.subsets:
             started = time.monotonic()
             cases = load(subset, sample=args.sample or None)[part - 1::parts]
+            if args.rerun:
+                for case in cases:
+                    if (subset, case.id) in recorded and not _stands(
+                            recorded[subset, case.id], case, args.walks):
+                        del recorded[subset, case.id]
             records = [recorded[subset, c.id] for c in cases if (subset, c.id) in recorded]
             todo = [c for c in cases if (subset, c.id) not in recorded]
             for done in shares.run(todo):

@@ -13,6 +13,8 @@ import pytest
 from bench import soundness
 from bench.jsonschemabench import DATA_DIR, SUBSETS, Case, load
 from bench.soundness import TIERS, Walker, failures, fuzz_schema, report
+from dotllm.compiler.relaxation import serve
+from dotllm.compiler.spec import ConstraintSpec
 from tests.test_outlines_schema import WORDS
 
 WALKS = 8
@@ -136,17 +138,30 @@ def test_a_sample_of_real_schemas_generates_only_valid_documents(backend, walker
 def test_schemas_already_recorded_are_reported_not_run_again(tmp_path, monkeypatch, capsys):
     cases = load("Github_trivial", sample=2)
     tier = {"served": True, "reason": "", "walks": 21, "ended": 20, "invalid": 0,
-            "refused": 1, "first_failure": "x"}
-    records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps({
-        "subset": c.subset, "id": c.id, "served": True, "reason": "", "unenforced": [],
-        "tiers": {t: tier for t in TIERS}, "valid_as_asked": 0, "xgrammar": True,
-        "seconds": 1.0}) + "\n" for c in cases))
+            "refused": 0, "first_failure": ""}
+
+    def record(case, ended=20):
+        unenforced = serve(ConstraintSpec.json_schema(case.schema), strict=False).unenforced
+        return json.dumps({
+            "subset": case.subset, "id": case.id, "served": True, "reason": "",
+            "unenforced": [str(u) for u in unenforced],
+            "tiers": {t: {**tier, "ended": ended} for t in TIERS}, "valid_as_asked": 0,
+            "xgrammar": True, "seconds": 1.0}) + "\n"
 
     def no_job(*_):
         raise AssertionError("a recorded schema was run again")
     monkeypatch.setattr(soundness, "_Job", no_job)
-    soundness.main(["--sample", "2", "--subsets", "Github_trivial", "--records", str(records)])
-    row = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert row["schemas"] == row["served"] == row["xgrammar_serves"] == 2
-    assert row["index"]["ended"] == 40 and row["index"]["schemas_failing"] == 2
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(map(record, cases)))
+    argv = ["--sample", "2", "--subsets", "Github_trivial", "--records", str(records)]
+    soundness.main(argv)
+    soundness.main([*argv, "--rerun"])  # they stand: nothing to run again
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    assert rows[0] == rows[1] and rows[0]["schemas"] == rows[0]["served"] == 2
+    assert rows[0]["xgrammar_serves"] == 2 and rows[0]["index"]["ended"] == 40
+    # A tier that ended too few walks is run again with --rerun, and only then.
+    records.write_text(record(cases[0], ended=19) + record(cases[1]))
+    soundness.main(argv)
+    with pytest.raises(AssertionError, match="run again"):
+        soundness.main([*argv, "--rerun"])
