@@ -6,7 +6,8 @@
 #       command="bash bench/gpu_soundness.sh --subsets Snowplow")
 # Arguments go to bench.soundness. Each schema's result goes to $OUT/soundness.jsonl as it
 # is known, after what .gpu/records/*.jsonl (earlier calls' files) already has, which is
-# not run again: a call cut off by its time limit is taken up by the next one.
+# not run again: a call cut off by its time limit is taken up by the next one (add
+# --rerun after a change to DotLLM or the walker).
 set -euo pipefail
 source bench/gpu_site.sh
 jobs=$(nproc)  # before OMP_NUM_THREADS, which nproc obeys
