@@ -435,8 +435,15 @@ def _run_share(cases: list[Case]) -> list[dict]:
 def _recorded(path: str | None) -> dict[tuple[str, str], dict]:
     if not path or not os.path.exists(path):
         return {}
+    records = {}
     with open(path) as f:
-        return {(r["subset"], r["id"]): r for r in map(json.loads, filter(str.strip, f))}
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                continue
+            records[record["subset"], record["id"]] = record
+    return records
 
 
 def _stands(record: dict, case: Case, walks: int) -> bool:
