@@ -59,6 +59,7 @@ from dotllm.guide import Guide
 from dotllm.tiers import TieredGuide
 
 TIERS = ("index", "llguidance", "handover")
+MAX_BUDGET = 16  # times max_tokens a walk may grow to where none ends
 SHARE = 4  # schemas a job takes at a time (compiled ahead of their walks)
 _CLOSING = (b'"', b"}", b"]")
 
@@ -295,7 +296,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
             outcome.reason = factory
             continue
         outcome.served = True
-        attempts = 0
+        attempts, budget = 0, max_tokens
         while outcome.ended < walks and attempts < 3 * walks:
             attempts += 1
             guide, handover = factory()
@@ -307,7 +308,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
                 def at_step(step, future=future, compiled=compiled, switch_at=switch_at):
                     if step == switch_at:
                         future.set_result(compiled)
-            walk = walker.walk(guide, max_tokens, at_step, spelled)
+            walk = walker.walk(guide, budget, at_step, spelled)
             outcome.walks += 1
             failure = walk.refused
             if walk.ended:
@@ -325,6 +326,10 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
                     outcome.invalid += 1
             else:
                 text = walker.text(walk.tokens[:200]) if walk.refused else ""
+                if not walk.refused and not outcome.ended and outcome.walks % 3 == 0:
+                    # None ended within the budget: the shortest document may be longer
+                    # (`minItems: 600` of objects is some 9,000 tokens).
+                    budget = min(2 * budget, MAX_BUDGET * max_tokens)
             if walk.refused:
                 outcome.refused += 1
             if failure and not outcome.first_failure:

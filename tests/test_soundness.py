@@ -121,6 +121,17 @@ def test_a_pattern_past_llguidances_lexer_with_its_lengths_generates_without_the
     assert_sound([result])
 
 
+def test_walks_whose_shortest_document_is_past_the_budget_get_a_larger_one(backend, walker):
+    """Github_easy o12622 asks for 600 objects (~9,000 tokens); here 40 items and a budget
+    of 64 tokens."""
+    schema = {"type": "array", "items": {"enum": ["abc", "de"]}, "minItems": 40}
+    result = fuzz_schema(Case("regression", "long", schema), backend, walker, WALKS,
+                         index_timeout=30, max_tokens=64)
+    assert all(t.ended >= WALKS for t in result.tiers.values() if t.served), result.tiers
+    assert result.tiers["llguidance"].served
+    assert_sound([result])
+
+
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data not present")
 def test_a_sample_of_real_schemas_generates_only_valid_documents(backend, walker):
     results = []
