@@ -235,3 +235,8 @@ def test_the_lexer_probe_passes_what_llguidance_takes():
     assert lexer_probe.beyond_lexer({"type": "string", "pattern": WORDS["pattern"]}) == []
     [limit] = lexer_probe.beyond_lexer({"items": WORDS})
     assert limit.pointer == "/items" and "too many expressions" in limit.error
+    # Without "type" the bounds still apply to strings; bounds that are not numbers are
+    # left to the grammar checks.
+    untyped = {k: v for k, v in WORDS.items() if k != "type"}
+    assert [x.pointer for x in lexer_probe.beyond_lexer({"items": untyped})] == ["/items"]
+    assert lexer_probe.beyond_lexer({"pattern": "^a$", "maxLength": "3"}) == []

@@ -73,10 +73,11 @@ def beyond_lexer(schema) -> list[LexerLimit]:
         node, pointer = stack.pop()
         if not isinstance(node, dict):
             continue
-        keywords = [k for k in LENGTHS if k in node]
+        keywords = [k for k in LENGTHS if isinstance(node.get(k), int)]
         if isinstance(node.get("pattern"), str) and keywords:
             probed += 1
-            string = {k: node[k] for k in ("type", "pattern", *keywords)}
+            string = {"type": "string", "pattern": node["pattern"],
+                      **{k: node[k] for k in keywords}}
             if (error := _gives_up(json.dumps(string, sort_keys=True))) is not None:
                 found.append(LexerLimit(pointer, keywords, error))
         stack.extend(enforcement.subschemas(node, pointer))
@@ -89,13 +90,15 @@ def _gives_up(string_schema: str) -> str | None:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             for_llguidance(json.loads(string_schema)), defaults=json_options(None))
-    except ValueError:
+    except (ValueError, TypeError):
         return None  # not llguidance's lexer: the grammar checks say what is wrong
     tokenizer = _tokenizer()
     row = np.zeros((1, (tokenizer.vocab_size + 31) // 32), dtype=np.int32)
     for seed in range(TRIES):
         rng = random.Random(seed)
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            return None  # not llguidance's lexer: the grammar checks say what is wrong
         matcher.consume_token(_QUOTE)
         for _ in range(STEPS):
             llguidance.numpy.fill_next_token_bitmask(matcher, row, 0)
