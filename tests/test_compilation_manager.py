@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import psutil
@@ -128,6 +130,31 @@ def test_a_worker_killed_while_idle_is_no_ones_fault(make_manager, new_worker):
     idle.wait(timeout=10)
     assert manager.get(ConstraintSpec.regex("[uvw]{3}")).result(timeout=120).num_states > 0
     assert manager.stats["failed_crash"] == 0
+
+
+def test_a_worker_killed_as_it_starts_leaves_the_pool_serving(make_manager):
+    """Killed before it had read what it starts with (an OOM kill at the wrong moment): the
+    pool thread starting it once waited for good on a pipe it held both ends of."""
+    before = compile_workers()
+    killed: list[int] = []
+
+    def kill_the_first_new_worker():
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for pid in compile_workers() - before:
+                psutil.Process(pid).kill()
+                killed.append(pid)
+                break
+
+    killer = threading.Thread(target=kill_the_first_new_worker)
+    killer.start()
+    manager = make_manager(workers=1, timeout_s=120)
+    first = manager.get(QUICK)
+    killer.join()
+    assert killed
+    with contextlib.suppress(CompileFailed):  # its worker could not start: said at once
+        first.result(timeout=60)
+    assert manager.get(ConstraintSpec.regex("[xyz]{2}")).result(timeout=60).num_states > 0
 
 
 def test_remembered_failures_expire(vocabulary, tmp_path):

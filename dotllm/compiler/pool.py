@@ -10,6 +10,7 @@ sent once when it starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -66,11 +67,14 @@ def _cap_address_space(extra_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, mapped + extra_bytes))
 
 
-def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
+def _worker_main(conn, limits: PoolLimits) -> None:
     # Compiles are background work (requests decode on llguidance meanwhile): on a busy
     # host the engine's own threads, which every running request waits on, go first.
     os.nice(_WORKER_NICENESS)
-    vocabulary: Vocabulary = pickle.loads(vocabulary_blob)
+    try:
+        vocabulary: Vocabulary = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):  # the parent went away
+        return
     if limits.max_worker_memory_bytes:
         _cap_address_space(limits.max_worker_memory_bytes)
     conn.send(("ready",))
@@ -101,10 +105,15 @@ def _worker_main(conn, vocabulary_blob: bytes, limits: PoolLimits) -> None:
 class _Worker:
     def __init__(self, ctx, vocabulary_blob: bytes, limits: PoolLimits):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, vocabulary_blob, limits),
+        # The vocabulary (megabytes) goes over the connection, not in the process's
+        # arguments: `start()` writes those whole to a pipe whose reading end it still
+        # holds, so a worker killed before reading them hung its pool thread for good.
+        self.process = ctx.Process(target=_worker_main, args=(child, limits),
                                    daemon=True, name="dotllm-compile")
         self.process.start()
         child.close()
+        with contextlib.suppress(OSError):  # it died first: `wait_ready` says so
+            self.conn.send_bytes(vocabulary_blob)
 
     def wait_ready(self, timeout_s: float) -> None:
         try:
