@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import llguidance
 import llguidance.numpy
 import numpy as np
-from llguidance._tokenizer import TokenizerWrapper
 
 from dotllm.compiler import enforcement
 from dotllm.compiler.enforcement import Unenforced
@@ -60,7 +59,7 @@ class _Bytes:
 
 @functools.cache
 def _tokenizer() -> llguidance.LLTokenizer:
-    return llguidance.LLTokenizer(TokenizerWrapper(_Bytes()))
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()))
 
 
 def beyond_lexer(schema) -> list[LexerLimit]:
