@@ -85,6 +85,7 @@ class Walker:
         # Inside a string `}` and `]` are text: only a quote closes it.
         self.closing_string = self._mask([i for i, b in table.items() if b[:1] == b'"'])
         self.first_byte = np.array([t[0] if t else 256 for t in self.token_text])
+        self.single_byte = np.array([t[0] if len(t) == 1 else 256 for t in self.token_text])
         self.rng = random.Random(seed)
 
     def _mask(self, tokens: list[int]) -> np.ndarray:
@@ -157,11 +158,7 @@ class Walker:
     def spelled(self, alphabet: np.ndarray | None) -> np.ndarray | None:
         """The one-byte tokens of `alphabet`'s bytes (a mask over the vocabulary): where a
         pattern must be met, a byte at a time, or `...` and `--` tokens write past it."""
-        if alphabet is None:
-            return None
-        spelled = np.zeros(self.vocab_size, dtype=bool)
-        spelled[[i for i, t in enumerate(self.token_text) if len(t) == 1 and alphabet[t[0]]]] = True
-        return spelled
+        return None if alphabet is None else alphabet[self.single_byte]
 
     def text(self, tokens: list[int]) -> str:
         return b"".join(self.token_text[t] for t in tokens).decode("utf-8", errors="strict")
@@ -169,24 +166,19 @@ class Walker:
 
 def pattern_alphabet(schema) -> np.ndarray | None:
     r"""The bytes a schema's patterns spell out (literals, small classes, `\d`), as a mask
-    over first bytes (257: the empty token's too); None without patterns."""
+    over bytes and 256 (no byte: always False); None without patterns."""
     alphabet = np.zeros(257, dtype=bool)
-    stack, found = [(schema, "")], False
-    while stack:
-        node, pointer = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    for node, _ in enforcement.nodes(schema):
         if isinstance(node.get("pattern"), str):
-            found |= _spell(node["pattern"], alphabet)
-        stack.extend(enforcement.subschemas(node, pointer))
-    return alphabet if found else None
+            _spell(node["pattern"], alphabet)
+    return alphabet if alphabet.any() else None
 
 
-def _spell(pattern: str, alphabet: np.ndarray) -> bool:
+def _spell(pattern: str, alphabet: np.ndarray) -> None:
     try:
         parsed = re_parser.parse(pattern)
     except (re.error, RecursionError, OverflowError):
-        return False
+        return
     items = list(parsed)
     while items:
         op, arg = items.pop()
@@ -204,7 +196,6 @@ def _spell(pattern: str, alphabet: np.ndarray) -> bool:
             items.extend(arg[3])
         elif op is re_constants.BRANCH:
             items.extend(i for branch in arg[1] for i in branch)
-    return bool(alphabet.any())
 
 
 @dataclass

@@ -67,20 +67,23 @@ def subschemas(schema: dict, pointer: str) -> Iterator[tuple[object, str]]:
                 yield sub, f"{pointer}/{keyword}/{escape(name)}"
 
 
+def nodes(schema) -> Iterator[tuple[dict, str]]:
+    """(schema object, its pointer) for `schema` and every schema inside it, in document
+    order; iterative: a client can nest deeper than Python's recursion limit."""
+    stack = [(schema, "")]
+    while stack:
+        node, pointer = stack.pop()
+        if isinstance(node, dict):
+            yield node, pointer
+            stack.extend(reversed(list(subschemas(node, pointer))))
+
+
 def never_enforced(schema) -> list[Unenforced]:
     """Every keyword of `schema` no engine here enforces, in document order.
 
     An invalid regex is the client's error (ConstraintError), not an unenforced keyword.
     """
-    found: list[Unenforced] = []
-    stack = [(schema, "")]
-    while stack:  # iterative: a client can nest deeper than Python's recursion limit
-        node, pointer = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        found.extend(_in_one(node, pointer))
-        stack.extend(reversed(list(subschemas(node, pointer))))
-    return found
+    return [item for node, pointer in nodes(schema) for item in _in_one(node, pointer)]
 
 
 def _in_one(schema: dict, pointer: str) -> Iterator[Unenforced]:

@@ -67,19 +67,16 @@ def beyond_lexer(schema) -> list[LexerLimit]:
     lexer gives up."""
     found: list[LexerLimit] = []
     probed = 0
-    stack = [(schema, "")]
-    while stack and probed < MAX_PROBED:
-        node, pointer = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    for node, pointer in enforcement.nodes(schema):
         keywords = [k for k in LENGTHS if isinstance(node.get(k), int)]
-        if isinstance(node.get("pattern"), str) and keywords:
-            probed += 1
-            string = {"type": "string", "pattern": node["pattern"],
-                      **{k: node[k] for k in keywords}}
-            if (error := _gives_up(json.dumps(string, sort_keys=True))) is not None:
-                found.append(LexerLimit(pointer, keywords, error))
-        stack.extend(enforcement.subschemas(node, pointer))
+        if not (isinstance(node.get("pattern"), str) and keywords):
+            continue
+        if probed == MAX_PROBED:
+            break
+        probed += 1
+        string = {"type": "string", "pattern": node["pattern"], **{k: node[k] for k in keywords}}
+        if (error := _gives_up(json.dumps(string, sort_keys=True))) is not None:
+            found.append(LexerLimit(pointer, keywords, error))
     return found
 
 
@@ -102,13 +99,13 @@ def _gives_up(string_schema: str) -> str | None:
         for _ in range(STEPS):
             llguidance.numpy.fill_next_token_bitmask(matcher, row, 0)
             if matcher.is_error():
-                return matcher.get_error().split("\n", 1)[0].removeprefix("lexer error: ")
+                break
             bits = np.unpackbits(row.view(np.uint8), bitorder="little")[:_EOS]
             allowed = np.flatnonzero(bits)
             inside = allowed[allowed != _QUOTE]  # stay in the string while it may go on
             if not len(inside):
                 break
             matcher.consume_token(int(inside[rng.randrange(len(inside))]))
-        if matcher.is_error():
+        if matcher.is_error():  # the line that says why, not the state dump after it
             return matcher.get_error().split("\n", 1)[0].removeprefix("lexer error: ")
     return None

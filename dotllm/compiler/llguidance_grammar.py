@@ -178,11 +178,7 @@ MAX_OPTIONAL_WITH_COUNTS = 8
 
 def _explosive(schema) -> str | None:
     """What in `schema` would make llguidance's grammar grow combinatorially, if any."""
-    stack = [(schema, "")]
-    while stack:
-        node, pointer = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    for node, pointer in enforcement.nodes(schema):
         if ("minProperties" in node or "maxProperties" in node) and isinstance(
                 node.get("properties"), dict):
             required = node.get("required") if isinstance(node.get("required"), list) else []
@@ -192,7 +188,6 @@ def _explosive(schema) -> str | None:
                 return (f"{keyword} at {pointer or '/'} beside {optional} optional properties "
                         f"(over {MAX_OPTIONAL_WITH_COUNTS}: its grammar would grow "
                         "combinatorially)")
-        stack.extend(enforcement.subschemas(node, pointer))
     return None
 
 
