@@ -207,6 +207,7 @@ class TierResult:
     ended: int = 0
     invalid: int = 0
     refused: int = 0
+    mismatched: int = 0  # hand-overs the index refused: the walk stayed on llguidance
     first_failure: str = ""  # the first failing document, and why
 
 
@@ -264,9 +265,10 @@ def _guide_factories(backend, spec: ConstraintSpec, index_timeout: float):
 
     def handover():
         future: Future = Future()
-        guide = TieredGuide(backend.llguidance_guide(spec), future, eos, lambda _: None,
+        outcomes: list[str] = []
+        guide = TieredGuide(backend.llguidance_guide(spec), future, eos, outcomes.append,
                             lambda: backend.llguidance_guide(spec))
-        return guide, (future, compiled)
+        return guide, (future, compiled, outcomes)
     yield "handover", handover
 
 
@@ -291,9 +293,9 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
         while outcome.ended < walks and attempts < 3 * walks:
             attempts += 1
             guide, handover = factory()
-            at_step = None
+            at_step, outcomes = None, []
             if handover is not None:
-                future, compiled = handover
+                future, compiled, outcomes = handover
                 switch_at = walker.rng.randrange(1, 24)
 
                 def at_step(step, future=future, compiled=compiled, switch_at=switch_at):
@@ -301,6 +303,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
                         future.set_result(compiled)
             walk = walker.walk(guide, budget, at_step, spelled)
             outcome.walks += 1
+            outcome.mismatched += "mismatch" in outcomes
             failure = walk.refused
             if walk.ended:
                 outcome.ended += 1
@@ -341,8 +344,8 @@ def report(subset: str, records: list[dict], walks: int = 20) -> dict:
                     if r["tiers"].get(tier, {}).get("served")]
         row[tier] = {
             "schemas": len(outcomes),
-            **{count: sum(o[count] for o in outcomes)
-               for count in ("walks", "ended", "invalid", "refused")},
+            **{count: sum(o.get(count, 0) for o in outcomes)
+               for count in ("walks", "ended", "invalid", "refused", "mismatched")},
             "schemas_failing": sum(bool(o["invalid"] or o["refused"]) for o in outcomes),
             "schemas_under_walks": sum(o["ended"] < walks for o in outcomes),
         }

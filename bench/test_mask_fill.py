@@ -16,7 +16,7 @@ import outlines_core
 import pytest
 import torch
 
-from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.compiled import CompiledIndex, outlines_index
 from dotllm.compiler.mask_table import words_for
 from dotllm.compiler.spec import ConstraintSpec
 from dotllm.guide import Guide
@@ -29,7 +29,8 @@ PREFIXES = {"document_start": "", "inside_string": '{"name": "Ada Love'}
 
 @pytest.fixture(scope="module")
 def index(vocabulary):
-    return outlines_core.Index(ConstraintSpec.json_schema(SCHEMA).to_regex(), vocabulary.inner)
+    return outlines_index(ConstraintSpec.json_schema(SCHEMA).to_regex(), vocabulary.inner,
+                          json_text=True)
 
 
 @pytest.fixture(scope="module")

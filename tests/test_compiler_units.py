@@ -9,7 +9,7 @@ import outlines_core
 import pytest
 import torch
 
-from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
+from dotllm.compiler.compiled import CompiledIndex, CorruptEntry, outlines_index
 from dotllm.compiler.mask_table import MaskTable, pack_tokens, words_for
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
 from dotllm.compiler.transitions import TransitionTable
@@ -124,7 +124,7 @@ def test_pack_tokens_layout():
 
 def test_mask_table_matches_outlines_guide_in_every_state(vocabulary):
     regex = ConstraintSpec.json_schema(PERSON).to_regex()
-    index = outlines_core.Index(regex, vocabulary.inner)
+    index = outlines_index(regex, vocabulary.inner, json_text=True)
     transitions = TransitionTable.from_index(index)
     table = MaskTable.build(transitions, vocabulary.size, vocabulary.eos_token_id)
     assert table.rows.flags["C_CONTIGUOUS"] and table.rows.dtype == np.int32
@@ -158,6 +158,27 @@ def _path_to(index, target: int) -> list[int]:
                 seen.add(nxt)
                 frontier.append((nxt, [*path, token]))
     raise AssertionError(f"state {target} unreachable")
+
+
+@pytest.mark.parametrize(("spec", "text"), [
+    (ConstraintSpec.regex("(true|false)(, (true|false))*"), "true, false, true"),
+    (ConstraintSpec.regex("[0-9]+(\\.[0-9]+)?"), "12.5"),
+    (ConstraintSpec.choice(["a", "ab", "abc d"]), "ab"),
+    (ConstraintSpec.choice(["a", "ab", "abc d"]), "abc d"),
+    (ConstraintSpec.json_schema({"anyOf": [{"type": "integer"}, {"type": "number"}]}), "-1.5"),
+])
+def test_the_index_goes_on_from_a_state_where_it_may_end(vocabulary, tokenizer, spec, text):
+    """Where the text so far is complete, the index still allows what continues it (raw
+    outlines-core 0.2.14 allows only EOS after `true` here, and writes only "a")."""
+    compiled = CompiledIndex.for_spec(spec, vocabulary)
+    one_byte = {b: i for i, b in token_bytes(tokenizer).items() if len(b) == 1}
+    for tokens in (tokenizer.encode(text, add_special_tokens=False),
+                   [one_byte[bytes([b])] for b in text.encode()]):
+        state = compiled.initial_state
+        for token in tokens:
+            state = compiled.next_state(state, token)
+            assert state is not None, (text, tokenizer.decode(tokens))
+        assert compiled.is_final(state)
 
 
 def test_compiled_index_bytes_round_trip(vocabulary):

@@ -21,8 +21,7 @@ PERSON = ConstraintSpec.json_schema(
 
 @pytest.fixture(scope="module")
 def person(vocabulary):
-    return CompiledIndex.build(PERSON.to_regex(), vocabulary.inner, vocabulary.size,
-                               vocabulary.eos_token_id)
+    return CompiledIndex.for_spec(PERSON, vocabulary)
 
 
 @pytest.fixture(params=["index", "llguidance"])

@@ -79,8 +79,7 @@ def test_llguidance_json_lies_within_the_index_language(make, tokenizer, vocabul
                                                "b": {"type": "integer"}},
               "required": ["a", "b"], "additionalProperties": False}
     spec = ConstraintSpec.json_schema(schema, whitespace_pattern=whitespace)
-    index = Guide(CompiledIndex.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
-                                      vocabulary.eos_token_id), vocabulary.eos_token_id)
+    index = Guide(CompiledIndex.for_spec(spec, vocabulary), vocabulary.eos_token_id)
     canonical = '{"a": true, "b": 12}' if whitespace is None else '{"a":true,"b":12}'
     for text, llguidance_allows in [(canonical, True), ('{"a":  true, "b": 12}', False)]:
         guide = make(spec)

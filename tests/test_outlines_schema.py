@@ -25,8 +25,7 @@ def allows(tokenizer, vocabulary):
     """allows(schema, text): does the compiled index accept `text` and then EOS?"""
     def allows(schema, text: str) -> bool:
         spec = ConstraintSpec.json_schema(schema)
-        index = CompiledIndex.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
-                                    vocabulary.eos_token_id)
+        index = CompiledIndex.for_spec(spec, vocabulary)
         state = index.initial_state
         for token in tokenizer.encode(text, add_special_tokens=False):
             if (state := index.next_state(state, token)) is None:

@@ -30,8 +30,7 @@ def spec():
 
 @pytest.fixture(scope="module")
 def compiled(spec, vocabulary):
-    return CompiledIndex.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
-                               vocabulary.eos_token_id)
+    return CompiledIndex.for_spec(spec, vocabulary)
 
 
 @pytest.fixture(scope="module")

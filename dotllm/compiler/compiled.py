@@ -26,15 +26,48 @@ import outlines_core
 from blake3 import blake3
 
 from dotllm.compiler.mask_table import MaskTable
+from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.transitions import TransitionTable
+from dotllm.compiler.vocabulary import Vocabulary
 
 _MAGIC = b"DOTLLMIX"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: indexes anchored at the end (outlines_index)
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, meta size, blake3 of the eager part
 _ALIGN = 64
 _DIGEST = 16  # bytes of blake3 kept per block
 _CHUNK = 1 << 16  # transitions per lazily checked block (512 KiB of tokens + targets)
 _EAGER_PARTS = 5  # finals, offsets, state rows, block digests, row digests; then the blocks
+
+
+_NUMBER_START = (b"-", *(bytes([d]) for d in b"0123456789"))
+
+
+def outlines_index(regex: str, vocabulary: outlines_core.Vocabulary, *,
+                   json_text: bool = False) -> outlines_core.Index:
+    """outlines-core's index of `regex`, matched as a whole.
+
+    outlines-core 0.2.14 builds on a leftmost-first DFA that reports a match one byte late,
+    and keeps a token only if the state it ends in is not a match state or is a complete
+    match. Where the text so far already matches, that drops every token that goes on from
+    there and is not itself complete one byte later: after `true` in
+    `(true|false)(, (true|false))*` the comma, after `12` in `[0-9]+(\\.[0-9]+)?` the dot;
+    and the DFA drops alternatives once an earlier one has matched, so the choice
+    `["a", "ab"]` only ever writes "a". Anchored at the end of the text (`\\z`), the DFA
+    matches only there, and every token that keeps the text a live prefix stays.
+
+    A JSON text (`json_text`) that is not a number ends by itself: nothing goes on from a
+    complete object, array, string or literal, so its index is exact unanchored, and is
+    left so. The anchor has a cost: the DFA also serves unanchored searches, and an end
+    anchor keeps every start of one alive (`[a-z](?:[a-z-]{0,n}[a-z])?` doubles its
+    build time with each n past 10).
+    """
+    if json_text:
+        index = outlines_core.Index(regex, vocabulary)
+        allowed = set(index.get_allowed_tokens(index.get_initial_state()))
+        starts = [vocabulary.get(b) for b in _NUMBER_START]
+        if all(ids is not None and not allowed.intersection(ids) for ids in starts):
+            return index
+    return outlines_core.Index(f"(?:{regex})\\z", vocabulary)
 
 
 class CorruptEntry(ValueError):
@@ -62,8 +95,16 @@ class CompiledIndex:
         self.on_corrupt: Callable[[str], None] | None = None
 
     @classmethod
-    def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int) -> CompiledIndex:
-        return cls.from_index(outlines_core.Index(regex, vocabulary), vocab_size, eos_token_id)
+    def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int, *,
+              json_text: bool = False) -> CompiledIndex:
+        return cls.from_index(outlines_index(regex, vocabulary, json_text=json_text),
+                              vocab_size, eos_token_id)
+
+    @classmethod
+    def for_spec(cls, spec: ConstraintSpec, vocabulary: Vocabulary) -> CompiledIndex:
+        """What a compile worker builds for `spec`."""
+        return cls.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
+                         vocabulary.eos_token_id, json_text=spec.is_json)
 
     @classmethod
     def from_index(cls, index: outlines_core.Index, vocab_size: int,

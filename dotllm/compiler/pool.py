@@ -85,8 +85,7 @@ def _worker_main(conn, limits: PoolLimits) -> None:
             return
         started = time.perf_counter()
         try:
-            compiled = CompiledIndex.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
-                                           vocabulary.eos_token_id)
+            compiled = CompiledIndex.for_spec(spec, vocabulary)
         except ConstraintError as e:
             conn.send(("error", "invalid", str(e)))
             continue

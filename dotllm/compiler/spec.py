@@ -142,6 +142,11 @@ class ConstraintSpec:
                            self.source])
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @property
+    def is_json(self) -> bool:
+        """Its output is one JSON text."""
+        return self.kind in _JSON_KINDS
+
     def check(self) -> None:
         """Cheap checks, safe in the API server: they take time linear in the request.
 
