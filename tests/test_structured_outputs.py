@@ -195,7 +195,8 @@ def test_twenty_concurrent_requests_with_different_schemas(dotllm_server):
                               "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
          "type at / is not a JSON type"),
         ({"structured_outputs": {"json": "{not json"}}, "not valid JSON"),
-        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "llguidance cannot either"),
+        ({"structured_outputs": {"grammar": "root ::= 'a'"}},  # GBNF quotes with "
+         "llguidance cannot either: Failed to convert the grammar from GBNF to Lark"),
         ({"response_format": {"type": "json_schema", "json_schema": {
             "name": "x", "strict": True, "schema": {
                 "type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}}}},
@@ -315,6 +316,39 @@ def test_what_outlines_core_cannot_serve_runs_on_llguidance(client, dotllm_serve
     for reason in ("keywords", "grammar"):
         name = f'dotllm_constraint_llguidance_total{{reason="{reason}"}}'
         assert after.get(name, 0) - before.get(name, 0) == 1, reason
+
+
+# vLLM's own GBNF example (examples/online_serving/structured_outputs): what xgrammar, stock
+# vLLM's default, reads; and a llama.cpp-style one with character classes and comments.
+SQL_GBNF = """
+root ::= select_statement
+select_statement ::= "SELECT " column " from " table " where " condition
+column ::= "col_1 " | "col_2 "
+table ::= "table_1 " | "table_2 "
+condition ::= column "= " number
+number ::= "1 " | "2 "
+"""
+WORDS_GBNF = """# two short words
+root ::= word " " word "."
+word ::= [a-c] [a-c]?
+"""
+
+
+@pytest.mark.parametrize(("grammar", "pattern"), [
+    (SQL_GBNF, r"SELECT col_[12]  from table_[12]  where col_[12] = [12] "),
+    (WORDS_GBNF, r"[a-c]{1,2} [a-c]{1,2}\."),
+])
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_gbnf_grammars_are_served_as_well_as_lark(client, grammar, pattern, api):
+    extra = {"structured_outputs": {"grammar": grammar}}
+    if api == "completions":
+        text = client.completions.create(model=NAME, prompt="x", max_tokens=40,
+                                         extra_body=extra).choices[0].text
+    else:
+        text = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=40,
+            extra_body=extra).choices[0].message.content
+    assert re.fullmatch(pattern, text), text
 
 
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},

@@ -157,7 +157,8 @@ def _grammar_for(spec: ConstraintSpec) -> str:
     if spec.kind is ConstraintKind.CHOICE:
         return matcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(c) for c in json.loads(spec.source)))
-    return matcher.grammar_from_lark(spec.source)
+    # Lark, or GBNF/EBNF as llama.cpp and xgrammar (stock vLLM's default) write it.
+    return llguidance.grammar_from("grammar", spec.source)
 
 
 def short(error: str, limit: int = 400) -> str:

@@ -39,7 +39,7 @@ class ConstraintKind(enum.Enum):
     JSON_OBJECT = "json_object"
     REGEX = "regex"
     CHOICE = "choice"
-    GRAMMAR = "grammar"  # Lark, as llguidance reads it: outlines-core cannot compile it
+    GRAMMAR = "grammar"  # Lark or GBNF, as llguidance reads them: not for outlines-core
     STRUCTURAL_TAG = "structural_tag"  # text with tagged regions: llguidance only
 
 
