@@ -337,7 +337,7 @@ word ::= [a-c] [a-c]?
 @pytest.mark.parametrize(("grammar", "pattern"), [
     (SQL_GBNF, r"SELECT col_[12]  from table_[12]  where col_[12] = [12] "),
     (WORDS_GBNF, r"[a-c]{1,2} [a-c]{1,2}\."),
-])
+], ids=["sql", "words"])
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_gbnf_grammars_are_served_as_well_as_lark(client, grammar, pattern, api):
     extra = {"structured_outputs": {"grammar": grammar}}
