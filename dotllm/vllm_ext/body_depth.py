@@ -9,10 +9,10 @@ scanned at all) and one deeper than the schema depth bound allows is refused by 
 
 from __future__ import annotations
 
-import json
 import re
 
 from dotllm.settings import Settings
+from dotllm.vllm_ext.stream_errors import send_json
 
 # The levels a request body adds around a schema (body, response_format, json_schema, ...).
 _ENVELOPE = 8
@@ -64,15 +64,10 @@ class BodyDepth:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        error = {"error": {
+        await send_json(send, 400, {"error": {
             "message": f"the request body nests deeper than {self.limit} levels "
                        "(--dotllm-max-schema-depth and the request around the schema)",
-            "type": "BadRequestError", "param": None, "code": 400}}
-        body = json.dumps(error).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+            "type": "BadRequestError", "param": None, "code": 400}})
 
 
 MIDDLEWARE = f"{__name__}.{BodyDepth.__name__}"  # for vLLM's --middleware

@@ -33,15 +33,15 @@ def validate(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     """Run the server exactly as `vllm serve` would with these arguments, plus DotLLM's
     HTTP middleware (through vLLM's own `--middleware`, after the user's: the body depth
-    check, the unenforced-keyword report)."""
+    check, a stream's first-event error as its response, the unenforced-keyword report)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
-    from dotllm.vllm_ext import body_depth, unenforced_report
+    from dotllm.vllm_ext import body_depth, stream_errors, unenforced_report
 
     # vLLM adds them in order, each around the ones before: the body check runs first.
     args.middleware = [*(args.middleware or []), unenforced_report.MIDDLEWARE,
-                       body_depth.MIDDLEWARE]
+                       stream_errors.MIDDLEWARE, body_depth.MIDDLEWARE]
     cli_env_setup()
     ServeSubcommand.cmd(args)
 
