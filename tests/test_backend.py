@@ -164,9 +164,10 @@ def test_tokens_are_counted_by_tier_in_batches(backend, tokenizer):
         return backend.metrics.tier_tokens.labels(tier=tier)._value.get()
 
     yes = tokenizer.encode("yes", add_special_tokens=False)
+    backend.manager.get(ConstraintSpec.choice(["yes", "no"])).result(timeout=120)  # cached
     index_before, ll_before = counted("index"), counted("llguidance")
     grammar = backend.compile_grammar(StructuredOutputOptions.CHOICE, '["yes", "no"]')
-    assert grammar.guide.tier == "index"  # compiled by the first test
+    assert grammar.guide.tier == "index"
     assert grammar.accept_tokens("r", yes)
     assert counted("index") == index_before  # not yet
     assert grammar.accept_tokens("r", [tokenizer.eos_token_id])
