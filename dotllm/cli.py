@@ -166,8 +166,6 @@ def share_metrics_across_processes() -> None:
 def serve(argv: list[str]) -> int:
     from dotllm.vllm_ext import plugin, serve_cli
 
-    # Before vLLM is imported: the plugin reads it in every process vLLM starts.
-    plugin.activate()
     share_metrics_across_processes()
     on_gpu = serve_defaults.has_gpu()
     serve_defaults.apply_environment(os.environ, on_gpu)
@@ -187,8 +185,18 @@ def serve(argv: list[str]) -> int:
     except (ValueError, TypeError, KeyError) as e:
         return fail(str(e).removeprefix("Error: "), 2)
 
+    # The user's own backend choice is honoured: stock vLLM's, with DotLLM's hooks off
+    # (an A/B switch in one install). Otherwise the hooks go in here, after parsing, and
+    # in every process vLLM starts (the plugin reads the variable `activate` sets).
+    stock = args.structured_outputs_config.backend
+    if stock == "auto":
+        plugin.activate()
+        plugin.register()
+    else:
+        print(f"dotllm: --structured-outputs-config.backend {stock}: structured outputs: "
+              f"stock vLLM's {stock}, DotLLM's engine off", file=sys.stderr, flush=True)
     try:
-        serve_cli.serve(args)
+        serve_cli.serve(args, dotllm_hooks=stock == "auto")
     except OSError as e:
         if e.errno != errno.EADDRINUSE:
             raise

@@ -2,8 +2,9 @@
 
 vLLM loads general plugins in every process it starts (API server, engine core,
 workers). The plugin acts only when the process tree was started by `dotllm`, which
-sets ACTIVE_ENV to its own pid before vLLM starts anything; a plain `vllm serve` in the
-same environment loads this plugin too and gets stock vLLM.
+sets ACTIVE_ENV to its own pid before vLLM starts any process (and registers the hooks in
+its own, where vLLM loaded plugins while parsing the options); a plain `vllm serve` in
+the same environment, or `dotllm serve` with an explicit stock backend, gets stock vLLM.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PATCHES = (
 
 
 def activate(environ=os.environ) -> None:
-    """Called by `dotllm` in its own process, before vLLM is imported."""
+    """Called by `dotllm` in its own process, before vLLM starts any."""
     environ[ACTIVE_ENV] = str(os.getpid())
 
 

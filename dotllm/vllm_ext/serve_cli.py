@@ -30,18 +30,20 @@ def validate(args: argparse.Namespace) -> None:
     validate_parsed_serve_args(args)
 
 
-def serve(args: argparse.Namespace) -> None:
-    """Run the server exactly as `vllm serve` would with these arguments, plus DotLLM's
-    HTTP middleware (through vLLM's own `--middleware`, after the user's: the body depth
-    check, a stream's first-event error as its response, the unenforced-keyword report)."""
+def serve(args: argparse.Namespace, dotllm_hooks: bool = True) -> None:
+    """Run the server exactly as `vllm serve` would with these arguments, plus (with
+    `dotllm_hooks`) DotLLM's HTTP middleware (through vLLM's own `--middleware`, after the
+    user's: the body depth check, a stream's first-event error as its response, the
+    unenforced-keyword report)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     from dotllm.vllm_ext import body_depth, stream_errors, unenforced_report
 
     # vLLM adds them in order, each around the ones before: the body check runs first.
-    args.middleware = [*(args.middleware or []), unenforced_report.MIDDLEWARE,
-                       stream_errors.MIDDLEWARE, body_depth.MIDDLEWARE]
+    if dotllm_hooks:
+        args.middleware = [*(args.middleware or []), unenforced_report.MIDDLEWARE,
+                           stream_errors.MIDDLEWARE, body_depth.MIDDLEWARE]
     cli_env_setup()
     ServeSubcommand.cmd(args)
 
