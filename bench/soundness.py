@@ -86,6 +86,7 @@ class Walker:
         self.closing_string = self._mask([i for i, b in table.items() if b[:1] == b'"'])
         self.first_byte = np.array([t[0] if t else 256 for t in self.token_text])
         self.single_byte = np.array([t[0] if len(t) == 1 else 256 for t in self.token_text])
+        self.byte_token = {t[0]: i for i, t in enumerate(self.token_text) if len(t) == 1}
         self.rng = random.Random(seed)
 
     def _mask(self, tokens: list[int]) -> np.ndarray:
@@ -101,20 +102,23 @@ class Walker:
         return tokens[tokens < self.vocab_size]
 
     def choose(self, row: np.ndarray, step: int, horizon: int,
-               spelled: np.ndarray | None = None, in_string: bool = False) -> int | None:
+               spelled: np.ndarray | None = None, in_string: bool = False,
+               typed: int | None = None) -> int | None:
         r"""Uniform over the allowed tokens; past the horizon, more and more often EOS, a
-        closing token, or else a token by its first byte chosen uniformly (a loop such as
+        closing token, the token `typed` (the next byte of a string the schema's patterns
+        match), or else a token by its first byte chosen uniformly (a loop such as
         `[a-z0-9-]+` has thousands of tokens in and one byte out: by byte it is left),
         among the tokens `spelled` marks where it allows some (a string that must contain
         `\d+\.\d+` is left by writing digits and dots, not any of 200 bytes)."""
         biased = self.rng.random() < min(0.95, step / horizon)
         if biased:
-            word = self.eos >> 5
-            if row[word] >> (self.eos & 31) & 1:
+            if _allows(row, self.eos):
                 return self.eos
             closing = self._allowed(row & (self.closing_string if in_string else self.closing))
             if len(closing):
                 return int(closing[self.rng.randrange(len(closing))])
+            if typed is not None and _allows(row, typed):
+                return typed
         allowed = self._allowed(row)
         if biased and len(allowed):
             if spelled is not None and spelled[allowed].any():
@@ -126,18 +130,27 @@ class Walker:
 
     def walk(self, guide, max_tokens: int = 2048,
              at_step: Callable[[int], None] | None = None,
-             spelled: np.ndarray | None = None) -> Walk:
-        """One document; `at_step(i)` runs before step i (the index arriving, say);
-        `spelled`: tokens preferred where the walk must find its way out."""
+             spelled: np.ndarray | None = None, witnesses: tuple[bytes, ...] = ()) -> Walk:
+        r"""One document; `at_step(i)` runs before step i (the index arriving, say);
+        `spelled`: tokens preferred where the walk must find its way out; `witnesses`:
+        strings the schema's patterns match, typed a byte at a time inside a string that
+        will not close (`\.geodatabase$` is not met by chance)."""
         row = np.empty(self.words, dtype=np.int32)
         horizon = self.rng.choice((8, 16, 32, 64, 128))
         tokens: list[int] = []
         in_string = escaped = False
+        witness, typed_bytes = b"", 0  # the witness being typed, and how far
         for step in range(max_tokens):
             if at_step is not None:
                 at_step(step)
             guide.fill_row(row)
-            token = self.choose(row, step, horizon, spelled, in_string)
+            typed = None
+            if in_string and witnesses:
+                if typed_bytes == len(witness):
+                    witness, typed_bytes = self.rng.choice(witnesses), 0
+                typed = self.byte_token.get(witness[typed_bytes])
+            token = self.choose(row, step, horizon, spelled, in_string, typed)
+            typed_bytes = typed_bytes + 1 if token == typed else len(witness)
             if token is None:
                 return Walk(tokens, False, f"no token allowed after {len(tokens)} tokens")
             if not guide.accept_tokens([token]):
@@ -162,6 +175,71 @@ class Walker:
 
     def text(self, tokens: list[int]) -> str:
         return b"".join(self.token_text[t] for t in tokens).decode("utf-8", errors="strict")
+
+
+def _allows(row: np.ndarray, token: int) -> bool:
+    return bool(row[token >> 5] >> (token & 31) & 1)
+
+
+def pattern_witnesses(schema) -> tuple[bytes, ...]:
+    """For each of a schema's patterns a short string it matches (printable ASCII, nothing
+    JSON escapes), built from the pattern's tree and checked with `re.search`."""
+    found = []
+    for node, _ in enforcement.nodes(schema):
+        pattern = node.get("pattern")
+        if not isinstance(pattern, str):
+            continue
+        try:
+            witness = _witness(re_parser.parse(pattern))
+            matches = re.search(pattern, witness) is not None
+        except (re.error, RecursionError, OverflowError, ValueError):
+            continue
+        if matches and witness and witness.isascii() and witness.isprintable() \
+                and '"' not in witness and "\\" not in witness:
+            found.append(witness.encode())
+    return tuple(found)
+
+
+def _witness(parsed) -> str:
+    """The shortest-minded string of a parsed pattern: each repeat its minimum, each
+    branch its first, each class its first member."""
+    out = []
+    for op, arg in parsed:
+        if op is re_constants.LITERAL:
+            out.append(chr(arg))
+        elif op in (re_constants.ANY, re_constants.NOT_LITERAL):
+            out.append("x" if op is re_constants.ANY or arg != ord("x") else "y")
+        elif op is re_constants.IN:
+            out.append(_class_member(arg))
+        elif op is re_constants.CATEGORY:
+            out.append(_CATEGORY_MEMBER.get(arg, "x"))
+        elif op in _REPEATS:
+            out.append(_witness(arg[2]) * min(arg[0], 64))
+        elif op in (re_constants.SUBPATTERN, re_constants.ATOMIC_GROUP):
+            out.append(_witness(arg[-1]))
+        elif op is re_constants.BRANCH:
+            out.append(_witness(arg[1][0]))
+        elif op is not re_constants.AT:  # anchors spell nothing; lookarounds, backrefs..
+            raise ValueError(op)
+    return "".join(out)
+
+
+_REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT, re_constants.POSSESSIVE_REPEAT)
+_CATEGORY_MEMBER = {re_constants.CATEGORY_DIGIT: "0", re_constants.CATEGORY_WORD: "a",
+                    re_constants.CATEGORY_SPACE: " ", re_constants.CATEGORY_NOT_DIGIT: "x",
+                    re_constants.CATEGORY_NOT_WORD: "-", re_constants.CATEGORY_NOT_SPACE: "x"}
+
+
+def _class_member(items) -> str:
+    if items and items[0][0] is re_constants.NEGATE:
+        excluded = {chr(a) for op, a in items[1:] if op is re_constants.LITERAL}
+        return next(c for c in "xyz0_-" if c not in excluded)  # checked by re.search
+    op, arg = items[0]
+    if op is re_constants.LITERAL:
+        return chr(arg)
+    if op is re_constants.RANGE:
+        return chr(arg[0])
+    return _CATEGORY_MEMBER.get(arg, "x")
 
 
 def pattern_alphabet(schema) -> np.ndarray | None:
@@ -282,6 +360,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
     result = SchemaResult(case, spec, unenforced=[str(u) for u in served.unenforced])
     validator = OutputValidator(spec.schema)  # what DotLLM says it enforces
     spelled = walker.spelled(pattern_alphabet(spec.schema))
+    witnesses = pattern_witnesses(spec.schema)
     as_asked = OutputValidator(case.schema) if served.unenforced else validator
     for tier, factory in _guide_factories(backend, spec, index_timeout):
         outcome = result.tiers[tier] = TierResult(tier)
@@ -289,7 +368,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
             outcome.reason = factory
             continue
         outcome.served = True
-        attempts, budget = 0, max_tokens
+        attempts, budget, unended = 0, max_tokens, 0
         while outcome.ended < walks and attempts < 3 * walks:
             attempts += 1
             guide, handover = factory()
@@ -301,7 +380,7 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
                 def at_step(step, future=future, compiled=compiled, switch_at=switch_at):
                     if step == switch_at:
                         future.set_result(compiled)
-            walk = walker.walk(guide, budget, at_step, spelled)
+            walk = walker.walk(guide, budget, at_step, spelled, witnesses)
             outcome.walks += 1
             outcome.mismatched += "mismatch" in outcomes
             failure = walk.refused
@@ -320,10 +399,12 @@ def fuzz_schema(case: Case, backend, walker: Walker, walks: int, index_timeout: 
                     outcome.invalid += 1
             else:
                 text = walker.text(walk.tokens[:200]) if walk.refused else ""
-                if not walk.refused and not outcome.ended and outcome.walks % 3 == 0:
-                    # None ended within the budget: the shortest document may be longer
-                    # (`minItems: 600` of objects is some 9,000 tokens).
-                    budget = min(2 * budget, MAX_BUDGET * max_tokens)
+                if not walk.refused:
+                    unended += 1
+                if unended == 3:
+                    # Three more ran out of budget: the shortest document may be
+                    # longer (`minItems: 600` of objects is some 9,000 tokens).
+                    budget, unended = min(2 * budget, MAX_BUDGET * max_tokens), 0
             if walk.refused:
                 outcome.refused += 1
             if failure and not outcome.first_failure:

@@ -12,7 +12,7 @@ import pytest
 
 from bench import soundness
 from bench.jsonschemabench import DATA_DIR, SUBSETS, Case, load
-from bench.soundness import TIERS, Walker, failures, fuzz_schema, report
+from bench.soundness import TIERS, Walker, failures, fuzz_schema, pattern_witnesses, report
 from dotllm.compiler.relaxation import serve
 from dotllm.compiler.spec import ConstraintSpec
 from tests.test_outlines_schema import WORDS
@@ -57,6 +57,10 @@ REGRESSIONS = {
     "a pattern met anywhere in its string (walks wrote past it, never ended)": {
         "type": "object", "properties": {"v": {"type": "string", "pattern": r"\d+\.\d+\.\d+"}},
         "required": ["v"]},
+    "patterns a string must end with or contain a word of (walks never ended)": {
+        "type": "object", "required": ["path", "type"], "properties": {
+            "path": {"type": "string", "pattern": r"^file:.+\.geodatabase?$"},
+            "type": {"type": "string", "pattern": "response"}}},
 }
 # Served by llguidance alone (outlines-core cannot enforce them).
 LLGUIDANCE_ONLY = {
@@ -130,6 +134,15 @@ def test_walks_whose_shortest_document_is_past_the_budget_get_a_larger_one(backe
     assert all(t.ended >= WALKS for t in result.tiers.values() if t.served), result.tiers
     assert result.tiers["llguidance"].served
     assert_sound([result])
+
+
+@pytest.mark.parametrize("pattern, witness", [
+    (r"^(.*?)\.alfred3?workflow$", b".alfredworkflow"), ("response", b"response"),
+    (r"^[a-z](?:[a-z-]{0,60}[a-z])?$", b"a"), (r"^[^@]+@[^@]+$", b"x@x"),
+    (r"^\d{3}-\w$", b"000-a"), ("(?=a)b", None), ('^"+$', None)])
+def test_a_patterns_witness_is_a_short_string_it_matches(pattern, witness):
+    schema = {"type": "array", "items": {"type": "string", "pattern": pattern}}
+    assert pattern_witnesses(schema) == ((witness,) if witness else ())
 
 
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data not present")
