@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import outlines_core
@@ -44,6 +45,21 @@ def test_whitespace_pattern_changes_key_and_regex():
     b = ConstraintSpec.json_schema(PERSON, whitespace_pattern="")
     assert a.key != b.key
     assert "[ ]?" in a.to_regex() and "[ ]?" not in b.to_regex()
+
+
+@pytest.mark.parametrize("text, default, outlines", [
+    ('{"n": 1, "xs": [1, 2], "o": {}}', True, True),
+    ('{"n":1,"xs":[1,2]}', True, True),
+    ('{"n" : 1}', False, True), ('{ "n": 1 }', False, True),
+    ('{"n": 1 , "xs": [ 1 ]}', False, True),
+    ('{"n": 1, "p": "a :b"}', True, True)])  # a pattern's own spaces stay
+def test_the_default_layout_is_json_dumps_s(text, default, outlines):
+    schema = {"type": "object", "required": ["n"], "properties": {
+        "n": {"type": "integer"}, "xs": {"type": "array", "items": {"type": "integer"}},
+        "o": {"type": "object"}, "p": {"type": "string", "pattern": "^a ?:b$"}}}
+    for whitespace, expected in ((None, default), ("[ ]?", outlines)):
+        regex = ConstraintSpec.json_schema(schema, whitespace_pattern=whitespace).to_regex()
+        assert bool(re.fullmatch(regex, text)) == expected, (whitespace, text)
 
 
 def test_kinds_differ_in_key():

@@ -28,7 +28,14 @@ _ORDERED_MEMBERS = frozenset({"properties"})
 
 # Bumped whenever a constraint's regex changes for the same constraint (the schema
 # rewriting, regex translation, formats): indexes cached before are then not reused.
-REWRITE_VERSION = 2
+REWRITE_VERSION = 3
+
+# outlines-core's default whitespace, which it writes on both sides of every `:` and `,`
+# and inside brackets (`{ "a" : 1 , "b" : [ 2 ] }`), and what it is dropped from.
+_OUTLINES_SPACE = "[ ]?"
+_NO_SPACE = ((_OUTLINES_SPACE + ":", ":"), (_OUTLINES_SPACE + ",", ","),
+             ("\\{" + _OUTLINES_SPACE, "\\{"), (_OUTLINES_SPACE + "\\}", "\\}"),
+             ("\\[" + _OUTLINES_SPACE, "\\["), (_OUTLINES_SPACE + "\\]", "\\]"))
 
 # Any JSON value, for json_object requests: outlines-core builds it from an empty schema.
 _ANY_JSON_OBJECT_SCHEMA = {"type": "object"}
@@ -58,6 +65,17 @@ def _canonical(value, ordered: bool = False):
     if isinstance(value, list):
         return [_canonical(v) for v in value]
     return value
+
+
+def _standard_layout(regex: str) -> str:
+    """The default layout is `json.dumps`'s, `{"a": 1, "b": [2, 3]}`: at most one space,
+    after `:` and `,` only (what llguidance writes, and what vLLM's streaming tool-call
+    parser reads: `"parameters" :` lost the arguments' `{`). Only narrows: nothing but
+    outlines-core's whitespace is written `[ ]?` (patterns come from `ecma_regex`, which
+    writes a space `\\x20`; enum and const values are escaped), and each is optional."""
+    for spaced, tight in _NO_SPACE:
+        regex = regex.replace(spaced, tight)
+    return regex
 
 
 def _dumps(value) -> str:
@@ -232,6 +250,7 @@ class ConstraintSpec:
             return "|".join(f"({re.escape(c)})" for c in json.loads(self.source))
         schema = self._outlines_schema
         try:
-            return build_regex_from_schema(_dumps(schema), self.whitespace_pattern)
+            regex = build_regex_from_schema(_dumps(schema), self.whitespace_pattern)
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"unsupported JSON schema: {e}") from None
+        return regex if self.whitespace_pattern is not None else _standard_layout(regex)
