@@ -133,8 +133,10 @@ def build_serve_parser(on_gpu: bool) -> argparse.ArgumentParser:
 
     parser = serve_cli.build_parser(PROG, USAGE, DESCRIPTION)
     add_dotllm_options(parser)
-    # None means "not given": serve the embedded model instead of vLLM's default.
-    parser.set_defaults(model=None, **serve_defaults.option_defaults(on_gpu))
+    # None means "not given": serve the embedded model instead of vLLM's default, and
+    # give the embedded model its tool options.
+    parser.set_defaults(model=None, enable_auto_tool_choice=None,
+                        **serve_defaults.option_defaults(on_gpu))
     return _one_line_errors(parser)
 
 
@@ -142,11 +144,20 @@ def resolve_model(args: argparse.Namespace) -> None:
     """Settle which model to serve, building the embedded one if none was named."""
     if args.model_tag is not None:
         args.model = args.model_tag
-    if args.model is None:
-        print(f"{PROG}: no model given, serving the embedded model", file=sys.stderr)
+    embedded = args.model is None
+    if embedded:
+        # Tool calls as its chat template writes them; either option given wins.
+        if args.tool_call_parser is None:
+            args.tool_call_parser = embedded_model.TOOL_PARSER
+        if args.enable_auto_tool_choice is None:
+            args.enable_auto_tool_choice = True
+        tools = (f"tool calls: --tool-call-parser {args.tool_call_parser}"
+                 + (", auto tool choice" if args.enable_auto_tool_choice else ""))
+        print(f"{PROG}: no model given, serving the embedded model ({tools})", file=sys.stderr)
         args.model = str(embedded_model.build())
         if args.served_model_name is None:
             args.served_model_name = [embedded_model.NAME]
+    args.enable_auto_tool_choice = bool(args.enable_auto_tool_choice)
     args.model_tag = args.model
     if problem := model_problem(args.model):
         raise UsageError(problem)

@@ -18,18 +18,36 @@ from pathlib import Path
 
 NAME = "tiny-llama-tekken"
 # Bump when the recipe below changes, so that a cached build is not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _DONE_MARKER = "dotllm-model.json"
 
+# Mistral's format for this tokenizer (Tekken, Mistral NeMo): the tools before the last
+# user turn, calls as `[TOOL_CALLS]` and a JSON list, results as `[TOOL_RESULTS]`; vLLM's
+# `mistral` tool parser reads it back (TOOL_PARSER, the embedded model's default).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set last_user = namespace(index=-1) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% set last_user.index = loop.index0 %}{% endif %}{% endfor %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% if tools and loop.index0 == last_user.index %}"
+    "[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST] {{ message['content'] }} [/INST]"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message['tool_calls'] %}[TOOL_CALLS]["
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}, {% endif %}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson }}{% endfor %}]"
+    "{% else %}{{ message['content'] }}{% endif %}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}"
+    "[TOOL_RESULTS]{{ {'call_id': message['tool_call_id'], 'content': message['content']}"
+    " | tojson }}[/TOOL_RESULTS]"
     "{% endif %}"
     "{% endfor %}"
 )
+TOOL_PARSER = "mistral"
 
 LLAMA_CONFIG = dict(
     hidden_size=256,

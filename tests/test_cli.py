@@ -149,6 +149,22 @@ def test_no_model_serves_the_embedded_one_under_its_name(embedded_model):
     assert args.served_model_name == ["mine"]
 
 
+@pytest.mark.parametrize("argv, parser, auto", [
+    ([], "mistral", True),
+    (["--tool-call-parser", "hermes"], "hermes", True),
+    (["--no-enable-auto-tool-choice"], "mistral", False),
+])
+def test_the_embedded_model_gets_its_tool_parser_unless_told_otherwise(
+        embedded_model, argv, parser, auto):
+    args = parse(argv)
+    assert (args.tool_call_parser, args.enable_auto_tool_choice) == (parser, auto)
+
+
+def test_a_named_model_keeps_vllms_tool_defaults(embedded_model):
+    args = parse([str(embedded_model)])
+    assert (args.tool_call_parser, args.enable_auto_tool_choice) == (None, False)
+
+
 def test_cpu_defaults_are_overridable(embedded_model):
     assert parse([]).dtype == "float32"
     assert parse(["--dtype", "bfloat16"]).dtype == "bfloat16"
