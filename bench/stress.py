@@ -8,7 +8,7 @@ answer that finished by itself validates, and once the compiles it started are o
 server is back to its idle state: as many compile workers as before (or fewer), the
 pool's queue empty, and its memory (every process of the server) near its idle level
 (measured after one constrained request has started the compile workers) plus what the
-memory cache of compiled constraints took in (`dotllm_constraint_cache_memory_bytes`,
+memory cache of compiled constraints took in (`dotllm_constraint_cache_bytes{level="memory"}`,
 bounded by --dotllm-index-cache-memory-mib).
 """
 
@@ -101,7 +101,7 @@ async def _idle(client: httpx.AsyncClient, pid: int, timeout_s: float) -> dict:
     processes = process_rss_mib(pid)
     return {"compile_workers": len(compile_workers(pid)),
             "rss_mib": sum(processes.values()), "rss_by_process_mib": processes,
-            "cache_mib": round(m.get("dotllm_constraint_cache_memory_bytes", 0) / 2**20),
+            "cache_mib": round(m.get('dotllm_constraint_cache_bytes{level="memory"}', 0) / 2**20),
             "queue": m.get("dotllm_constraint_pool_queue_length", 0),
             "compiling": prometheus.compiling(m)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dotllm.compiler.cache import IndexCache, MemoryLRU, cache_key
+from dotllm.compiler.cache import DiskStore, IndexCache, MemoryLRU, cache_key
 from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 
 
@@ -137,3 +137,18 @@ def test_an_entry_evicted_by_another_server_is_a_miss_here(tmp_path, items):
     one.put("k", items["a"])
     one.disk.delete("k")  # as another server's eviction would
     assert IndexCache(disk_dir=tmp_path).get("k") == (None, None)
+
+
+def test_the_disk_level_knows_its_size_through_writes_deletes_and_eviction(tmp_path):
+    store = DiskStore(tmp_path)
+    store.write("aa1", b"x" * 100)
+    store.write("ab2", b"y" * 50)
+    store.write("aa1", b"z" * 30)  # replaced, not added
+    assert store.nbytes == 80
+    assert DiskStore(tmp_path).nbytes == 80  # a restarted server counts what is there
+    store.delete("ab2")
+    store.delete("ab2")
+    assert store.nbytes == 30
+    bounded = DiskStore(tmp_path, max_bytes=40)
+    bounded.write("ac3", b"w" * 25)  # 55 > 40: the older entry goes
+    assert bounded.nbytes == 25

@@ -442,6 +442,8 @@ def test_a_new_constraint_switches_to_its_index_mid_generation(client, dotllm_se
 
     assert delta('dotllm_constraint_tier_start_total{tier="llguidance"}') == 1
     assert delta('dotllm_constraint_tier_handover_total{outcome="switched"}') == 1
+    assert delta("dotllm_constraint_handover_seconds_count") == 1
+    assert delta("dotllm_constraint_handover_seconds_sum") > 0
     assert delta('dotllm_constraint_tier_tokens_total{tier="index"}') > 0
     assert delta('dotllm_constraint_tier_tokens_total{tier="llguidance"}') > 0
 

@@ -86,6 +86,9 @@ class DiskStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes  # 0: unbounded
         self._evicting = threading.Lock()
+        # What this directory holds, as this process last saw it (a gauge; servers that
+        # share the directory each count their own writes).
+        self.nbytes = sum(size for _, size, _ in self._entries())
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.idx"
@@ -105,6 +108,7 @@ class DiskStore:
 
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        self.nbytes -= _size(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         try:
@@ -117,26 +121,17 @@ class DiskStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        self.nbytes += len(data)
         if self.max_bytes:
             self.evict(keep=path)
 
     def evict(self, keep: Path | None = None) -> int:
         """Delete least recently used entries until the directory fits `max_bytes` (and
         temporary files a crashed writer left an hour ago); returns the bytes freed."""
-        entries, total, freed = [], 0, 0
+        freed = 0
         with self._evicting:
-            for sub in os.scandir(self.directory):
-                if not sub.is_dir():
-                    continue
-                for entry in os.scandir(sub.path):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = entry.stat()
-                        if entry.name.startswith(".tmp-"):
-                            if st.st_mtime < time.time() - 3600:
-                                os.unlink(entry.path)
-                            continue
-                        entries.append((st.st_mtime, st.st_size, entry.path))
-                        total += st.st_size
+            entries = self._entries()
+            total = sum(size for _, size, _ in entries)
             for _, size, path in sorted(entries):
                 if total - freed <= self.max_bytes:
                     break
@@ -145,13 +140,41 @@ class DiskStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     freed += size
+            self.nbytes = total - freed
         if freed:
             logger.info("index disk cache: evicted %.0f MiB", freed / 2**20)
         return freed
 
+    def _entries(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every entry; temporary files a crashed writer left an
+        hour ago are deleted."""
+        entries = []
+        for sub in os.scandir(self.directory):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat()
+                    if entry.name.startswith(".tmp-"):
+                        if st.st_mtime < time.time() - 3600:
+                            os.unlink(entry.path)
+                        continue
+                    entries.append((st.st_mtime, st.st_size, entry.path))
+        return entries
+
     def delete(self, key: str) -> None:
+        path = self._path(key)
+        size = _size(path)
         with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+            path.unlink()
+            self.nbytes -= size
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class RemoteStore:

@@ -27,17 +27,17 @@ class Limits:
         if len(text) > self.schema_kib * 1024:  # characters: a cheap upper bound's proxy
             raise ConstraintError(
                 f"{what} is {len(text) / 1024:,.0f} KiB, over the limit of "
-                f"{self.schema_kib:,} KiB (--dotllm-max-schema-kib)")
+                f"{self.schema_kib:,} KiB (--dotllm-max-schema-kib)", "limit")
 
     def check_regex(self, pattern: str) -> None:
         if len(pattern) > self.regex_chars:
             raise ConstraintError(f"regex is {len(pattern):,} characters long, over the limit "
-                                  f"of {self.regex_chars:,} (--dotllm-max-regex-chars)")
+                                  f"of {self.regex_chars:,} (--dotllm-max-regex-chars)", "limit")
 
     def check_choices(self, count: int, where: str) -> None:
         if count > self.choices:
             raise ConstraintError(f"{where} has {count:,} values, over the limit of "
-                                  f"{self.choices:,} (--dotllm-max-choices)")
+                                  f"{self.choices:,} (--dotllm-max-choices)", "limit")
 
     def check_json(self, value, what: str) -> None:
         """Depth first (so nothing after it can recurse too deep), each `enum`'s length,
@@ -48,7 +48,7 @@ class Limits:
             if depth > self.depth:
                 raise ConstraintError(
                     f"{what} nests deeper than {self.depth} levels (at {pointer or '/'}; "
-                    "--dotllm-max-schema-depth)")
+                    "--dotllm-max-schema-depth)", "limit")
             if isinstance(node, dict):
                 if isinstance(node.get("enum"), list):
                     self.check_choices(len(node["enum"]), f"enum at {pointer or '/'}")

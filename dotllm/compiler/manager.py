@@ -57,6 +57,8 @@ class CompilationManager:
         # Lookups wait on disk, remote stores and the pool: threads, not CPU.
         self._lookups = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dotllm-lookup")
         cache.observers.append(self._on_cache_event)
+        if metrics:
+            self._sample_cache_bytes()
 
     def key_for(self, spec: ConstraintSpec) -> str:
         return cache_key(self.vocabulary.digest, spec.key)
@@ -139,8 +141,13 @@ class CompilationManager:
         with self._lock:
             self._queued[key] = future
         self._sample_queue_length()
+        started = time.monotonic()
         try:
             result = future.result()
+        except CompileFailed as e:
+            logger.info("compile %s: %s after %.1f s (%s)", key[:12], e.kind,
+                        time.monotonic() - started, e)
+            raise
         finally:
             with self._lock:
                 if self._queued.get(key) is future:
@@ -150,10 +157,17 @@ class CompilationManager:
         if self.metrics:
             self.metrics.compile_seconds.observe(result.seconds)
         item = CompiledIndex.from_buffer(result.data)
+        logger.info("compile %s: done in %.2f s (%d states, %.1f MiB)", key[:12],
+                    result.seconds, item.num_states, len(result.data) / 2**20)
         self.cache.put(key, item, result.data)
         if self.metrics:
-            self.metrics.memory_cache_bytes.set(self.cache.memory.nbytes)
+            self._sample_cache_bytes()
         return item
+
+    def _sample_cache_bytes(self) -> None:
+        self.metrics.cache_bytes.labels(level="memory").set(self.cache.memory.nbytes)
+        if self.cache.disk is not None:
+            self.metrics.cache_bytes.labels(level="disk").set(self.cache.disk.nbytes)
 
     def _sample_queue_length(self) -> None:
         if self.metrics:
@@ -165,7 +179,7 @@ class CompilationManager:
             return
         if event == "hit":
             self.metrics.cache_hits.labels(level=level).inc()
-            self.metrics.memory_cache_bytes.set(self.cache.memory.nbytes)
+            self._sample_cache_bytes()
         elif event == "corrupt":
             self.metrics.corrupt_entries.labels(level=level).inc()
 

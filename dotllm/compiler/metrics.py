@@ -61,13 +61,33 @@ class CompileMetrics:
             "dotllm_constraint_cancelled",
             "Queued compiles cancelled because every request that wanted them had gone "
             "away.", **kwargs)
-        self.memory_cache_bytes = Gauge(
-            "dotllm_constraint_cache_memory_bytes",
-            "Bytes of compiled constraints held in memory (bounded by "
-            "--dotllm-index-cache-memory-mib).", multiprocess_mode="livesum", **kwargs)
+        self.cache_bytes = Gauge(
+            "dotllm_constraint_cache_bytes",
+            "Bytes of compiled constraints by cache level: memory (bounded by "
+            "--dotllm-index-cache-memory-mib), disk (--dotllm-index-cache-disk-mib; the "
+            "directory as this server last saw it).", ["level"],
+            multiprocess_mode="livesum", **kwargs)
+        self.handover_seconds = Histogram(
+            "dotllm_constraint_handover_seconds",
+            "Time requests ran on llguidance before moving to their compiled index.",
+            buckets=_COMPILE_BUCKETS, **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)
+
+
+@functools.cache
+def _refusals() -> Counter:
+    return Counter("dotllm_constraint_refusals",
+                   "Requests refused (HTTP 400) for their constraint, by reason: invalid, "
+                   "limit (a --dotllm-max-* bound), strict (what no engine here enforces), "
+                   "or the compile's failure: timeout, too_large, crash, gave_up "
+                   "(llguidance mid-answer).", ["reason"])
+
+
+def count_refusal(reason: str) -> None:
+    """One refused request (API server, where every refusal is answered)."""
+    _refusals().labels(reason=reason).inc()
 
 
 @functools.cache

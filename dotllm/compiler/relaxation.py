@@ -49,7 +49,7 @@ def serve(spec: ConstraintSpec, strict: bool) -> Served:
     found = enforcement.never_enforced(original)
     if found and strict:
         raise ConstraintError("strict JSON schema uses what DotLLM cannot enforce: "
-                              f"{enforcement.listed(found)}")
+                              f"{enforcement.listed(found)}", "strict")
     for _ in range(MAX_ROUNDS):
         candidate = spec if not found else spec.with_schema(
             enforcement.relax(original, found))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -74,7 +75,8 @@ class DotllmGrammar(StructuredOutputGrammar):
             return False
         if not accepted and (error := self.guide.error):
             compile_errors.record(
-                request_id, f"llguidance gave up on it: {llguidance_grammar.short(error)}")
+                request_id, f"llguidance gave up on it: {llguidance_grammar.short(error)}",
+                "gave_up")
         if accepted and self._count_tokens is not None:
             tier = self.guide.tier
             self._uncounted[tier] = count = self._uncounted.get(tier, 0) + len(tokens)
@@ -143,8 +145,14 @@ class DotllmBackend(StructuredOutputBackend):
                                           failure_ttl_s=s.remember_failures_s)
         self._ll_tokenizer = llguidance_tokenizer(self.tokenizer, self.vocab_size)
         self._eos = self.vocabulary.eos_token_id
-        logger.info("DotLLM structured outputs: %d compile workers, cache %s",
-                    s.workers, cache.disk.directory if cache.disk else "memory only")
+        levels = [f"memory {s.index_cache_memory_mib} MiB"]
+        if cache.disk is not None:
+            bound = f"{s.index_cache_disk_mib} MiB" if s.index_cache_disk_mib else "unbounded"
+            levels.append(f"disk {cache.disk.directory} ({bound})")
+        if s.index_cache_url:
+            levels.append(f"shared {s.index_cache_url}")
+        logger.info("DotLLM structured outputs: %d compile workers, index cache: %s",
+                    s.workers, ", ".join(levels))
 
     def compile_spec(self, spec: ConstraintSpec) -> DotllmGrammar:
         """The request's guide (runs in vLLM's grammar thread pool, returns at once unless
@@ -167,9 +175,11 @@ class DotllmBackend(StructuredOutputBackend):
                 except ConstraintError as not_llguidance:  # only the index can serve it
                     return self._indexed(index, spec, not_llguidance)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
-                return self._grammar(TieredGuide(first, index, self._eos, self._handed_over,
-                                                 lambda: self.llguidance_guide(spec),
-                                                 self.manager.release))
+                started = time.monotonic()
+                return self._grammar(TieredGuide(
+                    first, index, self._eos,
+                    lambda outcome: self._handed_over(outcome, started),
+                    lambda: self.llguidance_guide(spec), self.manager.release))
             try:
                 return self._indexed(index, spec)
             except CompileFailed as e:
@@ -200,8 +210,10 @@ class DotllmBackend(StructuredOutputBackend):
                                                lambda: self.llguidance_guide(spec),
                                                self._handed_over))
 
-    def _handed_over(self, outcome: str) -> None:
+    def _handed_over(self, outcome: str, started: float | None = None) -> None:
         self.metrics.tier_handover.labels(outcome=outcome).inc()
+        if outcome == "switched" and started is not None:
+            self.metrics.handover_seconds.observe(time.monotonic() - started)
 
     def _grammar(self, guide: IndexWithFallback | LLGuidanceGuide | TieredGuide
                  ) -> DotllmGrammar:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from dotllm.compiler.metrics import count_refusal
 from dotllm.settings import Settings
 from dotllm.vllm_ext.stream_errors import send_json
 
@@ -64,6 +65,7 @@ class BodyDepth:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
+        count_refusal("limit")
         await send_json(send, 400, {"error": {
             "message": f"the request body nests deeper than {self.limit} levels "
                        "(--dotllm-max-schema-depth and the request around the schema)",

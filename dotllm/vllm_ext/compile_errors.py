@@ -34,9 +34,10 @@ _failures: OrderedDict[str, str] = OrderedDict()
 _lock = threading.Lock()
 
 
-def record(request_id: str, message: str) -> None:
-    """Engine core: remember why this request's constraint failed to compile."""
-    _put(request_id, MARKER + message)
+def record(request_id: str, message: str, reason: str = "invalid") -> None:
+    """Engine core: remember why this request's constraint failed (`reason` labels the
+    refusal on /metrics)."""
+    _put(request_id, f"{MARKER}{reason}: {message}")
 
 
 def record_server_fault(request_id: str, message: str) -> None:
@@ -69,6 +70,8 @@ def _engine_output_factory(output_cls, finish_error):
 
 
 def _raising_constraint_failures(generate, error_cls):
+    from dotllm.compiler.metrics import count_refusal
+
     class ConstraintCompileError(error_cls, ValueError):
         """vLLM's GenerationError with the status of a client error (400)."""
 
@@ -90,8 +93,9 @@ def _raising_constraint_failures(generate, error_cls):
                 if not isinstance(reason, str):
                     continue
                 if reason.startswith(MARKER):
-                    raise ConstraintCompileError(
-                        f"Invalid structured output: {reason[len(MARKER):]}")
+                    label, _, message = reason[len(MARKER):].partition(": ")
+                    count_refusal(label)
+                    raise ConstraintCompileError(f"Invalid structured output: {message}")
                 if reason.startswith(SERVER_FAULT):
                     raise ConstraintServerFault(
                         f"Structured output failed: {reason[len(SERVER_FAULT):]}")

@@ -53,7 +53,8 @@ def _compiling_whole_params(stock_create):
             return self.backend.compile_spec(spec)
         except Exception as e:
             logger.warning("request %s: constraint failed: %s", request.request_id, e)
-            compile_errors.record(request.request_id, str(e))
+            reason = getattr(e, "reason", None) or getattr(e, "kind", "invalid")
+            compile_errors.record(request.request_id, str(e), reason)
             raise
 
     return _create_grammar

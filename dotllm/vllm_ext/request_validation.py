@@ -22,6 +22,7 @@ NAME = "request_validation"
 
 def _validate_structured_outputs(self, model_config, structured_outputs_config, tokenizer):
     from dotllm.compiler import llguidance_grammar
+    from dotllm.compiler.metrics import count_refusal
     from dotllm.compiler.spec import ConstraintError
     from dotllm.settings import Settings
     from dotllm.vllm_ext.constraints import spec_from_params
@@ -40,6 +41,7 @@ def _validate_structured_outputs(self, model_config, structured_outputs_config, 
         if refusal is not None:
             llguidance_grammar.check(spec, refusal)
     except ConstraintError as e:
+        count_refusal(e.reason)
         raise ValueError(f"Invalid structured output: {e}") from None
 
 
@@ -48,6 +50,7 @@ def _structural_tag_checker(stock):
         from vllm.exceptions import VLLMValidationError
 
         from dotllm.compiler import llguidance_grammar
+        from dotllm.compiler.metrics import count_refusal
         from dotllm.compiler.spec import ConstraintError, ConstraintSpec
         from dotllm.settings import Settings
 
@@ -57,6 +60,7 @@ def _structural_tag_checker(stock):
         except ConstraintError as e:
             why_not = str(e)
         if why_not is not None:
+            count_refusal("invalid")
             raise VLLMValidationError(f"Invalid {parameter} structural_tag: {why_not}",
                                       parameter=parameter)
 

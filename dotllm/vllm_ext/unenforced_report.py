@@ -59,6 +59,7 @@ def serve_params(params, strict: bool):
     """`params` with the JSON schema DotLLM serves, and what it leaves unenforced
     (ValueError, a 400, for a strict schema it cannot enforce)."""
     from dotllm.compiler import relaxation
+    from dotllm.compiler.metrics import count_refusal
     from dotllm.compiler.spec import ConstraintError
     from dotllm.vllm_ext.constraints import spec_from_params
 
@@ -67,6 +68,7 @@ def serve_params(params, strict: bool):
     try:
         served = relaxation.serve(spec_from_params(params), strict)
     except ConstraintError as e:
+        count_refusal(e.reason)
         raise ValueError(f"Invalid structured output: {e}") from None
     if not served.unenforced:
         return params, None
