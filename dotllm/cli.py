@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import errno
 import importlib.metadata
+import logging
 import os
 import shutil
 import sys
@@ -64,7 +66,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     """argparse prints the whole usage before an error; vLLM's usage is hundreds of lines."""
 
     def error(message: str):
-        raise UsageError(f"{message} (see `dotllm --help`)")
+        raise UsageError(f"{message}{_suggestion(parser, message)} (see `dotllm --help`)")
 
     parser.error = error  # type: ignore[method-assign]
     for action in parser._actions:
@@ -72,6 +74,19 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
             for sub in action.choices.values():
                 _one_line_errors(sub)
     return parser
+
+
+def _suggestion(parser: argparse.ArgumentParser, message: str) -> str:
+    """`--max-modle-len` -> " (did you mean --max-model-len?)"."""
+    if not message.startswith("unrecognized arguments: "):
+        return ""
+    options = [o for action in parser._actions for o in action.option_strings
+               if o.startswith("--")]
+    close = []
+    for word in message.removeprefix("unrecognized arguments: ").split():
+        if word.startswith("--"):
+            close += difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.8)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def add_dotllm_options(parser: argparse.ArgumentParser) -> None:
@@ -243,8 +258,20 @@ def model_command(argv: list[str]) -> int:
     return 0
 
 
+# What importing vLLM and torch logs on a machine without a GPU (Triton has no driver,
+# no CUDA runtime): four lines before every one-line message of `dotllm`'s own, saying
+# nothing a user can act on. The server's other processes still log them.
+_IMPORT_NOISE = ("vllm.triton_utils.importing", "torch.utils.cpp_extension")
+
+
+def _quiet_import_noise() -> None:
+    for name in _IMPORT_NOISE:
+        logging.getLogger(name).addFilter(lambda record: False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_import_noise()
     if argv[:1] in (["-v"], ["--version"]):
         for name, version in versions().items():
             print(f"{name} {version}")

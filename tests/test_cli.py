@@ -68,6 +68,16 @@ def test_unknown_option_is_one_line_and_exit_2():
     ]
     assert "Traceback" not in result.stderr
     assert "usage:" not in result.stderr
+    # Nothing else: not the lines importing vLLM and torch log without a GPU.
+    assert result.stderr.strip().splitlines() == error_lines(result.stderr)
+
+
+def test_a_misspelt_option_gets_a_did_you_mean():
+    result = run("serve", "--max-modle-len", "5", "--gpu-memory-utilisation=0.5")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "dotllm: error: unrecognized arguments: --max-modle-len --gpu-memory-utilisation=0.5 "
+        "(did you mean --max-model-len, --gpu-memory-utilization?) (see `dotllm --help`)"]
 
 
 def test_invalid_option_value_is_one_line():
@@ -101,6 +111,17 @@ def test_unknown_hub_model_offline_is_one_line():
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert "'nobody/no-such-model'" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line():
+    """Online but no way to the Hub (as on CI) or no such model: one line, not vLLM's
+    100-line traceback from its loader."""
+    result = run("serve", "nobody/no-such-model", env={"HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "'nobody/no-such-model'" in line
+    assert "the Hub cannot be reached" in line or "is not on the Hugging Face Hub" in line
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

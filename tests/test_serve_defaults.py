@@ -32,7 +32,14 @@ def test_model_problem(tmp_path):
     assert model_problem(str(tmp_path)) is None
     missing = str(tmp_path / "nope")
     assert model_problem(missing) == f"model path {missing!r} does not exist"
-    assert model_problem("org/name", environ={}) is None  # online: vLLM may download it
     offline = model_problem("org/name", environ={"HF_HUB_OFFLINE": "1"})
     assert offline and "Hugging Face cache" in offline
     assert model_problem("not a valid id", environ={"HF_HUB_OFFLINE": "1"})
+
+
+def test_a_hub_that_cannot_be_reached_is_said_before_vllm_tries(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once
+    problem = model_problem("org/name", environ={})
+    assert problem and "'org/name'" in problem and "the Hub cannot be reached" in problem
