@@ -581,3 +581,20 @@ def test_regex_digits_are_ascii_as_in_ecma(client):
             model=NAME, prompt="x", max_tokens=20, seed=seed,
             extra_body={"structured_outputs": {"regex": pattern}})
         assert re.fullmatch(r"[a-z]{3}-[0-9]{4}", reply.choices[0].text), reply.choices[0].text
+
+
+def test_the_openai_parse_helper_gets_its_pydantic_model(client):
+    """`client.chat.completions.parse` sends the model's strict JSON schema and reads the
+    answer back into the model: the README's snippet."""
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int
+        member: bool
+
+    reply = client.chat.completions.parse(
+        model=NAME, messages=[{"role": "user", "content": "Who?"}], response_format=Person,
+        max_tokens=80)
+    person = reply.choices[0].message.parsed
+    assert isinstance(person, Person) and len(person.name) <= 12
