@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 
-_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# The endpoints whose answers stream and carry constraints (also `unenforced_report`'s).
+COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 async def send_json(send, status: int, payload: dict) -> None:
@@ -45,7 +46,7 @@ class StreamErrors:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in _PATHS:
+        if scope["type"] != "http" or scope.get("path") not in COMPLETION_PATHS:
             return await self.app(scope, receive, send)
         return await self.app(scope, receive, _FirstEvent(send))
 

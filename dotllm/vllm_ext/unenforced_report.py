@@ -30,10 +30,10 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 
 from dotllm.vllm_ext.patching import api_server_module, replace_attribute
+from dotllm.vllm_ext.stream_errors import COMPLETION_PATHS
 
 NAME = "unenforced_report"
 HEADER = b"x-dotllm-unenforced"
-_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass
@@ -118,7 +118,7 @@ class UnenforcedReport:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in _PATHS:
+        if scope["type"] != "http" or scope.get("path") not in COMPLETION_PATHS:
             return await self.app(scope, receive, send)
         request = _Request()
         token = _CURRENT.set(request)
