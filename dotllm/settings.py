@@ -77,6 +77,9 @@ class Settings:
         "Shared cache of compiled constraints as an fsspec URL (a directory, "
         "s3://bucket/prefix, ...), read after the disk cache and written after compiles.",
         default="")
+    heap_trim_s: float = _option(
+        "Seconds between the moments each server process hands the heap memory it freed "
+        "back to the system (glibc's malloc_trim; 0: never).", default=10.0)
 
     def to_environ(self) -> dict[str, str]:
         return {_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}

@@ -120,7 +120,7 @@ def test_register_is_idempotent(monkeypatch):
     original = api_server.build_app
     monkeypatch.setenv(plugin.ACTIVE_ENV, str(os.getpid()))
     names = ["server_identity", "request_validation", "legacy_fields", "unenforced_report",
-             "engine_backend", "compile_errors"]
+             "engine_backend", "compile_errors", "heap_trim"]
     assert plugin.register() == names
     once = [getattr(owner, name) for owner, name in targets]
     assert plugin.register() == names

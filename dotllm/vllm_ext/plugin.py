@@ -15,6 +15,7 @@ import os
 from dotllm.vllm_ext import (
     compile_errors,
     engine_backend,
+    heap_trim,
     legacy_fields,
     mask_kernels,
     request_validation,
@@ -28,7 +29,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
-    compile_errors, mask_kernels,
+    compile_errors, mask_kernels, heap_trim,
 )
 
 
