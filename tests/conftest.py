@@ -169,6 +169,14 @@ def backend(tokenizer, vocabulary, tmp_path_factory):
     backend.destroy()
 
 
+def closing_bias(tokenizer, pieces: tuple[str, ...], strength: int) -> dict[str, int]:
+    """logit_bias towards the tokens that close strings, objects or arrays: the embedded
+    model's random weights would otherwise seldom end a free string. The constraint still
+    decides which tokens are possible at all (a biased token it forbids stays impossible)."""
+    ids = {tokenizer.encode(s, add_special_tokens=False)[0] for s in pieces}
+    return {str(i): strength for i in ids}
+
+
 @pytest.fixture(scope="session")
 def vocabulary(tokenizer):
     from dotllm.compiler.vocabulary import Vocabulary

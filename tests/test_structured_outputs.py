@@ -22,6 +22,7 @@ import regex as partial_regex  # prefix matches: fullmatch(..., partial=True)
 from bench.jsonschemabench import DATA_DIR, SUBSETS, load
 from dotllm.compiler.validation import OutputValidator
 from dotllm.embedded_model import NAME
+from tests.conftest import closing_bias
 
 pytestmark = pytest.mark.server
 
@@ -45,8 +46,7 @@ def client(dotllm_server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def close_strings(tokenizer) -> dict[str, int]:
     """logit_bias that makes the model end strings and objects as soon as it may."""
-    ids = {tokenizer.encode(s, add_special_tokens=False)[0] for s in ['"', '",', '"}', "}"]}
-    return {str(i): 60 for i in ids}
+    return closing_bias(tokenizer, ('"', '",', '"}', "}"), 60)
 
 
 def chat(client, schema_format: dict, **kwargs):

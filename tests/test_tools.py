@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from dotllm.embedded_model import NAME
+from tests.conftest import closing_bias
 
 pytestmark = pytest.mark.server
 
@@ -43,9 +44,7 @@ def end_calls(tokenizer) -> dict[str, int]:
     """logit_bias towards closing strings, objects and the list of calls: random weights
     would otherwise write calls until max_tokens (the constraint still decides what is
     possible at all)."""
-    ids = {tokenizer.encode(s, add_special_tokens=False)[0]
-           for s in ['"', '",', '"}', "}", "}]", "]"]}
-    return {str(i): 40 for i in ids}
+    return closing_bias(tokenizer, ('"', '",', '"}', "}", "}]", "]"), 40)
 
 
 def assert_valid_calls(calls, names=tuple(PARAMETERS)) -> None:
