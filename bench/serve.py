@@ -145,7 +145,8 @@ async def run_batch(base_url: str, model: str, engine: str, workload: str, concu
 
 
 def start_engine(engine: str, model: str | None, serve_args: list[str], env: dict[str, str],
-                 workdir: Path) -> Server:
+                 workdir: Path, extra_plugins: tuple[str, ...] = ()) -> Server:
+    """A fresh server; a stock one loads vLLM's own plugins and `extra_plugins` only."""
     port, log = free_port(), workdir / f"{engine}.log"
     environ = {**os.environ, **env}
     if engine == "dotllm":
@@ -158,7 +159,7 @@ def start_engine(engine: str, model: str | None, serve_args: list[str], env: dic
         on_gpu = serve_defaults.has_gpu()
         serve_defaults.apply_environment(environ, on_gpu)
         environ.pop("DOTLLM_SERVE", None)
-        environ["VLLM_PLUGINS"] = STOCK_PLUGINS
+        environ["VLLM_PLUGINS"] = ",".join((STOCK_PLUGINS, *extra_plugins))
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port),
                "--model", model or str(embedded_model.build()),
                "--structured-outputs-config.backend", engine]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 12's step profile on the GPU, the 1.3B Llama-shaped model with dummy weights
+# (after the three staging part calls; each engine's server start costs ~70-140 s there):
+#   run(carry=[".gpu/p4"], command="bash bench/gpu_profile.sh dotllm")
+#   run(carry=[".gpu/p4"], command="bash bench/gpu_profile.sh xgrammar")
+set -euo pipefail
+source bench/gpu_setup.sh
+# The profiler is a vLLM plugin of the benchmark's own, registered here only.
+info=$site/dotllm_step_profile-0.1.0.dist-info
+mkdir -p "$info"
+printf 'Metadata-Version: 2.1\nName: dotllm-step-profile\nVersion: 0.1.0\n' > "$info/METADATA"
+printf '[vllm.general_plugins]\ndotllm_step_profile = bench.step_profile:install\n' \
+    > "$info/entry_points.txt"
+nvidia-smi --query-gpu=name --format=csv,noheader
+model=$(python3 -m bench.full_size_model /tmp/llama-1.3b)
+python3 -m bench.step_profile --model "$model" --engines "$@" --serve-arg=--load-format=dummy \
+    --out "$OUT/step-profile-$(IFS=-; echo "$*").json" 2> "$OUT/step-profile-stderr.log" \
+    | grep -v '^{'

@@ -1,0 +1,197 @@
+"""Where a decode step's host time goes, per phase, on a live server (issue 12).
+
+    python -m bench.step_profile --model DIR [--engines dotllm xgrammar] [--concurrency 256]
+                                 [--tokens 128] [--repeats 2] [bench.serve's options]
+
+A vLLM general plugin of the benchmark's own (`install`, entry point `dotllm_step_profile`,
+registered only where this runs: bench/gpu_profile.sh) wraps, in every process of the
+server, the methods a step runs through with wall-clock timers: the scheduler's
+`schedule`, `update_from_output` and `get_grammar_bitmask`, the structured-output
+manager's `grammar_bitmask`, the grammars' `accept_tokens` and `fill_bitmask`, the
+model runner's `execute_model` and `sample_tokens` (either runner), DotLLM's mask
+application, and the engine core's whole `step_with_batch_queue`. Totals are written to
+$DOTLLM_STEP_PROFILE_DIR/<pid>.json twice a second; the driver reads them before and
+after each equal-work batch of bench.serve and reports each phase per step (one
+`schedule` call is one step). What the step loop spends outside the phases (mostly
+waiting for the GPU's result) is the loop's time less theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib
+import json
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PROFILE_ENV = "DOTLLM_STEP_PROFILE_DIR"
+# (module, class, method, phase). Classes not loaded in a process are skipped there.
+TARGETS = (
+    ("vllm.v1.engine.core", "EngineCore", "step_with_batch_queue", "step loop"),
+    ("vllm.v1.engine.core", "EngineCore", "step", "step loop"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule", "schedule"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output", "update_from_output"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "get_grammar_bitmask", "get_grammar_bitmask"),
+    ("vllm.v1.structured_output", "StructuredOutputManager", "grammar_bitmask",
+     "  manager.grammar_bitmask"),
+    ("dotllm.vllm_ext.backend", "DotllmGrammar", "accept_tokens", "  accept_tokens (DotLLM)"),
+    ("dotllm.vllm_ext.backend", "DotllmGrammar", "fill_bitmask", "  fill_bitmask (DotLLM)"),
+    ("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar", "accept_tokens",
+     "  accept_tokens (xgrammar)"),
+    ("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar", "fill_bitmask",
+     "  fill_bitmask (xgrammar)"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model",
+     "execute_model (V1)"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens",
+     "sample_tokens (V1)"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "execute_model",
+     "execute_model (V2)"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "sample_tokens",
+     "sample_tokens (V2)"),
+    ("dotllm.vllm_ext.mask_kernels", None, "apply_rows", "  apply mask (DotLLM)"),
+)
+
+_totals: dict[str, list[float]] = {}  # phase -> [calls, seconds]
+_lock = threading.Lock()
+
+
+def _timed(phase: str, method):
+    @functools.wraps(method)
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent = time.perf_counter() - started
+            with _lock:
+                entry = _totals.setdefault(phase, [0, 0.0])
+                entry[0] += 1
+                entry[1] += spent
+    timed.step_profile = phase
+    return timed
+
+
+def _wrap_loaded() -> None:
+    for module_name, class_name, method, phase in TARGETS:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001 (a runner or backend this install lacks)
+            continue
+        owner = getattr(module, class_name) if class_name else module
+        current = getattr(owner, method, None)
+        if current is not None and not hasattr(current, "step_profile"):
+            setattr(owner, method, _timed(phase, current))
+
+
+def _write_forever(directory: Path) -> None:
+    path = directory / f"{os.getpid()}.json"
+    while True:
+        time.sleep(0.5)
+        with _lock:
+            text = json.dumps(_totals)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def install() -> None:
+    """The plugin: acts where PROFILE_ENV is set, in the processes the server starts (the
+    engine core and its workers), not in the API server that started them."""
+    directory = os.environ.get(PROFILE_ENV)
+    if not directory or multiprocessing.parent_process() is None:
+        return
+    _wrap_loaded()
+    threading.Thread(target=_write_forever, args=(Path(directory),), daemon=True,
+                     name="step-profile").start()
+
+
+def read_totals(directory: Path) -> dict[str, list[float]]:
+    """Every process's totals, summed by phase."""
+    out: dict[str, list[float]] = {}
+    for path in directory.glob("*.json"):
+        for phase, (calls, seconds) in json.loads(path.read_text()).items():
+            entry = out.setdefault(phase, [0, 0.0])
+            entry[0] += calls
+            entry[1] += seconds
+    return out
+
+
+def per_step(before: dict, after: dict) -> dict[str, float]:
+    """Milliseconds per step of each phase between two reads."""
+    delta = {p: (after[p][0] - before.get(p, [0, 0])[0], after[p][1] - before.get(p, [0, 0])[1])
+             for p in after}
+    steps = delta.get("schedule", (0, 0))[0]
+    if not steps:
+        return {}
+    return {p: seconds * 1e3 / steps for p, (_, seconds) in sorted(delta.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench import serve
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", nargs="+", choices=serve.ENGINES, default=["dotllm"])
+    parser.add_argument("--workloads", nargs="+", choices=serve.WORKLOADS,
+                        default=list(serve.WORKLOADS))
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model")
+    parser.add_argument("--serve-arg", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=Path("step-profile.json"))
+    args = parser.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in args.engines:
+            profile_dir = Path(tempfile.mkdtemp(dir=tmp))
+            server = serve.start_engine(engine, args.model, args.serve_arg,
+                                        {PROFILE_ENV: str(profile_dir)},
+                                        Path(tempfile.mkdtemp(dir=tmp)),
+                                        extra_plugins=("dotllm_step_profile",))
+            try:
+                model = asyncio.run(serve._served_model(server.url))
+                asyncio.run(serve._warm(server.url, model, args.workloads, args.tokens))
+                for repeat in range(args.repeats):
+                    for workload in args.workloads:
+                        time.sleep(1.0)  # the totals files catch up
+                        before = read_totals(profile_dir)
+                        batch = asyncio.run(serve.run_batch(
+                            server.url, model, engine, workload, args.concurrency,
+                            args.tokens, repeat))
+                        time.sleep(1.0)
+                        phases = per_step(before, read_totals(profile_dir))
+                        results.append({"engine": engine, "workload": workload,
+                                        "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
+                                        "errors": len(batch.errors), "phases_ms": phases})
+                        print(json.dumps(results[-1]), flush=True)
+            finally:
+                serve.stop_server(server)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    """Phases (rows) by engine/workload (columns), ms per step, the last repeat's."""
+    last = {(r["engine"], r["workload"]): r for r in results}
+    columns = list(last)
+    phases = sorted({p for r in last.values() for p in r["phases_ms"]},
+                    key=lambda p: [t[3] for t in TARGETS].index(p)
+                    if p in [t[3] for t in TARGETS] else 99)
+    lines = ["| phase (ms per step) | " + " | ".join(f"{e} {w}" for e, w in columns) + " |",
+             "|---|" + "---|" * len(columns),
+             "| vLLM ITL | " + " | ".join(f"{last[c]['itl_ms']:.2f}" for c in columns) + " |"]
+    for phase in phases:
+        lines.append(f"| {phase} | " + " | ".join(
+            f"{last[c]['phases_ms'].get(phase, 0):.2f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
