@@ -29,7 +29,8 @@ SHAPES = ((131_072, torch.bfloat16), (131_072, torch.float32), (32_000, torch.bf
 DENSITIES = {"json": 6, "random": 1}
 IMPLS = ("given/cuda", "given/triton", "given/xgrammar", "given/torch",
          "gathered/cuda", "gathered/triton", "gathered/torch",
-         "staged/cuda")  # the server's path: host rows, pinned copy on a side stream, kernel
+         "staged/cuda",  # the server's path for llguidance's rows: host rows, pinned copy
+         "planned/cuda")  # and for an index's: table kept on the device, one int32 a row
 TABLE_ROWS = 256  # per-state masks resident on the GPU (gathered form)
 BUFFER_BYTES = 256 << 20
 
@@ -50,11 +51,20 @@ def _apply_fn(impl: str, words: int):
         return lambda logits, masks, ids: xgrammar.apply_token_bitmask_inplace(logits, masks)
     if kernels._load(name) is None:
         pytest.skip(f"{name} kernel not built here")
-    if form == "staged":
-        from dotllm.kernels.staging import BitmaskStager
+    if form in ("staged", "planned"):
+        from dotllm.kernels.arena import MaskArena, RowPlan
 
-        stager = BitmaskStager(torch.device("cuda"), words, kernel=name)
-        return lambda logits, masks, rows: stager.apply(logits, masks, rows)
+        arena = MaskArena(torch.device("cuda"), words, kernel=name)
+        if form == "staged":
+            return lambda logits, masks, rows: arena.apply(logits, RowPlan.of_rows(masks), rows)
+        uploaded = []
+
+        def planned(logits, table, slots):  # the table goes up with the first step only
+            uploads = [] if uploaded else [(np.arange(len(table), dtype=np.int32), table)]
+            uploaded.append(True)
+            plan = RowPlan(words, slots, np.empty((0, words), np.int32), uploads)
+            arena.apply(logits, plan, np.arange(len(slots), dtype=np.int32))
+        return planned
     if form == "given":
         return lambda logits, masks, ids: kernels.apply_token_bitmask(logits, masks, kernel=name)
     return lambda logits, table, ids: kernels.apply_token_bitmask_gathered(
@@ -103,6 +113,9 @@ def test_apply_bitmask(benchmark, impl, vocab, dtype, batch, density):
     if form == "staged":  # rows start on the host, as the scheduler's numpy array
         masks = [m.cpu().numpy() for m in masks]
         ids = [np.arange(batch, dtype=np.int32)] * calls
+    elif form == "planned":  # the plan names slots of a table the arena holds
+        masks = [masks[0].cpu().numpy()] * calls
+        ids = [i.cpu().numpy() for i in ids]
 
     def run_round():
         for i in range(calls):
@@ -115,7 +128,8 @@ def test_apply_bitmask(benchmark, impl, vocab, dtype, batch, density):
         form=form, kernel=impl.split("/")[1], vocab=vocab, dtype=str(dtype)[6:], batch=batch,
         density=density, calls=calls,
         floor_bytes=floor,
-        h2d_bytes=sum(m.nbytes for m in masks[:1]) + batch * 4 if form == "staged" else 0)
+        h2d_bytes=(sum(m.nbytes for m in masks[:1]) + batch * 4 if form == "staged"
+                   else batch * 8 if form == "planned" else 0))
     benchmark.pedantic(run_round, rounds=7, warmup_rounds=1)
 
 

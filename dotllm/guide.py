@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dotllm.compiler.compiled import CompiledIndex
+from dotllm.compiler.mask_table import MaskTable
 
 
 class Guide:
@@ -84,6 +85,14 @@ class Guide:
     def reset(self) -> None:
         self._states = [self._initial]
         self._terminated = False
+
+    def table_row(self) -> tuple[MaskTable, int] | None:
+        """The per-state table and its row holding this state's mask (what `fill_row`
+        copies; checked when the state was reached); None once terminated."""
+        if self._terminated:
+            return None
+        table = self._compiled.table
+        return table, int(table.state_rows[self._states[-1]])
 
     def fill_row(self, out: np.ndarray) -> None:
         """Write this state's mask into `out` (int32 `[ceil(V/32)]`); -1 once terminated."""

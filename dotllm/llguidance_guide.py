@@ -73,6 +73,10 @@ class LLGuidanceGuide:
         self._matcher.reset()
         self._terminated, self._eos_lag = False, 0
 
+    def table_row(self) -> None:
+        """No per-state table: each mask is computed (`fill_row`)."""
+        return None
+
     def fill_row(self, out: np.ndarray) -> None:
         """Write the allowed tokens into `out` (int32 `[ceil(V/32)]`); -1 once terminated."""
         if self._terminated:

@@ -77,6 +77,10 @@ class Settings:
         "Shared cache of compiled constraints as an fsspec URL (a directory, "
         "s3://bucket/prefix, ...), read after the disk cache and written after compiles.",
         default="")
+    mask_table_mib: int = _option(
+        "Memory for compiled constraints' mask tables in each model worker, on its device, "
+        "in MiB (least recently used out first): a step names a table row by one integer "
+        "instead of sending it (0: every row sent every step).", default=256)
     heap_trim_s: float = _option(
         "Seconds between the moments each server process hands the heap memory it freed "
         "back to the system (glibc's malloc_trim; 0: never).", default=10.0)
@@ -111,6 +115,10 @@ class Settings:
             return 0
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return min(_MAX_AUTO_COMPILE_MEMORY, physical // 2 // self.workers)
+
+    def mask_table_slots(self, words: int) -> int:
+        """Rows of `words` int32 each that --dotllm-mask-table-mib holds."""
+        return self.mask_table_mib * 2**20 // (4 * words)
 
     def disk_dir(self, cache_root: Path) -> Path | None:
         if self.index_cache_dir == "off":

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from dotllm.compiler.compiled import CorruptEntry
+from dotllm.compiler.mask_table import MaskTable
 from dotllm.compiler.pool import CompileFailed
 from dotllm.compiler.spec import ConstraintError
 from dotllm.guide import Guide
@@ -107,6 +108,9 @@ class TieredGuide:
     def error(self) -> str | None:
         return self._current.error
 
+    def table_row(self) -> tuple[MaskTable, int] | None:
+        return self._current.table_row()
+
     def fill_row(self, out: np.ndarray) -> None:
         self._current.fill_row(out)
 
@@ -171,6 +175,9 @@ class IndexWithFallback:
             except CorruptEntry as e:
                 self._fall_back(e)
         return self._current.validate_tokens(tokens)
+
+    def table_row(self) -> tuple[MaskTable, int] | None:
+        return self._current.table_row()
 
     def fill_row(self, out: np.ndarray) -> None:
         if self._on_index():

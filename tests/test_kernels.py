@@ -157,6 +157,17 @@ def test_gathered_rows(impl, generator):
     check(apply, device, logits, table, mask_rows=row_ids)
 
 
+def test_gathered_rows_into_chosen_logits(impl, generator):
+    """Both indexes at once, as the worker's arena launches: table rows by slot (some -1)
+    into logits rows in any order."""
+    device, apply = impl
+    logits = random_logits(10, 777, torch.bfloat16, device, generator)
+    table = random_masks(6, 25, generator)
+    logit_rows = torch.tensor([7, 2, 9, 0, 4], dtype=torch.int32)
+    mask_rows = torch.tensor([5, -1, 0, 5, 3], dtype=torch.int32)
+    check(apply, device, logits, table, logit_rows, mask_rows)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("rows", "vocab"), [(1, 152_064), (64, 152_064), (1024, 32_000),
                                              (4096, 32_000)])
@@ -189,22 +200,3 @@ def test_dispatcher_checks_and_names(generator):
     before = logits.clone()
     kernels.apply_token_bitmask_gathered(logits, masks, row_ids)
     assert torch.equal(logits[0], before[0])
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_staged_rows_step_after_step(device, generator):
-    """The server's path: host rows through reused (and grown) buffers, steps back to back."""
-    from dotllm.kernels.staging import BitmaskStager
-
-    vocab, batch = 3000, 40
-    stager = BitmaskStager(torch.device(device), (vocab + 31) // 32, initial_rows=4)
-    steps = []
-    for count in (3, 4, 17, 2, 40, 9):  # grows twice, then reuses
-        logits = random_logits(batch, vocab, torch.bfloat16, device, generator)
-        masks = random_masks(count, (vocab + 31) // 32, generator)
-        rows = torch.randperm(batch, generator=generator)[:count].int()
-        expected = reference(logits, masks, rows, None)
-        stager.apply(logits, masks.numpy(), rows.numpy())
-        steps.append((logits, expected))
-    for logits, expected in steps:  # checked after all were queued
-        assert torch.equal(logits.double().cpu(), expected)

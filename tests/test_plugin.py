@@ -36,6 +36,7 @@ def report():
                getattr(getattr(chat, "ChatCompletionRequest", None),
                        "extract_structured_outputs", None),
                StructuredOutputManager.__init__,
+               StructuredOutputManager.grammar_bitmask,
                scheduler.EngineCoreOutput,
                getattr(getattr(async_llm, "AsyncLLM", None), "generate", None),
                getattr(v1_runner, "apply_grammar_bitmask", None),
@@ -79,8 +80,8 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 8}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 8}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 9}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 9}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
@@ -88,15 +89,15 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
     assert out["main"] == {
         "api_server_loaded": True,
         "patched": ["server_identity", "request_validation",
-                    "unenforced_report,legacy_fields", "engine_backend", "compile_errors",
-                    "compile_errors", None, None],
+                    "unenforced_report,legacy_fields", "engine_backend", None,
+                    "compile_errors", "compile_errors", None, None],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in, and
     # the model runners' bitmask application is DotLLM's.
     assert out["child"] == {
         "api_server_loaded": False,
-        "patched": [None, "request_validation", None, "engine_backend", "compile_errors", None,
-                    "mask_kernels", "mask_kernels"],
+        "patched": [None, "request_validation", None, "engine_backend", "row_plans",
+                    "compile_errors", None, "mask_kernels", "mask_kernels"],
     }
 
 

@@ -10,7 +10,8 @@ request, and the same table can later live on the GPU and be gathered by row id.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,10 +29,16 @@ def pack_tokens(token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.packbits(allowed, bitorder="little").view(np.int32)
 
 
+_serials = itertools.count()
+
+
 @dataclass(frozen=True)
 class MaskTable:
     rows: np.ndarray  # int32 [num_rows, words], C-contiguous
     state_rows: np.ndarray  # int32 [num_states]: state -> row in `rows`
+    # Names this table (not its constraint: a recompiled entry is another table) for the
+    # copies of it that model workers keep (dotllm.mask_plan).
+    serial: int = field(default_factory=lambda: next(_serials), compare=False, repr=False)
 
     @classmethod
     def build(cls, transitions: TransitionTable, vocab_size: int,

@@ -30,6 +30,7 @@ from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
 from dotllm.llguidance_guide import LLGuidanceGuide
+from dotllm.mask_plan import PlanBuilder, RowPlanner
 from dotllm.settings import Settings
 from dotllm.tiers import IndexWithFallback, ServerFault, TieredGuide
 from dotllm.vllm_ext import compile_errors
@@ -106,13 +107,26 @@ class DotllmGrammar(StructuredOutputGrammar):
         self.guide.rollback(num_tokens)
 
     def fill_bitmask(self, bitmask: torch.Tensor, batch_index: int) -> None:
-        row = bitmask[batch_index].numpy()
+        self.fill_row(bitmask[batch_index].numpy())
+
+    def fill_row(self, row: np.ndarray) -> None:
         try:
             self.guide.fill_row(row)
         except ServerFault:  # only EOS: the accept that follows ends the request
             words = row.view(np.uint32)
             words.fill(0)
             words[self._eos >> 5] = 1 << (self._eos & 31)
+
+    def add_row(self, plan: PlanBuilder, fills: list | None = None) -> None:
+        """This step's mask into `plan`: its table row where the guide is on an index
+        (the workers hold the table), else the row itself, filled now or, with `fills`,
+        listed there as (grammar, row) to fill later."""
+        if (source := self.guide.table_row()) is not None:
+            plan.table_row(*source)
+        elif fills is not None:
+            fills.append((self, plan.direct_row()))
+        else:
+            self.fill_row(plan.direct_row())
 
     def is_terminated(self) -> bool:
         return self.guide.is_terminated()
@@ -124,6 +138,7 @@ class DotllmGrammar(StructuredOutputGrammar):
 @dataclass
 class DotllmBackend(StructuredOutputBackend):
     settings: Settings = field(default_factory=Settings.from_environ)
+    _planner: RowPlanner | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.vocabulary = Vocabulary.from_tokenizer(self.tokenizer, size=self.vocab_size)
@@ -245,6 +260,13 @@ class DotllmBackend(StructuredOutputBackend):
             value = json.loads(grammar_spec)  # vLLM keys choices by their JSON text
         params = StructuredOutputsParams(**{request_type.name.lower(): value})
         return self.compile_spec(spec_from_params(params))
+
+    def row_planner(self, max_rows: int) -> RowPlanner:
+        """The one planner of this engine's steps (its slots mirror the workers' arenas)."""
+        if self._planner is None:
+            words = (self.vocab_size + 31) // 32
+            self._planner = RowPlanner(words, self.settings.mask_table_slots(words), max_rows)
+        return self._planner
 
     def allocate_token_bitmask(self, max_num_seqs: int) -> torch.Tensor:
         return torch.full((max_num_seqs, (self.vocab_size + 31) // 32), -1, dtype=torch.int32,

@@ -6,9 +6,11 @@ Targets (worker processes):
 - V2 runner (the default for dense models): `StructuredOutputsWorker.apply_grammar_bitmask`.
 
 Both keep vLLM's mapping from bitmask rows to logits rows (batch order; one row per
-speculative token plus the bonus token), but only the constrained rows travel, through
-a `BitmaskStager` (pinned buffers allocated once, side-stream copy), to the kernel
-`--dotllm-mask-kernel` names. Rows masked are counted per kernel on /metrics.
+speculative token plus the bonus token). What arrives is DotLLM's `RowPlan` (the
+`row_plans` patch: table rows by slot, the rest as rows) or, where vLLM's own loop built
+it, a bitmask; either goes through the worker's `MaskArena` (tables kept on the device,
+the step's rows staged by a side stream) to the kernel `--dotllm-mask-kernel` names, in
+one launch. Rows masked are counted per kernel and source (a table row or the step's).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import numpy as np
 import torch
 
-from dotllm.kernels.staging import BitmaskStager
+from dotllm.kernels.arena import MaskArena, RowPlan
 from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import replace_attribute
 
@@ -28,33 +30,39 @@ logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def _stager(device: torch.device, words: int, runner: str) -> BitmaskStager:
-    stager = BitmaskStager(device, words, kernel=Settings.from_environ().mask_kernel)
+def _arena(device: torch.device, words: int, runner: str) -> MaskArena:
+    arena = MaskArena(device, words, kernel=Settings.from_environ().mask_kernel)
     logger.info("DotLLM applies grammar bitmasks with its %s kernel (%s model runner)",
-                stager.kernel, runner)
-    return stager
+                arena.kernel, runner)
+    return arena
 
 
 @functools.cache
 def _rows_counter():
     from prometheus_client import Counter
 
-    return Counter("dotllm_mask_rows", "Logits rows masked by DotLLM's kernels.", ["kernel"])
+    return Counter("dotllm_mask_rows", "Logits rows masked by DotLLM's kernels, by where "
+                   "the row came from: a table kept on the device, or sent with the step.",
+                   ["kernel", "source"])
 
 
-def apply_rows(logits: torch.Tensor, masks: np.ndarray, sources: list[int] | None,
+def apply_rows(logits: torch.Tensor, plan: RowPlan | np.ndarray, sources: list[int] | None,
                targets: list[int], runner: str) -> None:
-    """Mask logits[targets[i]] with masks[sources[i]] (sources None: masks[i]).
-
-    `sources` rise strictly, so one as long as `masks` names every row in order.
-    """
+    """Mask logits[targets[i]] with the plan's row sources[i] (sources None: row i)."""
     if not targets:
         return
-    if sources is not None and len(sources) != len(masks):
-        masks = masks[sources]
-    stager = _stager(logits.device, masks.shape[1], runner)
-    stager.apply(logits, masks, np.asarray(targets, dtype=np.int32))
-    _rows_counter().labels(kernel=stager.kernel).inc(len(targets))
+    if not isinstance(plan, RowPlan):  # vLLM's own loop filled it
+        plan = RowPlan.of_rows(plan)
+    index = None if sources is None else np.asarray(sources, dtype=np.int64)
+    arena = _arena(logits.device, plan.words, runner)
+    masked = arena.apply(logits, plan, np.asarray(targets, dtype=np.int32), index)
+    slots = plan.slots if index is None else plan.slots[index]
+    from_tables = int((slots >= 0).sum())
+    counter = _rows_counter()
+    if from_tables:
+        counter.labels(kernel=arena.kernel, source="table").inc(from_tables)
+    if masked > from_tables:
+        counter.labels(kernel=arena.kernel, source="step").inc(masked - from_tables)
 
 
 def v1_rows(scheduler_output, grammar_output, input_batch) -> tuple[list[int], list[int]]:

@@ -19,6 +19,7 @@ from dotllm.vllm_ext import (
     legacy_fields,
     mask_kernels,
     request_validation,
+    row_plans,
     server_identity,
     unenforced_report,
 )
@@ -29,7 +30,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
-    compile_errors, mask_kernels, heap_trim,
+    compile_errors, row_plans, mask_kernels, heap_trim,
 )
 
 

@@ -1,0 +1,91 @@
+"""Patch `row_plans`: a step's grammar bitmask as DotLLM's row plan (engine core).
+
+Target: `StructuredOutputManager.grammar_bitmask` (vLLM 0.26,
+vllm/v1/structured_output/__init__.py), which fills a [rows, V/32] int32 bitmask, one
+16 KiB row per constrained row, and hands it to the workers as
+`GrammarOutput.grammar_bitmask`. Only DotLLM's `mask_kernels` patch reads that field in
+the workers, so here it becomes a `RowPlan`: a request on an index is one slot id (its
+table lives in the workers' arenas, uploaded once), a request on llguidance its row.
+
+The rows follow vLLM's loop exactly (one per speculative draft, drafts accepted to fill
+the next row then rolled back, rows after a -1 draft unconstrained, a finished grammar
+unconstrained). What this does not cover goes to vLLM's loop, whose bitmask the workers
+apply as it is: reasoning models (the loop's reasoning-end detection) and diffusion
+models.
+"""
+
+from __future__ import annotations
+
+from dotllm.vllm_ext.patching import replace_attribute
+
+NAME = "row_plans"
+
+
+def _add(plan, grammar, constrained: bool, fills: list | None) -> None:
+    if constrained and not grammar.is_terminated():
+        grammar.add_row(plan, fills)
+    else:
+        plan.unconstrained()
+
+
+def _fill_rows(manager, fills: list) -> None:
+    """llguidance's rows: in vLLM's thread pool when there are many (its fill drops the GIL)."""
+    executor = getattr(manager, "executor_for_fillmask", None)
+    if executor is None or len(fills) <= manager.fill_bitmask_parallel_threshold:
+        _fill_all(fills)
+        return
+    size = manager.fill_bitmask_parallel_batch_size
+    for future in [executor.submit(_fill_all, fills[i:i + size])
+                   for i in range(0, len(fills), size)]:
+        future.result()
+
+
+def _fill_all(fills: list) -> None:
+    for grammar, row in fills:
+        grammar.fill_row(row)
+
+
+def _grammar_bitmask(stock):
+    from dotllm.vllm_ext.backend import DotllmBackend
+
+    def grammar_bitmask(self, requests, structured_output_request_ids,
+                        scheduled_spec_decode_tokens):
+        config = self.vllm_config
+        if (not structured_output_request_ids or self.reasoner_cls is not None
+                or config.model_config.is_diffusion
+                or not isinstance(self.backend, DotllmBackend)):
+            return stock(self, requests, structured_output_request_ids,
+                         scheduled_spec_decode_tokens)
+        max_rows = config.scheduler_config.max_num_seqs * (1 + config.num_speculative_tokens)
+        plan = self.backend.row_planner(max_rows).start()
+        # Rows wait to be filled only where no draft moves a grammar between rows.
+        fills = None if scheduled_spec_decode_tokens else []
+        for req_id in structured_output_request_ids:
+            grammar = requests[req_id].structured_output_request.grammar
+            drafts = scheduled_spec_decode_tokens.get(req_id, ())
+            constrained, advanced = True, 0
+            for token in drafts:
+                _add(plan, grammar, constrained, fills)
+                if token == -1:
+                    constrained = False
+                elif constrained and not grammar.is_terminated():
+                    if not grammar.accept_tokens(req_id, [token]):
+                        raise AssertionError((token, req_id, scheduled_spec_decode_tokens))
+                    advanced += 1
+            _add(plan, grammar, True, fills)  # the bonus token's row
+            if advanced:
+                grammar.rollback(advanced)
+        if fills:
+            _fill_rows(self, fills)
+        return plan.finish()
+
+    return grammar_bitmask
+
+
+def apply(in_launcher: bool) -> bool:
+    if in_launcher:
+        return False
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    replace_attribute(StructuredOutputManager, "grammar_bitmask", _grammar_bitmask, NAME)
+    return True
