@@ -1,11 +1,14 @@
 """Packed-bitmask application in plain torch: vLLM's CPU runner, and any device without Triton.
 
-Bytes of the mask index a [256, 8] table of booleans, so unpacking costs one gather and
-no [rows, V, 32] intermediate.
+On a GPU, bytes of the mask index a [256, 8] table of booleans, so unpacking costs one
+gather and no [rows, V, 32] intermediate; on the CPU numpy's unpackbits does the same
+several times faster (a step of 32 rows x 131,072 on 2 cores: ~12.5 -> ~9.5 ms in all,
+most of it now the masked fill).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
@@ -25,8 +28,7 @@ def apply(logits: torch.Tensor, masks: torch.Tensor, logit_rows: torch.Tensor | 
     if len(targets) == 0:
         return
     vocab_size = logits.shape[1]
-    table = _BYTE_BITS.to(masks.device)
-    allowed = table[masks.contiguous().view(torch.uint8).int()].reshape(len(masks), -1)
+    allowed = _unpack(masks.contiguous())
     if allowed.shape[1] < vocab_size:  # padded vocab: columns past the mask are disallowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
     disallowed = ~allowed[:, :vocab_size]
@@ -34,3 +36,12 @@ def apply(logits: torch.Tensor, masks: torch.Tensor, logit_rows: torch.Tensor | 
         logits.masked_fill_(disallowed, float("-inf"))
     else:
         logits[targets] = logits[targets].masked_fill(disallowed, float("-inf"))
+
+
+def _unpack(masks: torch.Tensor) -> torch.Tensor:
+    """bool [rows, words * 32]: bit t & 31 of word t >> 5."""
+    if masks.device.type == "cpu":
+        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
+    table = _BYTE_BITS.to(masks.device)
+    return table[masks.view(torch.uint8).int()].reshape(len(masks), -1)
