@@ -197,6 +197,24 @@ def test_the_index_goes_on_from_a_state_where_it_may_end(vocabulary, tokenizer, 
         assert compiled.is_final(state)
 
 
+@pytest.mark.parametrize(("text", "whole"), [
+    ('{"x": 1e5}', True), ('{"x": -2.5E12}', True), ('{"x": 3e+4}', True),
+    ('{"x": 7e-1}', True), ('{"x": 1e}', False)])
+def test_a_numbers_exponent_is_as_json_writes_it(vocabulary, tokenizer, text, whole):
+    """`1e5` as llguidance writes it (outlines-core wanted `1e+5`: hand-overs were refused);
+    an exponent without digits is still no number."""
+    compiled = CompiledIndex.for_spec(ConstraintSpec.json_schema(
+        {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}),
+        vocabulary)
+    one_byte = {b: i for i, b in token_bytes(tokenizer).items() if len(b) == 1}
+    state = compiled.initial_state
+    for byte in text.encode():
+        state = compiled.next_state(state, one_byte[bytes([byte])])
+        if state is None:
+            break
+    assert (state is not None and compiled.is_final(state)) == whole
+
+
 def test_compiled_index_bytes_round_trip(vocabulary):
     compiled = CompiledIndex.build("[0-9]{1,3}", vocabulary.inner, vocabulary.size,
                                    vocabulary.eos_token_id)

@@ -28,7 +28,7 @@ _ORDERED_MEMBERS = frozenset({"properties"})
 
 # Bumped whenever a constraint's regex changes for the same constraint (the schema
 # rewriting, regex translation, formats): indexes cached before are then not reused.
-REWRITE_VERSION = 3
+REWRITE_VERSION = 4  # 4: a number's exponent sign optional
 
 # outlines-core's default whitespace, which it writes on both sides of every `:` and `,`
 # and inside brackets (`{ "a" : 1 , "b" : [ 2 ] }`), and what it is dropped from.
@@ -76,6 +76,18 @@ def _standard_layout(regex: str) -> str:
     for spaced, tight in _NO_SPACE:
         regex = regex.replace(spaced, tight)
     return regex
+
+
+# outlines-core's JSON number wants a sign after the exponent's `e` (`1e+5`, not `1e5`);
+# JSON's grammar, and llguidance, make it optional. Only that regex has this text: patterns
+# come out of ecma_regex as `[Ee][\+\-]`, enum and const values escaped.
+_OUTLINES_EXPONENT = "[eE][+-][0-9]+"
+_JSON_EXPONENT = "[eE][+-]?[0-9]+"
+
+
+def _json_numbers(regex: str) -> str:
+    """Numbers as JSON writes them: llguidance's `1e5` must not stop a hand-over."""
+    return regex.replace(_OUTLINES_EXPONENT, _JSON_EXPONENT)
 
 
 def _dumps(value) -> str:
@@ -253,4 +265,5 @@ class ConstraintSpec:
             regex = build_regex_from_schema(_dumps(schema), self.whitespace_pattern)
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"unsupported JSON schema: {e}") from None
+        regex = _json_numbers(regex)
         return regex if self.whitespace_pattern is not None else _standard_layout(regex)
