@@ -209,7 +209,7 @@ def measure(base_url: str, engine: str, workloads: list[str], concurrency: list[
     return batches
 
 
-def _spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     if not values:
         return "-"
     v = sorted(x * scale for x in values)
@@ -230,9 +230,9 @@ def summary(batches: list[Batch]) -> str:
                   if (engine, c, b.repeat) in free]
         ttfts = [statistics.median(b.ttft_s) for b in group]
         rows.append(
-            f"| {engine} | {workload} | {c} | {_spread([b.engine_itl_s for b in group], 1e3)} "
-            f"| {_spread(ratios)} | {_spread([b.tokens_per_s for b in group], digits=0)} "
-            f"| {_spread(ttfts)} | {sum(len(b.errors) for b in group)} |")
+            f"| {engine} | {workload} | {c} | {spread([b.engine_itl_s for b in group], 1e3)} "
+            f"| {spread(ratios)} | {spread([b.tokens_per_s for b in group], digits=0)} "
+            f"| {spread(ttfts)} | {sum(len(b.errors) for b in group)} |")
     return "\n".join(rows)
 
 

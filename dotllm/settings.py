@@ -18,8 +18,12 @@ MASK_KERNELS = ("auto", "cuda", "triton", "torch")  # dotllm.kernels' implementa
 CONSTRAINT_ENGINES = ("tiered", "outlines", "llguidance")
 
 
-def default_compile_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+def default_compile_workers(cores: int | None = None) -> int:
+    """The cores less the engine's share (a quarter, at least 2: the API server, the
+    engine core and its model worker run beside), at least 1, at most 16. Compiles queued
+    behind a few workers of a many-core machine held requests for tens of seconds."""
+    cores = cores or os.cpu_count() or 2
+    return max(1, min(16, cores - max(2, cores // 4)))
 
 
 def _option(help: str, choices: tuple[str, ...] | None = None, **kwargs):
@@ -34,7 +38,8 @@ class Settings:
         "outlines-core cannot serve is a 400) or llguidance (never compiles).",
         choices=CONSTRAINT_ENGINES, default="tiered")
     compile_workers: int = _option(
-        "Processes compiling constraints at once (0: half the cores, at most 4).", default=0)
+        "Processes compiling constraints at once (0: the cores less a quarter, at least 2, "
+        "left to the engine; at most 16).", default=0)
     compile_timeout: float = _option(
         "Seconds a constraint may compile before its worker is killed and the request "
         "gets a 400.", default=60.0)
@@ -77,6 +82,10 @@ class Settings:
         "Shared cache of compiled constraints as an fsspec URL (a directory, "
         "s3://bucket/prefix, ...), read after the disk cache and written after compiles.",
         default="")
+    compile_overlap: str = _option(
+        "Prefill a request's prompt while its constraint compiles, holding back only the "
+        "step that samples (on), or hold the whole request until it is ready, as vLLM "
+        "does (off).", choices=("on", "off"), default="on")
     mask_table_mib: int = _option(
         "Memory for compiled constraints' mask tables in each model worker, on its device, "
         "in MiB (least recently used out first): a step names a table row by one integer "

@@ -29,7 +29,8 @@ from dotllm.llguidance_guide import LLGuidanceGuide
 
 
 class TieredGuide:
-    """`Guide`'s interface: llguidance until `index` is ready, then the index if it agrees.
+    """`Guide`'s interface: llguidance until `index` is ready, then the index if it agrees;
+    an index ready by the first step (compiled while the prompt prefilled) serves it all.
 
     `on_handover` hears once how it went: "switched", "mismatch", or why the index never
     came ("timeout", "too_large", "crash", "invalid").
@@ -108,10 +109,15 @@ class TieredGuide:
     def error(self) -> str | None:
         return self._current.error
 
+    # A row is asked for at each step boundary: an index that arrived since the last step
+    # (during the prompt's prefill, for the first) serves this step's row already.
+
     def table_row(self) -> tuple[MaskTable, int] | None:
+        self._hand_over_if_ready([])
         return self._current.table_row()
 
     def fill_row(self, out: np.ndarray) -> None:
+        self._hand_over_if_ready([])
         self._current.fill_row(out)
 
 

@@ -254,3 +254,43 @@ def test_a_compile_its_request_finished_without_is_kept(make_manager):
     future = manager.get(ConstraintSpec.regex("[rs]{5}"))
     manager.release(future, abandoned=False)
     assert future.result(timeout=60).num_states > 0 and manager.stats["cancelled"] == 0
+
+
+def test_a_compile_a_request_is_blocked_on_goes_first(make_manager):
+    """Queued behind compiles that only move requests onto their index (they run on
+    llguidance meanwhile), the one a request waits for is hurried ahead of them."""
+    manager = make_manager(workers=1, timeout_s=3)
+    busy = manager.get(EXPLODING)  # holds the only worker for 3 s
+    while not manager._queued:
+        time.sleep(0.01)
+    done: list[str] = []
+    futures = {}
+    for name in ("[ab]{3}", "[cd]{3}", "[ef]{3}"):
+        futures[name] = manager.get(ConstraintSpec.regex(name))
+        futures[name].add_done_callback(lambda _, name=name: done.append(name))
+    while len(manager._queued) < 4:
+        time.sleep(0.01)
+    manager.hurry(futures["[ef]{3}"])  # its request cannot start without it
+    for future in futures.values():
+        future.result(timeout=60)
+    assert done[0] == "[ef]{3}" and done[1:] == ["[ab]{3}", "[cd]{3}"]
+    with pytest.raises(CompileFailed):
+        busy.result(timeout=60)
+
+
+def test_a_compile_hurried_before_it_is_queued_is_queued_urgent(make_manager):
+    manager = make_manager(workers=1, timeout_s=3)
+    busy = manager.get(EXPLODING)
+    while not manager._queued:
+        time.sleep(0.01)
+    later = manager.get(ConstraintSpec.regex("[gh]{3}"))
+    urgent = manager.get(ConstraintSpec.regex("[ij]{3}"))
+    manager.hurry(urgent)  # perhaps before its cache lookup is over: still first
+    order = []
+    for future, name in ((later, "later"), (urgent, "urgent")):
+        future.add_done_callback(lambda _, name=name: order.append(name))
+    later.result(timeout=60)
+    urgent.result(timeout=60)
+    assert order == ["urgent", "later"]
+    with pytest.raises(CompileFailed):
+        busy.result(timeout=60)

@@ -22,6 +22,7 @@ if os.environ.get("PROBE_AS_LAUNCHER") and "DOTLLM_SERVE" not in os.environ:
 load_general_plugins()
 
 def report():
+    from vllm.config.scheduler import SchedulerConfig
     from vllm.sampling_params import SamplingParams
     from vllm.v1.core.sched import scheduler
     from vllm.v1.structured_output import StructuredOutputManager
@@ -37,6 +38,7 @@ def report():
                        "extract_structured_outputs", None),
                StructuredOutputManager.__init__,
                StructuredOutputManager.grammar_bitmask,
+               SchedulerConfig.get_scheduler_cls,
                scheduler.EngineCoreOutput,
                getattr(getattr(async_llm, "AsyncLLM", None), "generate", None),
                getattr(v1_runner, "apply_grammar_bitmask", None),
@@ -80,8 +82,8 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 9}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 9}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 10}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 10}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
@@ -89,7 +91,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
     assert out["main"] == {
         "api_server_loaded": True,
         "patched": ["server_identity", "request_validation",
-                    "unenforced_report,legacy_fields", "engine_backend", None,
+                    "unenforced_report,legacy_fields", "engine_backend", None, None,
                     "compile_errors", "compile_errors", None, None],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in, and
@@ -97,7 +99,8 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
     assert out["child"] == {
         "api_server_loaded": False,
         "patched": [None, "request_validation", None, "engine_backend", "row_plans",
-                    "compile_errors", None, "mask_kernels", "mask_kernels"],
+                    "compile_overlap", "compile_errors", None, "mask_kernels",
+                    "mask_kernels"],
     }
 
 

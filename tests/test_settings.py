@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from dotllm import cli
-from dotllm.settings import Settings
+from dotllm.settings import Settings, default_compile_workers
 
 
 def test_settings_round_trip_through_the_environment():
@@ -30,3 +32,9 @@ def test_cli_options_become_settings_and_environment_gives_defaults(monkeypatch,
     assert settings.compile_workers == 2
     assert settings.compile_timeout == 9.0
     assert settings.index_cache_url == "file:///tmp/shared-indexes"
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (4, 2), (8, 6), (16, 12),
+                                                (128, 16)])
+def test_compile_workers_follow_the_cores_leaving_the_engine_its_share(cores, workers):
+    assert default_compile_workers(cores) == workers

@@ -422,19 +422,24 @@ def test_real_world_schemas_answer_valid_output_or_a_clear_400(client, close_str
 def test_a_new_constraint_switches_to_its_index_mid_generation(client, dotllm_server):
     """It starts on llguidance at once; the index, compiled meanwhile, takes over.
 
-    The constraint's index is small (a fraction of a second to build) and the request runs
-    300 steps whatever the model samples (no end before min_tokens): the index arrives
-    mid-generation however slow the machine (a long bounded regex raced its own 3.7 s
-    compile, and lost on a loaded CI machine). The pattern goes on from states where it
-    may end: the index must take that over from llguidance (see `outlines_index`)."""
+    The constraint's index takes ~1.4 s to build here: still compiling when the first
+    token is sampled (an index ready by then serves the whole request), and the request
+    runs 300 steps whatever the model samples (no end before min_tokens), so the index
+    arrives mid-generation however slow the machine (a long bounded regex raced its own
+    3.7 s compile, and lost on a loaded CI machine). The pattern goes on from states
+    where it may end: the index must take that over from llguidance (see
+    `outlines_index`)."""
     dotllm_server.wait_for_compiles()  # earlier tests' compiles would delay this one's
     before = dotllm_server.metrics()
-    pattern = "(true|false)(, (true|false))*"
+    pattern = "(true|false|[a-z]{80}x)(, (true|false|[a-z]{80}x))*"
     reply = client.completions.create(
         model=NAME, prompt="x", max_tokens=300,
         extra_body={"min_tokens": 300, "structured_outputs": {"regex": pattern}})
     assert reply.choices[0].finish_reason == "length"
     assert partial_regex.fullmatch(pattern, reply.choices[0].text, partial=True)
+    # Tokens are reported every 256 and when the request's grammar goes, after the reply.
+    index_tokens = 'dotllm_constraint_tier_tokens_total{tier="index"}'
+    dotllm_server.wait_for_metric(index_tokens, before.get(index_tokens, 0) + 1, 60)
     after = dotllm_server.metrics()
 
     def delta(name):

@@ -106,3 +106,29 @@ def test_a_failed_compile_leaves_the_request_on_llguidance(tiered, tokenizer):
     index.set_exception(CompileFailed("took longer than 60 s", "timeout"))
     assert guide.accept_tokens(encode(tokenizer, '{"name": "x", "n": 1}'))
     assert guide.tier == "llguidance" and outcomes == ["timeout"]
+
+
+def test_an_index_ready_by_the_first_step_serves_it(tiered, compiled, vocabulary):
+    """Compiled while the prompt prefilled: the first row is the index's, no llguidance."""
+    index: Future = Future()
+    guide, outcomes = tiered(index)
+    index.set_result(compiled)
+    table, row = guide.table_row()
+    assert table is compiled.table and guide.tier == "index" and outcomes == ["switched"]
+    assert np.array_equal(table.rows[row], compiled.mask_row(compiled.initial_state))
+
+
+def test_an_index_that_arrives_between_steps_serves_the_next_row(
+        tiered, compiled, tokenizer, vocabulary):
+    index: Future = Future()
+    guide, outcomes = tiered(index)
+    assert guide.table_row() is None  # llguidance's row: computed
+    assert guide.accept_tokens(encode(tokenizer, '{"name": "Al'))
+    index.set_result(compiled)
+    got, want = (np.zeros(words_for(vocabulary.size), dtype=np.int32) for _ in range(2))
+    guide.fill_row(got)
+    assert guide.tier == "index" and outcomes == ["switched"]
+    direct = Guide(compiled, vocabulary.eos_token_id)
+    assert direct.accept_tokens(encode(tokenizer, '{"name": "Al'))
+    direct.fill_row(want)
+    assert np.array_equal(got, want)

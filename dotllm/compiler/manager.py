@@ -31,13 +31,15 @@ _MAX_REMEMBERED = 4096  # failures and compile times kept, most recent first
 class IndexFuture(Future):
     """Future[CompiledIndex] that also tells when the cache lookup is over: after
     `looked_up` is set and the future is not done, the index is being compiled.
-    `waiters` counts the requests that asked for it and have not released it."""
+    `waiters` counts the requests that asked for it and have not released it; `urgent`,
+    whether one of them is blocked on it (its compile goes first)."""
 
     def __init__(self):
         super().__init__()
         self.looked_up = threading.Event()
         self.waiters = 1
         self.key: str | None = None
+        self.urgent = False
 
 
 class CompilationManager:
@@ -108,12 +110,22 @@ class CompilationManager:
                 if self._inflight.get(future.key) is future:
                     del self._inflight[future.key]
 
+    def hurry(self, future: Future) -> None:
+        """A request is blocked on `future` (no other engine can serve it meanwhile): its
+        compile goes before those that only move requests onto their index."""
+        if not isinstance(future, IndexFuture) or future.done():
+            return
+        with self._lock:
+            future.urgent = True
+            if future.key is not None and (queued := self._queued.get(future.key)):
+                self.pool.hurry(queued)
+
     def _resolve(self, key: str, spec: ConstraintSpec, future: IndexFuture) -> None:
         try:
             item, _ = self.cache.get(key)
             if item is None:
                 future.looked_up.set()
-                item = self._compile(key, spec)
+                item = self._compile(key, spec, future)
             future.set_result(item)
         except CancelledError:  # not the constraint's failure: not remembered
             future.set_exception(CompileFailed("the compile was cancelled: no request "
@@ -130,15 +142,15 @@ class CompilationManager:
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
 
-    def _compile(self, key: str, spec: ConstraintSpec) -> CompiledIndex:
+    def _compile(self, key: str, spec: ConstraintSpec, wanted: IndexFuture) -> CompiledIndex:
         spec.check()
         if (refusal := spec.outlines_refusal()) is not None:
             raise ConstraintError(refusal)
         self.stats["compiles"] += 1
         if self.metrics:
             self.metrics.compiles.inc()
-        future = self.pool.submit(spec)
-        with self._lock:
+        with self._lock:  # a hurry() comes before or after this, never between
+            future = self.pool.submit(spec, urgent=wanted.urgent)
             self._queued[key] = future
         self._sample_queue_length()
         started = time.monotonic()

@@ -55,7 +55,7 @@ class CompileMetrics:
         self.tier_tokens = Counter(
             "dotllm_constraint_tier_tokens",
             "Tokens accepted by constrained requests, by the engine that guided them: index "
-            "or llguidance (added every 256 tokens and when a request ends).", ["tier"],
+            "or llguidance (added every 32 tokens and when a request ends).", ["tier"],
             **kwargs)
         self.cancelled = Counter(
             "dotllm_constraint_cancelled",
@@ -71,6 +71,10 @@ class CompileMetrics:
             "dotllm_constraint_handover_seconds",
             "Time requests ran on llguidance before moving to their compiled index.",
             buckets=_COMPILE_BUCKETS, **kwargs)
+        self.prefill_while_compiling = Counter(
+            "dotllm_constraint_prefill_tokens_while_compiling",
+            "Prompt tokens computed while the request's constraint was still being made "
+            "(--dotllm-compile-overlap): compile time hidden behind prefill.", **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)

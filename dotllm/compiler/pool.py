@@ -6,16 +6,20 @@ runs in a worker process of its own: a compile past its time is stopped by killi
 worker (a thread cannot be stopped), a worker that dies fails only the compile it was
 running, and either way a fresh worker takes its place. Each worker holds the vocabulary,
 sent once when it starts.
+
+Compiles wait in order of need: one a request is blocked on (`hurry`) goes before those
+that only move a request already served by llguidance onto its index.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import multiprocessing
 import os
 import pickle
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -137,6 +141,46 @@ class _Slot:
     worker: _Worker | None = None
 
 
+URGENT, BACKGROUND, _STOP = 0, 1, 2  # queue priorities, first served first
+
+
+class _Jobs:
+    """The compiles waiting for a worker, most urgent first, then first come. A job
+    hurried is queued again ahead; whichever of its entries comes out first runs it."""
+
+    def __init__(self):
+        self._heap: list[tuple[int, int, list]] = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._waiting: dict[int, list] = {}  # id(future) -> job [spec, future], while queued
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._waiting)
+
+    def put(self, job: list | None, priority: int) -> None:
+        with self._ready:
+            heapq.heappush(self._heap, (priority, next(self._order), job))
+            if job is not None:
+                self._waiting[id(job[1])] = job
+            self._ready.notify()
+
+    def hurry(self, future: Future) -> None:
+        with self._ready:
+            if (job := self._waiting.get(id(future))) is not None:
+                heapq.heappush(self._heap, (URGENT, next(self._order), job))
+                self._ready.notify()
+
+    def get(self) -> list | None:
+        with self._ready:
+            while True:
+                while not self._heap:
+                    self._ready.wait()
+                job = heapq.heappop(self._heap)[2]
+                if job is None or self._waiting.pop(id(job[1]), None) is not None:
+                    return job
+
+
 class CompilePool:
     """`submit(spec)` -> Future[CompileResult]; at most `workers` compiles at once.
 
@@ -149,7 +193,7 @@ class CompilePool:
         self._ctx = multiprocessing.get_context("spawn")
         self._blob = pickle.dumps(vocabulary)
         self._start_timeout_s = start_timeout_s
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs = _Jobs()
         self._closed = False
         self.restarts = 0
         self._threads = [
@@ -161,19 +205,24 @@ class CompilePool:
 
     @property
     def queue_length(self) -> int:
-        return self._jobs.qsize()
+        return len(self._jobs)
 
-    def submit(self, spec: ConstraintSpec) -> Future:
+    def submit(self, spec: ConstraintSpec, urgent: bool = False) -> Future:
+        """A compile, queued behind the urgent ones, or among them if `urgent`."""
         if self._closed:
             raise RuntimeError("compile pool is shut down")
         future: Future = Future()
-        self._jobs.put((spec, future))
+        self._jobs.put([spec, future], URGENT if urgent else BACKGROUND)
         return future
+
+    def hurry(self, future: Future) -> None:
+        """A request now waits for this compile: ahead of those no request waits for."""
+        self._jobs.hurry(future)
 
     def shutdown(self) -> None:
         self._closed = True
         for _ in self._threads:
-            self._jobs.put(None)
+            self._jobs.put(None, _STOP)
         for t in self._threads:
             t.join(timeout=30)
 

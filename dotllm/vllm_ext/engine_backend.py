@@ -9,7 +9,9 @@ Targets (vLLM 0.26, engine-core process):
   a compiling schema must not hold up a cached one queued behind it.
 - `StructuredOutputManager._create_grammar`: pass the request's whole
   `StructuredOutputsParams` (whitespace pattern included), not vLLM's (type, text) key,
-  and record why a compile failed for `compile_errors` to tell the client.
+  record why a compile failed for `compile_errors` to tell the client, and mark a
+  request whose constraint waits for a compile (`compile_overlap` lets its prompt
+  prefill meanwhile).
 """
 
 from __future__ import annotations
@@ -41,16 +43,18 @@ def _with_dotllm_backend(stock_init):
 
 
 def _compiling_whole_params(stock_create):
-    from dotllm.vllm_ext import compile_errors
+    from dotllm.vllm_ext import compile_errors, compile_overlap
     from dotllm.vllm_ext.backend import DotllmBackend
     from dotllm.vllm_ext.constraints import spec_from_params
 
     def _create_grammar(self, request):
         if not isinstance(self.backend, DotllmBackend):
             return stock_create(self, request)
+        constraint = request.structured_output_request
         try:
-            spec = spec_from_params(request.structured_output_request.params)
-            return self.backend.compile_spec(spec)
+            spec = spec_from_params(constraint.params)
+            return self.backend.compile_spec(spec, on_wait=lambda: compile_overlap.mark(
+                constraint))
         except Exception as e:
             logger.warning("request %s: constraint failed: %s", request.request_id, e)
             reason = getattr(e, "reason", None) or getattr(e, "kind", "invalid")

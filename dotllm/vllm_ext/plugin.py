@@ -14,6 +14,7 @@ import os
 
 from dotllm.vllm_ext import (
     compile_errors,
+    compile_overlap,
     engine_backend,
     heap_trim,
     legacy_fields,
@@ -30,7 +31,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
-    compile_errors, row_plans, mask_kernels, heap_trim,
+    compile_errors, compile_overlap, row_plans, mask_kernels, heap_trim,
 )
 
 

@@ -1,0 +1,135 @@
+"""Patch `compile_overlap`: a request's prompt prefills while its constraint compiles.
+
+Target: `SchedulerConfig.get_scheduler_cls` (vLLM 0.26, vllm/config/scheduler.py), which
+picks `Scheduler` or `AsyncScheduler` when no --scheduler-cls is given: it returns the
+same class with `CompileOverlap` mixed in. A scheduler class the user names is left as it
+is, and so is everything with --dotllm-compile-overlap off.
+
+vLLM holds a request whose grammar is not ready before its prefill
+(WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR), so compile time adds to time to first token.
+The grammar is first needed by the step that samples, the one that schedules the last
+prompt token. So a request whose constraint waits for a compile (`mark`ed by DotLLM's
+backend: most constraints are ready in milliseconds, and splitting their prompt would
+only add a step) is let in while it has prompt left to compute, and each step schedules
+at most up to its last prompt token; the step that samples waits for the grammar. A
+constraint that fails meanwhile ends the request with its error, which frees its KV
+blocks. The cap goes through the one method both of the scheduler's paths call before
+allocating slots, `_mamba_block_aligned_split` (vLLM calls it for Mamba models only
+unless told to; for those it still runs first). Requests without a constraint are
+scheduled exactly as before, and so are seeded requests on a CPU: vLLM 0.26's CPU runner
+fails on a seeded request's partial prefill (it rewinds the request's generator offset,
+which a CPU generator does not have).
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import Future
+
+from dotllm.settings import Settings
+from dotllm.vllm_ext.patching import replace_attribute
+
+NAME = "compile_overlap"
+
+
+_MARK = "dotllm_compiling"
+
+
+def mark(constraint) -> None:
+    """Called from the grammar thread of a request (its `StructuredOutputRequest`)
+    whose constraint is about to wait for a compile."""
+    setattr(constraint, _MARK, True)
+
+
+def _compiling(request) -> bool:
+    """Whether the request's grammar waits for a compile (not ready, not failed)."""
+    constraint = request.structured_output_request
+    return (constraint is not None and getattr(constraint, _MARK, False)
+            and isinstance(constraint._grammar, Future) and not constraint._grammar.done())
+
+
+class CompileOverlap:
+    """Mixed in before vLLM's `Scheduler` or `AsyncScheduler`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_cpu = self.vllm_config.device_config.device_type == "cpu"
+        self._mamba_split = self.need_mamba_block_aligned_split
+        self.need_mamba_block_aligned_split = True  # every request passes the cap
+        backend = self.structured_output_manager.backend
+        self._metrics = getattr(backend, "metrics", None)
+
+    def _may_split(self, request) -> bool:
+        return not (self._on_cpu and request.sampling_params is not None
+                    and request.sampling_params.seed is not None)
+
+    def _prompt_left(self, request) -> int:
+        """Prompt tokens before the last that are neither computed nor in the prefix cache."""
+        done = request.num_computed_tokens
+        kv = self.kv_cache_manager
+        if done == 0 and kv.enable_caching and not request.skip_reading_prefix_cache:
+            done = kv.coordinator.find_longest_cache_hit(request.block_hashes,
+                                                         request.num_tokens - 1)[1]
+        return request.num_tokens - 1 - done
+
+    def _try_promote_blocked_waiting_request(self, request) -> bool:
+        from vllm.v1.request import RequestStatus
+
+        # Let it prefill only while there is prompt to compute: a request capped to no
+        # tokens on the waiting path would stop the waiting queue for the step.
+        if (request.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+                and _compiling(request) and self._may_split(request)
+                and self._prompt_left(request) > 0):
+            request.status = RequestStatus.WAITING
+            return True
+        return super()._try_promote_blocked_waiting_request(request)
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens: int,
+                                   num_new_local_computed_tokens: int = 0,
+                                   num_external_computed_tokens: int = 0) -> int:
+        if self._mamba_split:
+            num_new_tokens = super()._mamba_block_aligned_split(
+                request, num_new_tokens, num_new_local_computed_tokens,
+                num_external_computed_tokens)
+        constraint = request.structured_output_request
+        if constraint is None:
+            return num_new_tokens
+        compiling = _compiling(request)
+        if not compiling and not isinstance(constraint.grammar, Exception):
+            return num_new_tokens
+        done = (request.num_computed_tokens + num_new_local_computed_tokens
+                + num_external_computed_tokens)
+        capped = max(0, min(num_new_tokens, request.num_tokens - 1 - done))
+        if not compiling:  # failed while the prompt prefilled: the request ends with it
+            from vllm.v1.request import RequestStatus
+
+            self.grammar_compile_error_reqs.add(request.request_id)
+            # A waiting request scheduled nothing would stop the waiting queue.
+            return 0 if request.status == RequestStatus.RUNNING else capped
+        if capped and self._metrics is not None:
+            self._metrics.prefill_while_compiling.inc(capped)
+        return capped
+
+
+@functools.cache
+def _with_overlap(base: type) -> type:
+    return type(f"Dotllm{base.__name__}", (CompileOverlap, base), {})
+
+
+def _overlapping(stock):
+    def get_scheduler_cls(self):
+        scheduler = stock(self)
+        if self.scheduler_cls is not None:  # the user's own
+            return scheduler
+        return _with_overlap(scheduler)
+
+    return get_scheduler_cls
+
+
+def apply(in_launcher: bool) -> bool:
+    if in_launcher or Settings.from_environ().compile_overlap != "on":
+        return False
+    from vllm.config.scheduler import SchedulerConfig
+
+    replace_attribute(SchedulerConfig, "get_scheduler_cls", _overlapping, NAME)
+    return True
