@@ -271,3 +271,41 @@ def test_a_compile_that_times_out_mid_prefill_is_a_400_and_frees_the_request(
         model=NAME, prompt="x", max_tokens=8,
         extra_body={"structured_outputs": {"regex": "[0-9]{3}"}})
     assert re.fullmatch("[0-9]{3}", reply.choices[0].text)
+
+
+@pytest.mark.server
+def test_a_client_gone_while_its_request_waits_for_a_compile_frees_everything(
+        waiting_server):
+    """The stream is dropped mid-prefill, its compile still running: the request goes, its
+    KV cache with it, and the server serves the next one."""
+    import time
+
+    import httpx
+    import openai
+
+    from dotllm.embedded_model import NAME
+
+    body = {"model": NAME, "prompt": long_prompt(400), "max_tokens": 5, "stream": True,
+            "structured_outputs": {"regex": "[a-z]{420}"}}  # seconds to compile
+    with httpx.Client(base_url=waiting_server.url, timeout=60) as client, \
+            client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        deadline = time.monotonic() + 30
+        while not sum(v for k, v in waiting_server.metrics().items()
+                      if k.startswith("vllm:num_requests_running")):
+            assert time.monotonic() < deadline, "the request never started its prefill"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while True:
+        after = waiting_server.metrics()
+        left = [sum(v for k, v in after.items() if k.startswith(gauge))
+                for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                              "vllm:kv_cache_usage_perc")]
+        if left == [0, 0, 0]:
+            break
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
+    # (its compile may still hold this server's one worker: the next request is a free one)
+    client = openai.OpenAI(base_url=waiting_server.base_url, api_key="x", max_retries=0)
+    free = client.completions.create(model=NAME, prompt=long_prompt(50), max_tokens=5)
+    assert free.usage.completion_tokens == 5
