@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench import prometheus, serve
+from bench import prometheus, serve, servers
 
 SERVERS = {
     "waiting": ("dotllm", ["--dotllm-constraint-engine", "outlines"]),
@@ -124,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "a") as out, tempfile.TemporaryDirectory() as tmp:
         for name in args.servers:
             engine, extra = SERVERS[name]
-            server = serve.start_engine(engine, args.model, [*extra, *args.serve_arg], {},
-                                        Path(tempfile.mkdtemp(dir=tmp)))
+            server = servers.start(engine, args.model, [*extra, *args.serve_arg], {},
+                                   Path(tempfile.mkdtemp(dir=tmp)))
             try:
                 rows += asyncio.run(measure(server.url, name, args.prompt_tokens,
                                             args.repeats, args.regex_length, out))
             finally:
-                serve.stop_server(server)
+                servers.stop_server(server)
     print(summary(rows))
     return 0
 

@@ -20,3 +20,22 @@ def compiling(m: dict[str, float]) -> bool:
         "dotllm_constraint_cancelled_total", 0) + sum(
         v for k, v in m.items() if k.startswith("dotllm_constraint_failures_total"))
     return m.get("dotllm_constraint_compiles_total", 0) > finished
+
+
+
+def _histogram(m: dict[str, float], name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram over all its label sets."""
+    total = count = 0.0
+    for key, value in m.items():
+        if key.startswith(name + "_sum"):
+            total += value
+        elif key.startswith(name + "_count"):
+            count += value
+    return total, count
+
+
+def mean_between(before: dict, after: dict, name: str) -> float:
+    """The mean of what a histogram observed between two readings (nan: nothing). vLLM's
+    latency buckets (10, 25, 50 ms...) are too coarse for quantiles of a decode step."""
+    (s0, c0), (s1, c1) = _histogram(before, name), _histogram(after, name)
+    return (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")

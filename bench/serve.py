@@ -1,23 +1,27 @@
-"""Serving at equal work: the per-step cost of constrained requests against the same
-server's unconstrained ones, DotLLM vs stock vLLM.
+"""The serving benchmark: DotLLM against stock vLLM (or any OpenAI-compatible server) on
+your model and GPU: per-step cost at equal work, time to first token, time to a complete
+valid answer, and what share of real-world schemas each engine serves validly.
 
-    python -m bench.serve [--engines dotllm xgrammar guidance] [--workloads free enum-array]
-                          [--concurrency 16 64] [--tokens 64] [--repeats 3] [--out FILE]
+    python -m bench.serve [--engines dotllm xgrammar] [--url NAME=URL ...]
+                          [--scenarios free enum-array schema ...] [--concurrency 1 16 64 256]
+                          [--tokens 64] [--repeats 3] [--model DIR --serve-arg=--load-format=dummy]
+                          [--out DIR]
+    python -m bench.serve --report DIR      # the tables and plots again, from DIR's results
 
-Every request of every workload runs exactly --tokens decode steps on every engine (a
-constrained request whose document could end sooner would compare different work): `free`
-ignores EOS, `enum-array` is an array of enum strings with at least as many items as
-steps (narrow masks: DotLLM's index tier once warm), `long-string` one string field that
-cannot close in time (wide masks: DotLLM's llguidance tier). The per-step figure is
-vLLM's own `vllm:inter_token_latency_seconds` (engine-side timestamps), read from /metrics
-before and after each batch: with many streams, client-side gaps measure the API server.
-Each repeat runs every workload once, in turn, on the same server; a workload's ratio is
-its step time over the same repeat's `free` step time, reported as median [min-max].
+Scenarios: bench/scenarios.py. Each engine gets a fresh server (a fresh index cache: cold),
+is warmed with one request per scenario, then runs every scenario at every concurrency,
+--repeats times, in turn on the same server: a ratio to `free` is within one server and
+one repeat (identical work varies by tens of percent between server starts). Per-step
+figures are vLLM's own `vllm:inter_token_latency_seconds` and TTFT histograms read from
+/metrics around each batch (engine-side: with many streams client-side gaps measure the
+API server); client-side TTFT, ITL and time to a complete answer are kept per request.
+`unique` sends --unique-schemas real schemas of each --subsets once cold, then (its
+compiles over) once warm, --unique-concurrency at a time: TTFT, served, ended, valid.
+Stock vLLM 0.26 honours disable_any_whitespace only server-wide: `schema-compact` runs on a
+second start of a stock engine with it set (said in the results' `note`).
 
-Engines: `dotllm` (`dotllm serve`, with --serve-arg/--env added), or a stock backend
-(`xgrammar`, `guidance`, `outlines`): vLLM's own server with DotLLM's plugin not loaded.
-The model defaults to the embedded one; --model with --load-format dummy in --serve-arg
-gives full-size shapes without weights.
+Writes DIR/results.jsonl (a line per batch or unique request), DIR/summary.md and, where
+matplotlib is installed, DIR/*.png (bench/serve_plots.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import math
 import statistics
 import sys
 import tempfile
@@ -34,243 +38,376 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 
-from bench import prometheus
-from tests.conftest import DOTLLM, Server, free_port, start_server, stop_server
+from bench import prometheus, scenarios, servers
+from bench.client import Reply, stream_completion
+from bench.scenarios import DOCUMENTS, EQUAL_WORK
 
-STOCK_BACKENDS = ("xgrammar", "guidance", "outlines")
-ENGINES = ("dotllm", *STOCK_BACKENDS)
-WORKLOADS = ("free", "enum-array", "long-string")
 PROMPT = "Reply in JSON:"
-# vLLM's own plugins only: DotLLM's entry point is not even loaded in a stock server.
-STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"
 ITL = "vllm:inter_token_latency_seconds"
 TTFT = "vllm:time_to_first_token_seconds"
-
-
-def workload_body(workload: str, tokens: int) -> dict:
-    """The request fields that make `workload` run exactly `tokens` steps."""
-    if workload == "free":
-        return {"ignore_eos": True}
-    if workload == "enum-array":
-        schema = {"type": "array", "items": {"enum": ["alpha", "beta", "gamma", "delta"]},
-                  "minItems": tokens}
-    elif workload == "long-string":
-        # No token of the vocabulary is 64 characters long: the string is still open.
-        schema = {"type": "object", "required": ["text"], "properties": {
-            "text": {"type": "string", "minLength": 64 * tokens}}}
-    else:
-        raise ValueError(f"unknown workload {workload!r}")
-    return {"structured_outputs": {"json": schema}, "min_tokens": tokens}
+QUANTILES = (0.5, 0.9, 0.99)
 
 
 @dataclass
 class Batch:
+    """`concurrency` requests of one scenario sent at once."""
     engine: str
-    workload: str
+    scenario: str
     concurrency: int
     repeat: int
     wall_s: float
     tokens: list[int]
     ttft_s: list[float]  # client-side, per request
-    engine_itl_s: float  # vLLM's histogram: mean step time over the batch's tokens
+    e2e_s: list[float]  # client-side: to the last token
+    constrained: list[bool]
+    status: list[str]
+    valid: list[bool | None]  # None: unconstrained, or cut by max_tokens
+    client_itl_s: list[float]  # p50, p90, p99 of every gap of every request
+    engine_itl_s: float  # vLLM's histogram: the mean step over the batch's tokens
     engine_ttft_s: float
     errors: list[str] = field(default_factory=list)
+    note: str = ""
+    kind: str = "batch"
 
     @property
     def tokens_per_s(self) -> float:
         return sum(self.tokens) / self.wall_s
 
 
-def _histogram(samples: dict[str, float], name: str) -> tuple[float, float]:
-    """(sum, count) of a histogram over all its label sets."""
-    total = count = 0.0
-    for key, value in samples.items():
-        if key.startswith(name + "_sum"):
-            total += value
-        elif key.startswith(name + "_count"):
-            count += value
-    return total, count
+@dataclass
+class UniqueReply:
+    """One real schema's request, cold (never compiled on this server) or warm."""
+    engine: str
+    subset: str
+    schema_id: str
+    phase: str
+    status: str
+    ttft_s: float
+    e2e_s: float
+    tokens: int
+    ended: bool
+    valid: bool | None
+    error: str | None
+    kind: str = "unique"
 
 
-def _mean_between(before: dict, after: dict, name: str) -> float:
-    (s0, c0), (s1, c1) = _histogram(before, name), _histogram(after, name)
-    return (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
+def _payload(model: str, body: dict, max_tokens: int) -> dict:
+    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 1.0,
+            **body}
 
 
-async def _metrics(client: httpx.AsyncClient) -> dict[str, float]:
-    return prometheus.samples((await client.get("/metrics")).text)
+def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
+    if reply.status != "ok" or request.check is None or reply.finish != "stop":
+        return None
+    return request.check(reply.text)
 
 
-async def _one(client: httpx.AsyncClient, model: str, body: dict, tokens: int
-               ) -> tuple[int, float, str | None]:
-    """Streams one completion: (tokens, client TTFT, error)."""
-    payload = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0,
-               "stream": True, "stream_options": {"include_usage": True}, **body}
-    started, first, used = time.perf_counter(), None, 0
-    async with client.stream("POST", "/v1/completions", json=payload) as response:
-        if response.status_code != 200:
-            return 0, 0.0, f"{response.status_code}: {(await response.aread())[:200]!r}"
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return used, 0.0, str(chunk["error"])[:200]
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                used = chunk["usage"]["completion_tokens"]
-    if used != tokens:
-        return used, 0.0, f"ran {used} steps, not {tokens}"
-    return used, (first or started) - started, None
-
-
-async def run_batch(base_url: str, model: str, engine: str, workload: str, concurrency: int,
-                    tokens: int, repeat: int) -> Batch:
-    body = workload_body(workload, tokens)
+async def run_batch(base_url: str, model: str, engine: str, scenario: str, concurrency: int,
+                    tokens: int, max_tokens: int, repeat: int, note: str = "") -> Batch:
+    requests = scenarios.batch(scenario, concurrency, tokens)
+    equal = scenario in EQUAL_WORK
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
-        before = await _metrics(client)
+        before = prometheus.samples((await client.get("/metrics")).text)
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(_one(client, model, body, tokens) for _ in range(concurrency)))
+        replies = await asyncio.gather(*(
+            stream_completion(client, _payload(model, r.body, tokens if equal else max_tokens))
+            for r in requests))
         wall = time.perf_counter() - started
-        after = await _metrics(client)
-    return Batch(engine, workload, concurrency, repeat, wall,
-                 tokens=[r[0] for r in results], ttft_s=[r[1] for r in results],
-                 engine_itl_s=_mean_between(before, after, ITL),
-                 engine_ttft_s=_mean_between(before, after, TTFT),
-                 errors=[r[2] for r in results if r[2]])
+        after = prometheus.samples((await client.get("/metrics")).text)
+    errors = [r.error for r in replies if r.error]
+    if equal:
+        errors += [f"ran {r.tokens} steps, not {tokens}" for r in replies
+                   if r.status == "ok" and r.tokens != tokens]
+    gaps = [g for r in replies for g in r.gaps_s]
+    return Batch(
+        engine, scenario, concurrency, repeat, wall,
+        tokens=[r.tokens for r in replies], ttft_s=[r.ttft_s for r in replies],
+        e2e_s=[r.e2e_s for r in replies], constrained=[r.constrained for r in requests],
+        status=[r.status for r in replies],
+        valid=[_verdict(reply, r) for reply, r in zip(replies, requests, strict=True)],
+        client_itl_s=[float(x) for x in np.quantile(gaps, QUANTILES)] if gaps else [],
+        engine_itl_s=prometheus.mean_between(before, after, ITL),
+        engine_ttft_s=prometheus.mean_between(before, after, TTFT),
+        errors=errors, note=note)
 
 
-def start_engine(engine: str, model: str | None, serve_args: list[str], env: dict[str, str],
-                 workdir: Path, extra_plugins: tuple[str, ...] = ()) -> Server:
-    """A fresh server; a stock one loads vLLM's own plugins and `extra_plugins` only."""
-    port, log = free_port(), workdir / f"{engine}.log"
-    environ = {**os.environ, **env}
-    if engine == "dotllm":
-        cmd = [str(DOTLLM), "serve", *([model] if model else []), "--port", str(port),
-               "--dotllm-index-cache-dir", str(workdir / "indexes")]
-        server = start_server([*cmd, *serve_args], port, log, env=environ)
-    else:
-        from dotllm import embedded_model, serve_defaults
+async def run_unique(base_url: str, model: str, engine: str, subset: str, sample: int,
+                     concurrency: int, max_tokens: int, seed: int, progress) -> list[UniqueReply]:
+    from bench.jsonschemabench import load
 
-        on_gpu = serve_defaults.has_gpu()
-        serve_defaults.apply_environment(environ, on_gpu)
-        environ.pop("DOTLLM_SERVE", None)
-        environ["VLLM_PLUGINS"] = ",".join((STOCK_PLUGINS, *extra_plugins))
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port),
-               "--model", model or str(embedded_model.build()),
-               "--structured-outputs-config.backend", engine]
-        if model is None:
-            cmd += ["--served-model-name", embedded_model.NAME]
-        for option, value in serve_defaults.option_defaults(on_gpu).items():
-            cmd += [f"--{option.replace('_', '-')}", value]
-        server = start_server([*cmd, *serve_args], port, log, env=environ)
-    server.index_cache_dir = workdir / "indexes"
-    return server
+    cases = load(subset, sample, seed)
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+
+    async def one(client, case, phase) -> UniqueReply:
+        request = scenarios.Request({"structured_outputs": {"json": case.schema}},
+                                    scenarios.schema_check(case.schema))
+        async with gate:
+            reply = await stream_completion(client, _payload(model, request.body, max_tokens))
+        progress(1)
+        return UniqueReply(engine, subset, case.id, phase, reply.status, reply.ttft_s,
+                           reply.e2e_s, reply.tokens, reply.finish == "stop",
+                           _verdict(reply, request), reply.error)
+
+    out = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
+        for phase in ("cold", "warm"):
+            out += await asyncio.gather(*(one(client, case, phase) for case in cases))
+            await servers.compiles_done(base_url)
+    return out
 
 
-async def _served_model(base_url: str) -> str:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-        return (await client.get("/v1/models")).json()["data"][0]["id"]
+async def warm(base_url: str, model: str, batch_scenarios: list[str], tokens: int) -> None:
+    """One request per scenario, then until the compiles they started are over: what a
+    warm server serves."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=1800) as client:
+        for scenario in batch_scenarios:
+            request = scenarios.batch(scenario, 1, tokens)[0]
+            await stream_completion(client, _payload(model, request.body, tokens))
+    await servers.compiles_done(base_url)
 
 
-async def _warm(base_url: str, model: str, workloads: list[str], tokens: int) -> None:
-    """One request per workload, then until the server's compiles are over (DotLLM's
-    index tier is what a warm server serves)."""
-    for workload in workloads:
-        async with httpx.AsyncClient(base_url=base_url, timeout=1800) as client:
-            await _one(client, model, workload_body(workload, tokens), tokens)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-        deadline = time.monotonic() + 600
-        while prometheus.compiling(await _metrics(client)) and time.monotonic() < deadline:
-            await asyncio.sleep(1)
+class Progress:
+    """A progress bar on stderr (tqdm's, vLLM's dependency), one line per finished batch."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, file=sys.stderr, unit="req", dynamic_ncols=True)
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def say(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
 
 
-def measure(base_url: str, engine: str, workloads: list[str], concurrency: list[int],
-            tokens: int, repeats: int, out) -> list[Batch]:
-    model = asyncio.run(_served_model(base_url))
-    asyncio.run(_warm(base_url, model, workloads, tokens))
-    batches = []
-    for c in concurrency:
-        for repeat in range(repeats):
-            for workload in workloads:
-                batch = asyncio.run(run_batch(base_url, model, engine, workload, c, tokens,
-                                              repeat))
-                batches.append(batch)
+def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique: bool,
+            out, progress: Progress, note: str = "") -> None:
+    """Every scenario on one server, written to `out` as it comes."""
+    model = asyncio.run(servers.served_model(base_url))
+    asyncio.run(warm(base_url, model, batch_scenarios, args.tokens))
+    progress(len(batch_scenarios))
+    for c in args.concurrency:
+        for repeat in range(args.repeats):
+            for scenario in batch_scenarios:
+                batch = asyncio.run(run_batch(base_url, model, engine, scenario, c,
+                                              args.tokens, args.max_tokens, repeat, note))
                 out.write(json.dumps(asdict(batch)) + "\n")
                 out.flush()
-                print(f"{engine} {workload} x{c} #{repeat}: step "
-                      f"{batch.engine_itl_s * 1e3:.2f} ms, {batch.tokens_per_s:,.0f} tok/s"
-                      + (f", {len(batch.errors)} errors: {batch.errors[0]}"
-                         if batch.errors else ""), file=sys.stderr, flush=True)
-    return batches
+                progress(c)
+                progress.say(f"{engine} {scenario} x{c} #{repeat}: step "
+                             f"{batch.engine_itl_s * 1e3:.2f} ms, TTFT p50 "
+                             f"{_median(batch.ttft_s):.3f} s, {batch.tokens_per_s:,.0f} tok/s"
+                             + (f", {len(batch.errors)} errors: {batch.errors[0]}"
+                                if batch.errors else ""))
+    if unique:
+        for subset in args.subsets:
+            replies = asyncio.run(run_unique(base_url, model, engine, subset,
+                                             args.unique_schemas, args.unique_concurrency,
+                                             args.max_tokens, args.seed, progress))
+            for reply in replies:
+                out.write(json.dumps(asdict(reply)) + "\n")
+            out.flush()
+
+
+# -- report -----------------------------------------------------------------------------
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    if not values:
+    """median [min-max]"""
+    v = sorted(x * scale for x in values if not math.isnan(x))
+    if not v:
         return "-"
-    v = sorted(x * scale for x in values)
     return f"{statistics.median(v):.{digits}f} [{v[0]:.{digits}f}-{v[-1]:.{digits}f}]"
 
 
-def summary(batches: list[Batch]) -> str:
-    """A markdown table: per engine, workload and concurrency, the engine's step time and
-    its ratio to the same repeat's unconstrained step (median [min-max] over repeats)."""
-    free = {(b.engine, b.concurrency, b.repeat): b for b in batches if b.workload == "free"}
-    rows = ["| engine | workload | concurrency | step ms | x free | tok/s | client TTFT p50 s "
-            "| errors |", "|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[Batch]] = {}
-    for b in batches:
-        groups.setdefault((b.engine, b.workload, b.concurrency), []).append(b)
-    for (engine, workload, c), group in groups.items():
-        ratios = [b.engine_itl_s / free[engine, c, b.repeat].engine_itl_s for b in group
-                  if (engine, c, b.repeat) in free]
-        ttfts = [statistics.median(b.ttft_s) for b in group]
-        rows.append(
-            f"| {engine} | {workload} | {c} | {spread([b.engine_itl_s for b in group], 1e3)} "
-            f"| {spread(ratios)} | {spread([b.tokens_per_s for b in group], digits=0)} "
-            f"| {spread(ttfts)} | {sum(len(b.errors) for b in group)} |")
-    return "\n".join(rows)
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.0f} %)" if whole else "-"
 
+
+def load_results(path: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in records if r.get("kind") == "batch"],
+            [r for r in records if r.get("kind") == "unique"])
+
+
+def _groups(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def _requests(batch: dict) -> list[dict]:
+    """A batch's per-request fields, a dict per request."""
+    fields = ("ttft_s", "e2e_s", "tokens", "status", "valid", "constrained")
+    return [dict(zip(fields, values, strict=True))
+            for values in zip(*(batch[f] for f in fields), strict=True)]
+
+
+def step_ratios(batches: list[dict]) -> dict[tuple, list[float]]:
+    """(engine, scenario, concurrency) -> the engine's step over the same server's, same
+    repeat's `free` step, per repeat."""
+    free = {(b["engine"], b["concurrency"], b["repeat"]): b["engine_itl_s"]
+            for b in batches if b["scenario"] == "free"}
+    ratios: dict[tuple, list[float]] = {}
+    for b in batches:
+        base = free.get((b["engine"], b["concurrency"], b["repeat"]))
+        if b["scenario"] in EQUAL_WORK and base:
+            ratios.setdefault((b["engine"], b["scenario"], b["concurrency"]), []).append(
+                b["engine_itl_s"] / base)
+    return ratios
+
+
+def summary(batches: list[dict], unique: list[dict]) -> str:
+    """Markdown tables: medians [min-max] over repeats."""
+    parts = []
+    equal = [b for b in batches if b["scenario"] in EQUAL_WORK]
+    if equal:
+        ratios = step_ratios(batches)
+        rows = ["| engine | scenario | concurrency | step ms (engine) | x free | tok/s "
+                "| TTFT ms (engine) | client ITL p50 / p99 ms | errors |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for (engine, scenario, c), group in _groups(equal, "engine", "scenario",
+                                                     "concurrency").items():
+            itl = [b["client_itl_s"] for b in group if b["client_itl_s"]]
+            rows.append(
+                f"| {engine} | {scenario} | {c} "
+                f"| {spread([b['engine_itl_s'] for b in group], 1e3)} "
+                f"| {spread(ratios.get((engine, scenario, c), []))} "
+                f"| {spread([sum(b['tokens']) / b['wall_s'] for b in group], digits=0)} "
+                f"| {spread([b['engine_ttft_s'] for b in group], 1e3, 1)} "
+                f"| {spread([q[0] for q in itl], 1e3)} / {spread([q[2] for q in itl], 1e3)} "
+                f"| {sum(len(b['errors']) for b in group)} |")
+        parts += ["### Equal work: the cost of a step", "", *rows, ""]
+    documents = [b for b in batches if b["scenario"] in DOCUMENTS]
+    if documents:
+        rows = ["| engine | scenario | concurrency | TTFT p50 s | complete answer p50 / p90 s "
+                "| tokens p50 | ended | valid of ended | refused | note |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for (engine, scenario, c), group in _groups(documents, "engine", "scenario",
+                                                     "concurrency").items():
+            served = [r for b in group for r in _requests(b) if r["status"] == "ok"]
+            ended = [r["valid"] for r in served if r["valid"] is not None]
+            e2e = [r["e2e_s"] for r in served]
+            rows.append(
+                f"| {engine} | {scenario} | {c} | {_median([r['ttft_s'] for r in served]):.3f} "
+                f"| {_median(e2e):.3f} / "
+                f"{float(np.quantile(e2e, 0.9)) if e2e else float('nan'):.3f} "
+                f"| {_median([r['tokens'] for r in served]):.0f} "
+                f"| {_share(len(ended), len(served))} | {_share(sum(ended), len(ended))} "
+                f"| {sum(s == '400' for b in group for s in b['status'])} "
+                f"| {group[0]['note']} |")
+        parts += ["### Documents: time to a complete answer", "", *rows, ""]
+    if unique:
+        rows = ["| engine | subset | phase | served | ended | valid of ended | TTFT p50 / p90 / "
+                "max s |", "|---|---|---|---|---|---|---|"]
+        for (engine, subset, phase), group in _groups(unique, "engine", "subset",
+                                                       "phase").items():
+            served = [r for r in group if r["status"] == "ok"]
+            ended = [r for r in served if r["ended"]]
+            ttft = [r["ttft_s"] for r in served]
+            q = np.quantile(ttft, (0.5, 0.9, 1.0)) if ttft else [float("nan")] * 3
+            rows.append(f"| {engine} | {subset} | {phase} | {_share(len(served), len(group))} "
+                        f"| {_share(len(ended), len(served))} "
+                        f"| {_share(sum(bool(r['valid']) for r in ended), len(ended))} "
+                        f"| {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} |")
+        parts += ["### Real schemas, each once cold then once warm", "", *rows, ""]
+    return "\n".join(parts)
+
+
+def report(out_dir: Path) -> str:
+    """summary.md and the plots from out_dir/results.jsonl; returns the summary."""
+    batches, unique = load_results(out_dir / "results.jsonl")
+    text = summary(batches, unique)
+    (out_dir / "summary.md").write_text(text + "\n")
+    try:
+        from bench import serve_plots
+    except ImportError as e:  # matplotlib: a GPU host may lack it; plot where it is
+        print(f"no plots ({e}): run `python -m bench.serve --report {out_dir}` where "
+              "matplotlib is installed", file=sys.stderr)
+    else:
+        for path in serve_plots.plot_all(batches, unique, step_ratios(batches), out_dir):
+            print(f"plot: {path}", file=sys.stderr)
+    return text
+
+
+# -- command line -----------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["dotllm"])
-    parser.add_argument("--url", help="measure a running server instead (named by --engines)")
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS,
-                        default=["free", "enum-array"])
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[16])
-    parser.add_argument("--tokens", type=int, default=64, help="decode steps per request")
+    parser.add_argument("--engines", nargs="*", choices=servers.ENGINES, default=["dotllm"],
+                        help="servers to start, one after the other")
+    parser.add_argument("--url", action="append", default=[], metavar="NAME=URL",
+                        help="a running OpenAI-compatible server to measure too (repeat)")
+    parser.add_argument("--scenarios", nargs="+", choices=scenarios.SCENARIOS,
+                        default=["free", "enum-array", "schema", "schema-compact", "regex",
+                                 "choice"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--tokens", type=int, default=64,
+                        help="decode steps per request of the equal-work scenarios")
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="the cap on a document scenario's or a real schema's answer")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--subsets", nargs="+", default=["Github_trivial", "Glaiveai2K"],
+                        help="JSONSchemaBench subsets for `unique`")
+    parser.add_argument("--unique-schemas", type=int, default=20, help="per subset")
+    parser.add_argument("--unique-concurrency", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", help="a model directory or Hub id (default: embedded)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="an option for every started server (repeat; '--x=y' form)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for every started server (repeat)")
-    parser.add_argument("--out", type=Path, default=Path("serve-results.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("serve-results"))
+    parser.add_argument("--report", type=Path, metavar="DIR",
+                        help="only write DIR's summary and plots again")
     args = parser.parse_args(argv)
-    if "free" not in args.workloads:
-        parser.error("--workloads needs free: ratios are against it")
+    if args.report:
+        print(report(args.report))
+        return 0
+    batch_scenarios = [s for s in args.scenarios if s != "unique"]
+    if any(s in EQUAL_WORK for s in batch_scenarios) and "free" not in batch_scenarios:
+        parser.error("equal-work scenarios need free: their ratios are against it")
+    urls = dict(item.split("=", 1) for item in args.url)
+    if not args.engines and not urls:
+        parser.error("nothing to measure: --engines or --url")
+    unique = "unique" in args.scenarios
+    per_server = (len(batch_scenarios) + sum(args.concurrency) * args.repeats * len(
+        batch_scenarios) + 2 * unique * args.unique_schemas * len(args.subsets))
+    progress = Progress(per_server * (len(args.engines) + len(urls)))
     env = dict(item.split("=", 1) for item in args.env)
-    batches = []
-    with open(args.out, "a") as out, tempfile.TemporaryDirectory() as tmp:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.jsonl", "a") as out, tempfile.TemporaryDirectory() as tmp:
+        for name, url in urls.items():
+            measure(url, name, args, batch_scenarios, unique, out, progress)
         for engine in args.engines:
-            if args.url:
-                batches += measure(args.url, engine, args.workloads, args.concurrency,
-                                   args.tokens, args.repeats, out)
-                continue
-            server = start_engine(engine, args.model, args.serve_arg, env,
-                                  Path(tempfile.mkdtemp(dir=tmp)))
-            try:
-                batches += measure(server.url, engine, args.workloads, args.concurrency,
-                                   args.tokens, args.repeats, out)
-            finally:
-                stop_server(server)
-    print(summary(batches))
-    return 1 if any(b.errors for b in batches) else 0
+            # Stock: schema-compact needs a server of its own (whitespace is server-wide).
+            split = engine in servers.STOCK_BACKENDS and "schema-compact" in batch_scenarios
+            runs = [(False, [s for s in batch_scenarios if not split or s != "schema-compact"],
+                     unique, "")]
+            if split:
+                runs.append((True, ["schema-compact"], False,
+                             "stock: disable_any_whitespace server-wide"))
+            for compact, chosen, with_unique, note in runs:
+                server = servers.start(engine, args.model, args.serve_arg, env,
+                                       Path(tempfile.mkdtemp(dir=tmp)), compact=compact)
+                try:
+                    measure(server.url, engine, args, chosen, with_unique, out, progress, note)
+                finally:
+                    servers.stop_server(server)
+    progress.bar.close()
+    print(report(args.out))
+    batches, replies = load_results(args.out / "results.jsonl")
+    return 1 if any(b["errors"] and b["scenario"] in EQUAL_WORK for b in batches) else 0
 
 
 if __name__ == "__main__":

@@ -133,12 +133,12 @@ def per_step(before: dict, after: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import serve
+    from bench import scenarios, serve, servers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", choices=serve.ENGINES, default=["dotllm"])
-    parser.add_argument("--workloads", nargs="+", choices=serve.WORKLOADS,
-                        default=list(serve.WORKLOADS))
+    parser.add_argument("--engines", nargs="+", choices=servers.ENGINES, default=["dotllm"])
+    parser.add_argument("--workloads", nargs="+", choices=scenarios.EQUAL_WORK,
+                        default=["free", "enum-array", "long-string"])
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
@@ -150,20 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines:
             profile_dir = Path(tempfile.mkdtemp(dir=tmp))
-            server = serve.start_engine(engine, args.model, args.serve_arg,
-                                        {PROFILE_ENV: str(profile_dir)},
-                                        Path(tempfile.mkdtemp(dir=tmp)),
-                                        extra_plugins=("dotllm_step_profile",))
+            server = servers.start(engine, args.model, args.serve_arg,
+                                   {PROFILE_ENV: str(profile_dir)},
+                                   Path(tempfile.mkdtemp(dir=tmp)),
+                                   extra_plugins=("dotllm_step_profile",))
             try:
-                model = asyncio.run(serve._served_model(server.url))
-                asyncio.run(serve._warm(server.url, model, args.workloads, args.tokens))
+                model = asyncio.run(servers.served_model(server.url))
+                asyncio.run(serve.warm(server.url, model, args.workloads, args.tokens))
                 for repeat in range(args.repeats):
                     for workload in args.workloads:
                         time.sleep(1.0)  # the totals files catch up
                         before = read_totals(profile_dir)
                         batch = asyncio.run(serve.run_batch(
                             server.url, model, engine, workload, args.concurrency,
-                            args.tokens, repeat))
+                            args.tokens, args.tokens, repeat))
                         time.sleep(1.0)
                         phases = per_step(before, read_totals(profile_dir))
                         results.append({"engine": engine, "workload": workload,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "errors": len(batch.errors), "phases_ms": phases})
                         print(json.dumps(results[-1]), flush=True)
             finally:
-                serve.stop_server(server)
+                servers.stop_server(server)
     args.out.write_text(json.dumps(results, indent=1))
     print(table(results))
     return 0

@@ -1,0 +1,96 @@
+"""What the serving benchmark sends: per scenario, the requests of one batch and how to
+tell a valid answer.
+
+Equal work (`free`, `enum-array`, `long-string`, `mix-20`, `mix-80`): every request runs
+exactly `tokens` decode steps on every engine, so step times and tokens/s compare the same
+work; their ratio to `free` is the cost of the constraint. Documents (`schema`,
+`schema-compact`, `regex`, `choice`): each request runs until its answer is complete (or
+`max_tokens`), the figure is the time to a complete, valid answer. `unique` (real schemas
+from ../shared/data, each once cold then once warm) is driven by bench.serve itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jsonschema
+
+EQUAL_WORK = ("free", "enum-array", "long-string", "mix-20", "mix-80")
+DOCUMENTS = ("schema", "schema-compact", "regex", "choice")
+SCENARIOS = (*EQUAL_WORK, *DOCUMENTS, "unique")
+
+ENUM_ITEMS = ["alpha", "beta", "gamma", "delta"]
+# A realistic response schema: bounded strings and arrays, so every engine's answer ends.
+ORDER = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0},
+        "customer": {"type": "string", "minLength": 1, "maxLength": 24},
+        "status": {"enum": ["pending", "paid", "shipped", "cancelled"]},
+        "express": {"type": "boolean"},
+        "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object",
+            "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                           "quantity": {"type": "integer", "minimum": 1, "maximum": 99}},
+            "required": ["sku", "quantity"], "additionalProperties": False}},
+    },
+    "required": ["id", "customer", "status", "express", "items"],
+    "additionalProperties": False,
+}
+DATE_TIME = r"20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]"
+CHOICES = ["positive", "negative", "neutral", "mixed", "unrelated", "unsure"]
+
+
+@dataclass(frozen=True)
+class Request:
+    body: dict  # fields added to the completion request
+    check: Callable[[str], bool] | None = None  # a complete answer's validity
+    constrained: bool = True
+
+
+def schema_check(schema: dict) -> Callable[[str], bool]:
+    validator = jsonschema.validators.validator_for(schema)(schema)
+
+    def check(text: str) -> bool:
+        try:
+            return validator.is_valid(json.loads(text))
+        except ValueError:
+            return False
+    return check
+
+
+def _equal(workload: str, tokens: int) -> Request:
+    """A request that runs exactly `tokens` steps."""
+    if workload == "free":
+        return Request({"ignore_eos": True}, constrained=False)
+    if workload == "enum-array":
+        schema = {"type": "array", "items": {"enum": ENUM_ITEMS}, "minItems": tokens}
+    else:  # long-string: no token of the vocabulary is 64 characters long
+        schema = {"type": "object", "required": ["text"], "properties": {
+            "text": {"type": "string", "minLength": 64 * tokens}}}
+    return Request({"structured_outputs": {"json": schema}, "min_tokens": tokens})
+
+
+def batch(scenario: str, concurrency: int, tokens: int) -> list[Request]:
+    """The `concurrency` requests of one batch of `scenario` (not `unique`)."""
+    if scenario.startswith("mix-"):  # a share of the batch constrained, the rest free
+        constrained = round(concurrency * int(scenario[4:]) / 100)
+        return [_equal("enum-array" if i < constrained else "free", tokens)
+                for i in range(concurrency)]
+    if scenario in ("free", "enum-array", "long-string"):
+        return [_equal(scenario, tokens)] * concurrency
+    if scenario in ("schema", "schema-compact"):
+        outputs = {"json": ORDER, "disable_any_whitespace": scenario == "schema-compact"}
+        request = Request({"structured_outputs": outputs}, schema_check(ORDER))
+    elif scenario == "regex":
+        request = Request({"structured_outputs": {"regex": DATE_TIME}},
+                          lambda text: re.fullmatch(DATE_TIME, text) is not None)
+    elif scenario == "choice":
+        request = Request({"structured_outputs": {"choice": CHOICES}},
+                          lambda text: text in CHOICES)
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
+    return [request] * concurrency

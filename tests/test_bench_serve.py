@@ -1,0 +1,92 @@
+"""The serving benchmark (bench/serve.py) as a user runs it: a short CPU sitting of DotLLM
+against stock vLLM with xgrammar on the embedded model, every scenario, checked for the
+results, the tables and the plots it promises and for figures that make sense. And the
+arithmetic its figures rest on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import prometheus, scenarios, serve
+
+
+def test_a_histograms_mean_between_two_readings_over_its_label_sets():
+    def reading(count: float, total: float) -> dict[str, float]:
+        return {**{f'vllm:x_{k}{{engine="{e}"}}': v / 2 for e in "01"
+                   for k, v in (("count", count), ("sum", total))},
+                'vllm:x_bucket{engine="0",le="0.01"}': 3.0, "vllm:y_sum": 7.0}
+
+    before, after = reading(10, 0.05), reading(110, 1.25)
+    assert prometheus.mean_between(before, after, "vllm:x") == pytest.approx(0.012)
+    assert math.isnan(prometheus.mean_between(after, after, "vllm:x"))
+
+
+def test_every_equal_work_request_runs_the_same_steps():
+    for name in scenarios.EQUAL_WORK:
+        batch = scenarios.batch(name, 10, 32)
+        assert len(batch) == 10
+        for request in batch:
+            assert request.body.get("ignore_eos") or request.body.get("min_tokens") == 32
+    mix = scenarios.batch("mix-20", 10, 32)
+    assert sum(r.constrained for r in mix) == 2
+    check = scenarios.batch("regex", 1, 32)[0].check
+    assert check("2026-12-04T22:01") and not check("2026-13-04T22:01")
+    order = scenarios.batch("schema-compact", 1, 32)[0]
+    assert order.body["structured_outputs"]["disable_any_whitespace"] is True
+    assert order.check('{"id":1,"customer":"a","status":"paid","express":true,'
+                       '"items":[{"sku":"ABC-1234","quantity":2}]}')
+    assert not order.check('{"id":1}') and not order.check("{not json")
+
+
+@pytest.mark.server
+def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_path):
+    out = tmp_path / "sitting"
+    code = serve.main([
+        "--engines", "dotllm", "xgrammar", "--scenarios", "free", "enum-array", "mix-80",
+        "schema", "schema-compact", "regex", "choice", "unique", "--concurrency", "1", "4",
+        "--tokens", "12", "--max-tokens", "200", "--repeats", "1", "--subsets",
+        "Github_trivial", "--unique-schemas", "4", "--unique-concurrency", "2",
+        "--out", str(out)])
+    assert code == 0
+    batches, unique = serve.load_results(out / "results.jsonl")
+    seen = {(b["engine"], b["scenario"], b["concurrency"]) for b in batches}
+    for engine in ("dotllm", "xgrammar"):
+        for scenario in ("free", "enum-array", "mix-80", "schema", "schema-compact", "regex",
+                         "choice"):
+            assert {(engine, scenario, 1), (engine, scenario, 4)} <= seen
+    for b in batches:
+        assert len(b["tokens"]) == b["concurrency"] and b["wall_s"] > 0
+        assert set(b["status"]) == {"ok"}, b["errors"]
+        assert b["engine_itl_s"] > 0
+        assert all(0 < t < b["wall_s"] for t in b["ttft_s"])
+        if b["scenario"] in scenarios.EQUAL_WORK:
+            assert b["tokens"] == [12] * b["concurrency"] and not b["errors"]
+            assert b["client_itl_s"][0] <= b["client_itl_s"][2]
+        elif b["engine"] == "dotllm" or b["scenario"] != "schema":
+            # (stock's free whitespace may fill max_tokens on `schema`: not ended)
+            assert all(b["valid"]), (b["engine"], b["scenario"], b["valid"])
+    compact = [b for b in batches if b["scenario"] == "schema-compact"]
+    assert {b["note"] for b in compact if b["engine"] == "xgrammar"} == {
+        "stock: disable_any_whitespace server-wide"}
+    assert {b["note"] for b in compact if b["engine"] == "dotllm"} == {""}
+    # Real schemas: 4 each cold then warm, per engine; DotLLM serves and ends them validly.
+    assert len(unique) == 2 * 2 * 4
+    ours = [r for r in unique if r["engine"] == "dotllm"]
+    assert all(r["status"] == "ok" for r in ours), [r["error"] for r in ours]
+    assert all(r["valid"] for r in ours if r["ended"])
+    assert {r["phase"] for r in ours} == {"cold", "warm"}
+    summary = (out / "summary.md").read_text()
+    for heading in ("Equal work", "Documents", "Real schemas"):
+        assert heading in summary
+    assert "| dotllm | free | 4 |" in summary and "1.00 [1.00-1.00]" in summary
+    for name in ("step", "step-ratio", "ttft", "throughput", "unique-ttft", "coverage"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and 5_000 < len(png) < 300_000, name
+    # The report is reproducible from the results alone.
+    (out / "summary.md").unlink()
+    assert serve.main(["--report", str(out)]) == 0
+    assert (out / "summary.md").read_text() == summary
+    assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["kind"] == "batch"
