@@ -48,7 +48,10 @@ class Outcome:
 
 
 def run(cases: list[Case], tokenizer, vocabulary, workers: int, timeout: float,
-        cache_dir: Path) -> list[Outcome]:
+        cache_dir: Path, on_compiled=None) -> list[Outcome]:
+    """Compiles every case in a pool; `on_compiled(outcome, compiled, tokenizer,
+    vocabulary)` (default: `check`) looks at each index that compiled."""
+    on_compiled = on_compiled or check
     pool = CompilePool(vocabulary, workers=workers, limits=PoolLimits(timeout_s=timeout))
     manager = CompilationManager(vocabulary, IndexCache(disk_dir=cache_dir), pool)
     pending: list[tuple[Case, str, Future | None, Outcome | None]] = []
@@ -68,7 +71,7 @@ def run(cases: list[Case], tokenizer, vocabulary, workers: int, timeout: float,
             try:
                 compiled = future.result()
                 outcome = Outcome(case, "compiled", seconds=manager.compile_seconds.get(key, 0))
-                check(outcome, compiled, tokenizer, vocabulary)
+                on_compiled(outcome, compiled, tokenizer, vocabulary)
             except CompileFailed as e:
                 outcome = Outcome(case, e.kind, str(e))
         outcomes.append(outcome)

@@ -16,10 +16,12 @@ from bench import prometheus
 from tests.conftest import DOTLLM, Server, free_port, start_server, stop_server
 
 STOCK_BACKENDS = ("xgrammar", "guidance", "outlines")
-# DotLLM's own variants: the tiers (default), the index tier alone, llguidance alone.
+# DotLLM's own variants: the tiers (default), the index tier alone, llguidance alone, the
+# tiers with forced drafts.
 DOTLLM_ENGINES = {"dotllm": [],
                   "dotllm-index": ["--dotllm-constraint-engine", "outlines"],
-                  "dotllm-llguidance": ["--dotllm-constraint-engine", "llguidance"]}
+                  "dotllm-llguidance": ["--dotllm-constraint-engine", "llguidance"],
+                  "dotllm-drafts": ["--dotllm-forced-drafts", "8"]}
 ENGINES = (*DOTLLM_ENGINES, *STOCK_BACKENDS)
 # vLLM's own plugins only: DotLLM's entry point is not even loaded in a stock server.
 STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"

@@ -35,7 +35,7 @@ def index(vocabulary):
 
 @pytest.fixture(scope="module")
 def compiled(index, vocabulary):
-    return CompiledIndex.from_index(index, vocabulary.size, vocabulary.eos_token_id)
+    return CompiledIndex.from_index(index, vocabulary)
 
 
 def advanced(compiled, index, vocabulary, tokenizer, prefix: str):

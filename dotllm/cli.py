@@ -190,7 +190,7 @@ def share_metrics_across_processes() -> None:
 
 
 def serve(argv: list[str]) -> int:
-    from dotllm.vllm_ext import plugin, serve_cli
+    from dotllm.vllm_ext import forced_drafts, plugin, serve_cli
 
     share_metrics_across_processes()
     on_gpu = serve_defaults.has_gpu()
@@ -218,6 +218,9 @@ def serve(argv: list[str]) -> int:
     if stock == "auto":
         plugin.activate()
         plugin.register()
+        drafts = args.dotllm_forced_drafts
+        if drafts > 0 and args.speculative_config is None:
+            args.speculative_config = forced_drafts.speculative_config(drafts)
     else:
         print(f"dotllm: --structured-outputs-config.backend {stock}: structured outputs: "
               f"stock vLLM's {stock}, DotLLM's engine off", file=sys.stderr, flush=True)

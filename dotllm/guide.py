@@ -75,6 +75,13 @@ class Guide:
         states, _ = self._walk(tokens)
         return list(tokens[: len(states)])
 
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Up to `limit` tokens of what the constraint decides from here (speculative
+        drafts: the model verifies them)."""
+        if self._terminated:
+            return []
+        return self._compiled.forced_tokens(self.state)[:limit].tolist()
+
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return

@@ -62,6 +62,12 @@ class LLGuidanceGuide:
             return [self._eos] if tokens[0] == self._eos else []
         return list(tokens[: self._matcher.validate_tokens(tokens)])
 
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Up to `limit` tokens llguidance's grammar decides from here (its fast-forward)."""
+        if self._terminated or self._matcher.is_stopped() or self._matcher.is_error():
+            return []
+        return self._matcher.compute_ff_tokens()[:limit]
+
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return

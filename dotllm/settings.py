@@ -90,6 +90,11 @@ class Settings:
         "Memory for compiled constraints' mask tables in each model worker, on its device, "
         "in MiB (least recently used out first): a step names a table row by one integer "
         "instead of sending it (0: every row sent every step).", default=256)
+    forced_drafts: int = _option(
+        "Tokens a constrained request's constraint decides next (braces, key names, "
+        "separators), proposed as speculative drafts the model verifies in one pass, at "
+        "most this many a step (0: off). Without a --speculative-config of the user's, "
+        "vLLM then schedules without async scheduling.", default=0)
     heap_trim_s: float = _option(
         "Seconds between the moments each server process hands the heap memory it freed "
         "back to the system (glibc's malloc_trim; 0: never).", default=10.0)

@@ -86,6 +86,10 @@ class TieredGuide:
     def validate_tokens(self, tokens: list[int]) -> list[int]:
         return self._current.validate_tokens(tokens)
 
+    def forced_tokens(self, limit: int) -> list[int]:
+        self._hand_over_if_ready([])  # drafts are asked for at a step boundary too
+        return self._current.forced_tokens(limit)
+
     def rollback(self, num_tokens: int) -> None:
         self._current.rollback(num_tokens)
         if self._index is not None and num_tokens > 0:
@@ -184,6 +188,9 @@ class IndexWithFallback:
 
     def table_row(self) -> tuple[MaskTable, int] | None:
         return self._current.table_row()
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        return self._current.forced_tokens(limit)  # (an eager part: checked on load)
 
     def fill_row(self, out: np.ndarray) -> None:
         if self._on_index():

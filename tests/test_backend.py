@@ -88,8 +88,7 @@ def test_what_neither_engine_serves_names_both_reasons(backend):
 def _corrupt_regex_index(vocabulary, regex: str):
     from dotllm.compiler.compiled import CompiledIndex
 
-    compiled = CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
-                                   vocabulary.eos_token_id)
+    compiled = CompiledIndex.build(regex, vocabulary)
     data = bytearray(compiled.to_bytes())
     data[-3] ^= 0xFF  # the last mask row: not the initial state's
     loaded = CompiledIndex.from_buffer(bytes(data))

@@ -216,8 +216,7 @@ def test_a_numbers_exponent_is_as_json_writes_it(vocabulary, tokenizer, text, wh
 
 
 def test_compiled_index_bytes_round_trip(vocabulary):
-    compiled = CompiledIndex.build("[0-9]{1,3}", vocabulary.inner, vocabulary.size,
-                                   vocabulary.eos_token_id)
+    compiled = CompiledIndex.build("[0-9]{1,3}", vocabulary)
     again = CompiledIndex.from_buffer(compiled.to_bytes())
     for name in ("rows", "state_rows"):
         assert np.array_equal(getattr(again.table, name), getattr(compiled.table, name))
@@ -238,8 +237,7 @@ def test_compiled_index_bytes_round_trip(vocabulary):
     ],
 )
 def test_damaged_bytes_are_detected(vocabulary, damage, message):
-    data = CompiledIndex.build("ab|cd", vocabulary.inner, vocabulary.size,
-                               vocabulary.eos_token_id).to_bytes()
+    data = CompiledIndex.build("ab|cd", vocabulary).to_bytes()
     with pytest.raises(CorruptEntry, match=message):
         CompiledIndex.from_buffer(damage(data))
 
@@ -250,8 +248,7 @@ def _flip(data: bytes, at: int) -> bytes:
 
 def test_a_damaged_block_is_refused_when_first_needed(vocabulary, tokenizer):
     """Blocks are checked lazily: loading stays O(states), a bad block still never serves."""
-    compiled = CompiledIndex.build('"[^"]*"', vocabulary.inner, vocabulary.size,
-                                   vocabulary.eos_token_id)
+    compiled = CompiledIndex.build('"[^"]*"', vocabulary)
     quote = tokenizer.encode('"', add_special_tokens=False)[0]
     inside = compiled.next_state(compiled.initial_state, quote)
     assert len(compiled.transitions.tokens_from(inside)) > 65536  # spans several blocks

@@ -12,8 +12,7 @@ from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 @pytest.fixture(scope="module")
 def items(vocabulary):
     def build(regex):
-        return CompiledIndex.build(regex, vocabulary.inner, vocabulary.size,
-                                   vocabulary.eos_token_id)
+        return CompiledIndex.build(regex, vocabulary)
     return {"a": build("[0-9]{1,3}"), "b": build("yes|no"), "c": build("[a-c]{2}")}
 
 

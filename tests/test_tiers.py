@@ -90,8 +90,7 @@ def test_rollback_before_the_switch_is_not_replayed(tiered, compiled, tokenizer)
 
 def test_an_index_that_disagrees_leaves_the_request_on_llguidance(
         tiered, tokenizer, vocabulary):
-    other = CompiledIndex.build("[0-9]+", vocabulary.inner, vocabulary.size,
-                                vocabulary.eos_token_id)
+    other = CompiledIndex.build("[0-9]+", vocabulary)
     index: Future = Future()
     guide, outcomes = tiered(index)
     assert guide.accept_tokens(encode(tokenizer, '{"name'))

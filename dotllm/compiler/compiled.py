@@ -25,18 +25,21 @@ import numpy as np
 import outlines_core
 from blake3 import blake3
 
+from dotllm.compiler.forced import ForcedTable
 from dotllm.compiler.mask_table import MaskTable
 from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.transitions import TransitionTable
 from dotllm.compiler.vocabulary import Vocabulary
 
 _MAGIC = b"DOTLLMIX"
-FORMAT_VERSION = 4  # 4: indexes anchored at the end (outlines_index)
+FORMAT_VERSION = 5  # 4: indexes anchored at the end (outlines_index); 5: forced drafts
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, meta size, blake3 of the eager part
 _ALIGN = 64
 _DIGEST = 16  # bytes of blake3 kept per block
 _CHUNK = 1 << 16  # transitions per lazily checked block (512 KiB of tokens + targets)
-_EAGER_PARTS = 5  # finals, offsets, state rows, block digests, row digests; then the blocks
+# finals, offsets, state rows, forced offsets and tokens, block digests, row digests; then
+# the blocks
+_EAGER_PARTS = 7
 
 
 _NUMBER_START = (b"-", *(bytes([d]) for d in b"0123456789"))
@@ -86,31 +89,32 @@ def _digest(*parts) -> bytes:
 
 
 class CompiledIndex:
-    def __init__(self, transitions: TransitionTable, table: MaskTable,
+    def __init__(self, transitions: TransitionTable, table: MaskTable, forced: ForcedTable,
                  blocks: _BlockCheck | None = None):
         self.transitions = transitions
         self.table = table
+        self.forced = forced
         self._blocks = blocks  # None: built here, nothing to check
         # Set by the cache that served the entry: drops it everywhere when a block is bad.
         self.on_corrupt: Callable[[str], None] | None = None
 
     @classmethod
-    def build(cls, regex: str, vocabulary, vocab_size: int, eos_token_id: int, *,
-              json_text: bool = False) -> CompiledIndex:
-        return cls.from_index(outlines_index(regex, vocabulary, json_text=json_text),
-                              vocab_size, eos_token_id)
+    def build(cls, regex: str, vocabulary: Vocabulary, *, json_text: bool = False
+              ) -> CompiledIndex:
+        return cls.from_index(outlines_index(regex, vocabulary.inner, json_text=json_text),
+                              vocabulary)
 
     @classmethod
     def for_spec(cls, spec: ConstraintSpec, vocabulary: Vocabulary) -> CompiledIndex:
         """What a compile worker builds for `spec`."""
-        return cls.build(spec.to_regex(), vocabulary.inner, vocabulary.size,
-                         vocabulary.eos_token_id, json_text=spec.is_json)
+        return cls.build(spec.to_regex(), vocabulary, json_text=spec.is_json)
 
     @classmethod
-    def from_index(cls, index: outlines_core.Index, vocab_size: int,
-                   eos_token_id: int) -> CompiledIndex:
+    def from_index(cls, index: outlines_core.Index, vocabulary: Vocabulary) -> CompiledIndex:
         transitions = TransitionTable.from_index(index)
-        return cls(transitions, MaskTable.build(transitions, vocab_size, eos_token_id))
+        eos = vocabulary.eos_token_id
+        return cls(transitions, MaskTable.build(transitions, vocabulary.size, eos),
+                   ForcedTable.build(transitions, vocabulary.token_bytes, eos))
 
     @property
     def num_states(self) -> int:
@@ -118,7 +122,7 @@ class CompiledIndex:
 
     @property
     def nbytes(self) -> int:
-        return self.transitions.nbytes + self.table.nbytes
+        return self.transitions.nbytes + self.table.nbytes + self.forced.nbytes
 
     @property
     def initial_state(self) -> int:
@@ -137,6 +141,10 @@ class CompiledIndex:
     def mask_row(self, state: int) -> np.ndarray:
         return self.table.row(state)
 
+    def forced_tokens(self, state: int) -> np.ndarray:
+        """Draft tokens for what the constraint decides from `state` on (often none)."""
+        return self.forced.tokens_from(state)
+
     def _check_state(self, state: int) -> None:
         try:
             self._blocks.check_state(state)
@@ -148,7 +156,7 @@ class CompiledIndex:
     # -- bytes ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        t, m = self.transitions, self.table
+        t, m, f = self.transitions, self.table, self.forced
         n_chunks = -(-len(t.tokens) // _CHUNK)
         chunk_digests = b"".join(
             _digest(t.tokens[i * _CHUNK:(i + 1) * _CHUNK], t.targets[i * _CHUNK:(i + 1) * _CHUNK])
@@ -157,9 +165,10 @@ class CompiledIndex:
         meta = json.dumps({
             "initial": t.initial_state, "states": t.num_states, "transitions": len(t.tokens),
             "rows": m.rows.shape[0], "words": m.rows.shape[1], "chunk": _CHUNK,
+            "forced": len(f.tokens),
         }).encode()
-        parts = [t.finals, t.offsets, m.state_rows, chunk_digests, row_digests,
-                 t.tokens, t.targets, m.rows]
+        parts = [t.finals, t.offsets, m.state_rows, f.offsets, f.tokens, chunk_digests,
+                 row_digests, t.tokens, t.targets, m.rows]
         out = bytearray(_HEADER.size + len(meta))
         out[_HEADER.size:] = meta
         eager_end = 0
@@ -184,12 +193,12 @@ class CompiledIndex:
         try:
             meta = json.loads(bytes(buf[_HEADER.size:_HEADER.size + n_meta]))
             n, t, r, w = meta["states"], meta["transitions"], meta["rows"], meta["words"]
-            chunk = meta["chunk"]
+            chunk, d = meta["chunk"], meta["forced"]
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptEntry(f"unreadable metadata: {e}") from None
         n_chunks = -(-t // chunk)
-        layout = [(np.uint8, n), (np.int64, n + 1), (np.int32, n),
-                  (np.uint8, n_chunks * _DIGEST), (np.uint8, r * _DIGEST),
+        layout = [(np.uint8, n), (np.int64, n + 1), (np.int32, n), (np.int64, n + 1),
+                  (np.int32, d), (np.uint8, n_chunks * _DIGEST), (np.uint8, r * _DIGEST),
                   (np.int32, t), (np.int32, t), (np.int32, r * w)]
         arrays, pos, eager_end = [], _HEADER.size + n_meta, 0
         for i, (dtype, count) in enumerate(layout):
@@ -205,12 +214,13 @@ class CompiledIndex:
             raise CorruptEntry("truncated or padded")
         if blake3(buf[_HEADER.size:eager_end]).digest() != digest:
             raise CorruptEntry("checksum mismatch")
-        finals, offsets, state_rows, chunk_digests, row_digests, tokens, targets, rows = arrays
+        (finals, offsets, state_rows, forced_offsets, forced_tokens, chunk_digests, row_digests,
+         tokens, targets, rows) = arrays
         transitions = TransitionTable(meta["initial"], finals, offsets, tokens, targets)
         table = MaskTable(rows.reshape(r, w), state_rows)
         blocks = _BlockCheck(transitions, table, chunk, chunk_digests, row_digests)
         blocks.check_state(transitions.initial_state)
-        return cls(transitions, table, blocks)
+        return cls(transitions, table, ForcedTable(forced_offsets, forced_tokens), blocks)
 
 
 class _BlockCheck:

@@ -75,6 +75,12 @@ class CompileMetrics:
             "dotllm_constraint_prefill_tokens_while_compiling",
             "Prompt tokens computed while the request's constraint was still being made "
             "(--dotllm-compile-overlap): compile time hidden behind prefill.", **kwargs)
+        self.forced_drafts = Counter(
+            "dotllm_forced_draft_tokens",
+            "Speculative draft tokens proposed from what constraints decide "
+            "(--dotllm-forced-drafts), by the engine that decided them; the model verifies "
+            "them (vLLM's vllm:spec_decode_num_accepted_tokens counts those it kept).",
+            ["tier"], **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)

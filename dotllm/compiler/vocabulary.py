@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import outlines_core
@@ -65,6 +65,7 @@ class Vocabulary:
     eos_token_id: int
     size: int  # logits width: token ids are < size
     digest: str  # changes whenever any token's bytes or the EOS id change
+    token_bytes: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, size: int | None = None) -> Vocabulary:
@@ -77,4 +78,5 @@ class Vocabulary:
         for b, ids in sorted(grouped.items()):
             h.update(len(b).to_bytes(4, "little") + b + repr(ids).encode())
         size = size if size is not None else max(len(tokenizer), max(table) + 1, eos + 1)
-        return cls(outlines_core.Vocabulary(eos, grouped), eos, size, h.hexdigest()[:32])
+        return cls(outlines_core.Vocabulary(eos, grouped), eos, size, h.hexdigest()[:32],
+                   table)

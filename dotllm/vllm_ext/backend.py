@@ -109,6 +109,13 @@ class DotllmGrammar(StructuredOutputGrammar):
     def rollback(self, num_tokens: int) -> None:
         self.guide.rollback(num_tokens)
 
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Speculative drafts of what the constraint decides from here (forced_drafts)."""
+        try:
+            return self.guide.forced_tokens(limit)
+        except ServerFault:
+            return []  # the next accept_tokens meets the same fault and ends the request
+
     def fill_bitmask(self, bitmask: torch.Tensor, batch_index: int) -> None:
         self.fill_row(bitmask[batch_index].numpy())
 

@@ -16,6 +16,7 @@ from dotllm.vllm_ext import (
     compile_errors,
     compile_overlap,
     engine_backend,
+    forced_drafts,
     heap_trim,
     legacy_fields,
     mask_kernels,
@@ -31,7 +32,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
-    compile_errors, compile_overlap, row_plans, mask_kernels, heap_trim,
+    compile_errors, compile_overlap, row_plans, mask_kernels, heap_trim, forced_drafts,
 )
 
 

@@ -1,0 +1,158 @@
+"""Forced drafts end to end (dotllm/vllm_ext/forced_drafts.py): `dotllm serve
+--dotllm-forced-drafts 8` proposes what constraints decide as speculative drafts. The
+answers are the same as without drafts (greedy: token for token; sampled: the same
+distribution, all valid), in fewer engine steps; unconstrained requests get no drafts."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import jsonschema
+import openai
+import pytest
+from scipy.stats import chi2_contingency
+
+from bench.jsonschemabench import load
+from dotllm.embedded_model import NAME
+from tests.conftest import start_dotllm, stop_server
+
+pytestmark = pytest.mark.server
+
+STEPS = "vllm:iteration_tokens_total_count"  # one observation per engine step
+DRAFTED = "vllm:spec_decode_num_draft_tokens_total"
+ACCEPTED = "vllm:spec_decode_num_accepted_tokens_total"
+OURS = "dotllm_forced_draft_tokens_total"
+
+
+@pytest.fixture(scope="module")
+def drafting_server(embedded_model, tmp_path_factory):
+    server = start_dotllm(tmp_path_factory, extra_args=("--dotllm-forced-drafts", "8"))
+    yield server
+    stop_server(server)
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+
+
+def _total(server, name: str) -> float:
+    return sum(v for k, v in server.metrics().items() if k.split("{")[0] == name)
+
+
+def _constraints() -> list[dict]:
+    schemas = [c.schema for c in load("Glaiveai2K", sample=5, seed=3)]
+    schemas += [c.schema for c in load("Github_trivial", sample=3, seed=3)]
+    return [*({"json": s} for s in schemas),
+            {"regex": r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9], ticket #[0-9]{4}"},
+            {"choice": ["approved", "rejected", "needs more information"]}]
+
+
+def _complete(server, constraint: dict, temperature: float, seed: int | None = None):
+    return _client(server).completions.create(
+        model=NAME, prompt="Reply:", max_tokens=80, temperature=temperature, seed=seed,
+        extra_body={"structured_outputs": constraint}).choices[0]
+
+
+def test_greedy_answers_are_token_for_token_those_without_drafts(dotllm_server,
+                                                                 drafting_server):
+    constraints = _constraints()
+    for server in (dotllm_server, drafting_server):  # both on their indexes: warm
+        for constraint in constraints:
+            _complete(server, constraint, 0.0)
+        server.wait_for_compiles()
+    before = {name: _total(drafting_server, name) for name in (ACCEPTED, OURS)}
+    for constraint in constraints:
+        plain = _complete(dotllm_server, constraint, 0.0)
+        drafted = _complete(drafting_server, constraint, 0.0)
+        assert (drafted.text, drafted.finish_reason) == (plain.text, plain.finish_reason), \
+            constraint
+    after = {name: _total(drafting_server, name) for name in (ACCEPTED, OURS)}
+    assert after[OURS] > before[OURS] and after[ACCEPTED] > before[ACCEPTED]
+
+
+def test_sampled_answers_with_drafts_are_valid(drafting_server):
+    for i, constraint in enumerate(_constraints()):
+        for seed in (1, 2):
+            choice = _complete(drafting_server, constraint, 1.0, seed=100 * i + seed)
+            if choice.finish_reason != "stop":
+                continue  # cut by max_tokens: not a complete answer
+            if "json" in constraint:
+                jsonschema.validate(json.loads(choice.text), constraint["json"])
+            elif "regex" in constraint:
+                assert re.fullmatch(constraint["regex"], choice.text)
+            else:
+                assert choice.text in constraint["choice"]
+
+
+def test_a_forced_key_takes_fewer_engine_steps_than_tokens(drafting_server):
+    schema = {"type": "object", "properties": {
+        "customer_identification_number": {"type": "integer", "minimum": 0,
+                                           "maximum": 99},
+        "shipping_address_confirmation": {"type": "boolean"}},
+        "required": ["customer_identification_number", "shipping_address_confirmation"],
+        "additionalProperties": False}
+    _complete(drafting_server, {"json": schema}, 0.0)
+    drafting_server.wait_for_compiles()
+    before = _total(drafting_server, STEPS)
+    reply = _client(drafting_server).completions.create(
+        model=NAME, prompt="Reply:", max_tokens=80, temperature=0.0,
+        extra_body={"structured_outputs": {"json": schema}})
+    steps = _total(drafting_server, STEPS) - before
+    assert json.loads(reply.choices[0].text).keys() == schema["properties"].keys()
+    assert steps * 2 <= reply.usage.completion_tokens, (steps, reply.usage)
+
+
+def test_unconstrained_requests_get_no_drafts(drafting_server):
+    before = _total(drafting_server, DRAFTED)
+    reply = _client(drafting_server).completions.create(
+        model=NAME, prompt="Tell me", max_tokens=12, temperature=0.0)
+    assert reply.usage.completion_tokens == 12
+    assert _total(drafting_server, DRAFTED) == before
+
+
+def test_sampling_keeps_the_distribution_of_answers(dotllm_server, drafting_server):
+    """A forced prefix (drafted, verified by rejection sampling), then a free choice: the
+    answers' distribution is the same with drafts as without (two-sample chi-square)."""
+    regex = "The verdict of the committee is: (alpha|beta|gamma|delta|epsilon)"
+    counts = []
+    for server in (dotllm_server, drafting_server):
+        reply = _client(server).completions.create(
+            model=NAME, prompt="Verdict:", max_tokens=30, temperature=1.0, n=300, seed=7,
+            extra_body={"structured_outputs": {"regex": regex}})
+        texts = [c.text for c in reply.choices]
+        assert all(re.fullmatch(regex, t) for t in texts)
+        counts.append(Counter(t.rsplit(" ", 1)[1] for t in texts))
+    words = sorted(set(counts[0]) | set(counts[1]))
+    table = [[c.get(w, 0) for w in words] for c in counts]
+    assert len(words) > 1, table  # a distribution to compare, not one answer
+    assert chi2_contingency(table).pvalue > 1e-3, (words, table)
+
+
+def test_the_users_own_speculative_method_drafts_the_rest(embedded_model, tmp_path_factory):
+    """With vLLM's n-gram drafter given by the user, a constrained request's forced text
+    is drafted by its constraint, free text (constrained or not) by the n-gram drafter."""
+    ngram = ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, '
+             '"prompt_lookup_min": 1}')
+    server = start_dotllm(tmp_path_factory, extra_args=(
+        "--speculative-config", ngram, "--dotllm-forced-drafts", "4"))
+    try:
+        client = _client(server)
+        text = "the quick brown fox jumps over the lazy dog "
+        before = {name: _total(server, name) for name in (DRAFTED, OURS)}
+        client.completions.create(model=NAME, prompt=text * 6, max_tokens=24, temperature=0)
+        middle = {name: _total(server, name) for name in (DRAFTED, OURS)}
+        assert middle[DRAFTED] > before[DRAFTED] and middle[OURS] == before[OURS]
+        schema = {"type": "object", "properties": {"story": {"type": "string",
+                                                             "maxLength": 60}},
+                  "required": ["story"]}
+        reply = client.completions.create(
+            model=NAME, prompt=text * 6, max_tokens=60, temperature=0,
+            extra_body={"structured_outputs": {"json": schema}})
+        assert _total(server, OURS) > middle[OURS]
+        if reply.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(reply.choices[0].text), schema)
+        assert "Loaded custom proposer" not in server.log_tail(400)  # the user's, kept
+    finally:
+        stop_server(server)
