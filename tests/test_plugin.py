@@ -43,7 +43,8 @@ def report():
                getattr(getattr(async_llm, "AsyncLLM", None), "generate", None),
                getattr(v1_runner, "apply_grammar_bitmask", None),
                getattr(getattr(v2_outputs, "StructuredOutputsWorker", None),
-                       "apply_grammar_bitmask", None)]
+                       "apply_grammar_bitmask", None),
+               scheduler.Scheduler.update_draft_token_ids]
     from dotllm.vllm_ext.patching import patches_on
     return {"api_server_loaded": api is not None,
             "patched": [",".join(patches_on(t)) or None for t in targets]}
@@ -67,6 +68,7 @@ def probe(active: bool, tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != plugin.ACTIVE_ENV}
     if active:
         env["PROBE_AS_LAUNCHER"] = "1"
+        env["DOTLLM_FORCED_DRAFTS"] = "8"  # (off by default)
     script = tmp_path / "probe.py"  # spawn re-imports the main module: it must be a file
     script.write_text(PROBE)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -82,8 +84,8 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 10}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 10}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 11}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 11}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
@@ -92,7 +94,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
         "api_server_loaded": True,
         "patched": ["server_identity", "request_validation",
                     "unenforced_report,legacy_fields", "engine_backend", None, None,
-                    "compile_errors", "compile_errors", None, None],
+                    "compile_errors", "compile_errors", None, None, None],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in, and
     # the model runners' bitmask application is DotLLM's.
@@ -100,7 +102,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
         "api_server_loaded": False,
         "patched": [None, "request_validation", None, "engine_backend", "row_plans",
                     "compile_overlap", "compile_errors", None, "mask_kernels",
-                    "mask_kernels"],
+                    "mask_kernels", "forced_drafts"],
     }
 
 
