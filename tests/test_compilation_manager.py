@@ -264,12 +264,14 @@ def test_a_compile_a_request_is_blocked_on_goes_first(make_manager):
     while not manager._queued:
         time.sleep(0.01)
     done: list[str] = []
-    futures = {}
-    for name in ("[ab]{3}", "[cd]{3}", "[ef]{3}"):
-        futures[name] = manager.get(ConstraintSpec.regex(name))
-        futures[name].add_done_callback(lambda _, name=name: done.append(name))
+    futures = {name: manager.get(ConstraintSpec.regex(name))
+               for name in ("[ab]{3}", "[cd]{3}", "[ef]{3}")}
     while len(manager._queued) < 4:
         time.sleep(0.01)
+    # The order the pool ran them in (the requests' futures resolve in threads of their
+    # own, which a loaded machine may run in any order).
+    for name, future in futures.items():
+        manager._queued[future.key].add_done_callback(lambda _, name=name: done.append(name))
     manager.hurry(futures["[ef]{3}"])  # its request cannot start without it
     for future in futures.values():
         future.result(timeout=60)
