@@ -12,7 +12,8 @@ the document's next tokens, the matching ones are accepted, and the model adds o
 (the bonus token of verification). `forced` is the share of the document's tokens (EOS
 included) that came from accepted drafts; `passes/token` the forward passes per token (1.0
 without drafts); `bytes forced` the share of the document's bytes inside a state's forced
-text, whatever the tokenization (an upper bound on what drafts could supply).
+text, whatever the tokenization; and how many drafted states spell their forced text as
+the tokenizer encodes it alone.
 """
 
 from __future__ import annotations
@@ -38,11 +39,22 @@ class Walks:
     accepted: dict[int, int] = field(default_factory=dict)  # draft cap -> accepted drafts
     passes: dict[int, int] = field(default_factory=dict)  # draft cap -> forward passes
     per_schema: list[float] = field(default_factory=list)  # forced share, the largest cap
+    spelled: int = 0  # drafted states whose forced text is whole UTF-8
+    spelled_alike: int = 0  # ... and whose drafts are the tokenizer's own tokens of it
 
     def look(self, outcome, compiled, tokenizer, vocabulary) -> None:
         """Walks each valid instance of a compiled schema."""
         eos, cap = vocabulary.eos_token_id, self.caps[-1]
         tokens, accepted = self.tokens, self.accepted.get(cap, 0)
+        for state in range(compiled.num_states):
+            drafts = [d for d in compiled.forced_tokens(state).tolist() if d != eos]
+            try:
+                text = b"".join(vocabulary.token_bytes[d] for d in drafts).decode()
+            except UnicodeDecodeError:
+                continue
+            if drafts:
+                self.spelled += 1
+                self.spelled_alike += tokenizer.encode(text, add_special_tokens=False) == drafts
         for test in outcome.case.tests:
             if not test["valid"]:
                 continue
@@ -122,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             + " | ".join(f"{walks.accepted.get(k, 0) / t:.1%} | {walks.passes.get(k, 0) / t:.3f}"
                          for k in args.drafts)
             + f" |  (per schema, {args.drafts[-1]} drafts: median "
-            f"{statistics.median(walks.per_schema) if walks.per_schema else float('nan'):.1%})")
+            f"{statistics.median(walks.per_schema) if walks.per_schema else float('nan'):.1%}; "
+            f"drafts spelled as the tokenizer does: {walks.spelled_alike}/{walks.spelled} "
+            "drafted states)")
         print(lines[-1], flush=True)
     print("\n".join(lines))
     return 0

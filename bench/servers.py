@@ -21,7 +21,7 @@ STOCK_BACKENDS = ("xgrammar", "guidance", "outlines")
 DOTLLM_ENGINES = {"dotllm": [],
                   "dotllm-index": ["--dotllm-constraint-engine", "outlines"],
                   "dotllm-llguidance": ["--dotllm-constraint-engine", "llguidance"],
-                  "dotllm-drafts": ["--dotllm-forced-drafts", "8"]}
+                  "dotllm-drafts": ["--dotllm-forced-drafts", "4"]}
 ENGINES = (*DOTLLM_ENGINES, *STOCK_BACKENDS)
 # vLLM's own plugins only: DotLLM's entry point is not even loaded in a stock server.
 STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"
