@@ -206,6 +206,9 @@ def serve(argv: list[str]) -> int:
         os.environ.update(dotllm_settings(args).to_environ())
         resolve_model(args)
         serve_cli.validate(args)
+        if not on_gpu:
+            serve_defaults.bind_cpu_workers(
+                os.environ, args.tensor_parallel_size * args.pipeline_parallel_size)
     except UsageError as e:
         return fail(str(e), 2)
     except (ValueError, TypeError, KeyError) as e:

@@ -6,6 +6,7 @@ Each is only a default: an explicit option or environment variable wins.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from pathlib import Path
 
 # bf16 falls back to a slow path on AVX2 CPUs; the KV cache would otherwise default to
 # a large share of a small machine's memory; a CPU box here has no network.
@@ -30,3 +31,20 @@ def apply_environment(environ: MutableMapping[str, str], on_gpu: bool) -> dict[s
 
 def option_defaults(on_gpu: bool) -> dict[str, str]:
     return {} if on_gpu else dict(CPU_OPTIONS)
+
+
+def bind_cpu_workers(environ: MutableMapping[str, str], world_size: int,
+                     numa_nodes: int | None = None) -> dict[str, str]:
+    """Let vLLM split the CPUs among its CPU workers where it would otherwise refuse to
+    start: it binds one worker to a NUMA node, and fails with fewer nodes than workers
+    (--tensor-parallel-size 2 on a one-node box). VLLM_CPU_SIM_MULTI_NUMA is vLLM's own
+    even split; a binding the user set wins."""
+    if world_size <= 1 or {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_SIM_MULTI_NUMA"} & set(
+            environ):
+        return {}
+    if numa_nodes is None:
+        numa_nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    if numa_nodes >= world_size:
+        return {}
+    environ["VLLM_CPU_SIM_MULTI_NUMA"] = "1"
+    return {"VLLM_CPU_SIM_MULTI_NUMA": "1"}
