@@ -27,7 +27,7 @@ ENUM_ITEMS = ["alpha", "beta", "gamma", "delta"]
 ORDER = {
     "type": "object",
     "properties": {
-        "id": {"type": "integer", "minimum": 0},
+        "id": {"type": "integer", "minimum": 0, "maximum": 999999},
         "customer": {"type": "string", "minLength": 1, "maxLength": 24},
         "status": {"enum": ["pending", "paid", "shipped", "cancelled"]},
         "express": {"type": "boolean"},

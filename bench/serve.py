@@ -93,9 +93,9 @@ class UniqueReply:
     kind: str = "unique"
 
 
-def _payload(model: str, body: dict, max_tokens: int) -> dict:
-    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 1.0,
-            **body}
+def _payload(model: str, body: dict, max_tokens: int, temperature: float = 1.0) -> dict:
+    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+            "temperature": temperature, **body}
 
 
 def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
@@ -105,7 +105,8 @@ def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
 
 
 async def run_batch(base_url: str, model: str, engine: str, scenario: str, concurrency: int,
-                    tokens: int, max_tokens: int, repeat: int, note: str = "") -> Batch:
+                    tokens: int, max_tokens: int, repeat: int, note: str = "",
+                    temperature: float = 1.0) -> Batch:
     requests = scenarios.batch(scenario, concurrency, tokens)
     equal = scenario in EQUAL_WORK
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -113,7 +114,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         before = prometheus.samples((await client.get("/metrics")).text)
         started = time.perf_counter()
         replies = await asyncio.gather(*(
-            stream_completion(client, _payload(model, r.body, tokens if equal else max_tokens))
+            stream_completion(client, _payload(model, r.body, tokens if equal else max_tokens,
+                                               temperature))
             for r in requests))
         wall = time.perf_counter() - started
         after = prometheus.samples((await client.get("/metrics")).text)
@@ -135,7 +137,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
 
 
 async def run_unique(base_url: str, model: str, engine: str, subset: str, sample: int,
-                     concurrency: int, max_tokens: int, seed: int, progress) -> list[UniqueReply]:
+                     concurrency: int, max_tokens: int, seed: int, progress,
+                     temperature: float = 1.0) -> list[UniqueReply]:
     from bench.jsonschemabench import load
 
     cases = load(subset, sample, seed)
@@ -146,7 +149,8 @@ async def run_unique(base_url: str, model: str, engine: str, subset: str, sample
         request = scenarios.Request({"structured_outputs": {"json": case.schema}},
                                     scenarios.schema_check(case.schema))
         async with gate:
-            reply = await stream_completion(client, _payload(model, request.body, max_tokens))
+            reply = await stream_completion(
+                client, _payload(model, request.body, max_tokens, temperature))
         progress(1)
         return UniqueReply(engine, subset, case.id, phase, reply.status, reply.ttft_s,
                            reply.e2e_s, reply.tokens, reply.finish == "stop",
@@ -195,7 +199,8 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
         for repeat in range(args.repeats):
             for scenario in batch_scenarios:
                 batch = asyncio.run(run_batch(base_url, model, engine, scenario, c,
-                                              args.tokens, args.max_tokens, repeat, note))
+                                              args.tokens, args.max_tokens, repeat, note,
+                                              args.temperature))
                 out.write(json.dumps(asdict(batch)) + "\n")
                 out.flush()
                 progress(c)
@@ -208,7 +213,8 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
         for subset in args.subsets:
             replies = asyncio.run(run_unique(base_url, model, engine, subset,
                                              args.unique_schemas, args.unique_concurrency,
-                                             args.max_tokens, args.seed, progress))
+                                             args.max_tokens, args.seed, progress,
+                                             args.temperature))
             for reply in replies:
                 out.write(json.dumps(asdict(reply)) + "\n")
             out.flush()
@@ -357,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256,
                         help="the cap on a document scenario's or a real schema's answer")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="0: greedy, the same answers wherever the engine is exact (equal "
+                        "work between DotLLM with and without forced drafts)")
     parser.add_argument("--subsets", nargs="+", default=["Github_trivial", "Glaiveai2K"],
                         help="JSONSchemaBench subsets for `unique`")
     parser.add_argument("--unique-schemas", type=int, default=20, help="per subset")
