@@ -63,7 +63,9 @@ def _with_forced_drafts(stock):
                 continue
             # Never past max_tokens: a draft beyond it would be computed for nothing.
             left = request.max_tokens - request.num_output_tokens - 1
-            if left > 0 and (tokens := forced(min(limit, left))):
+            # Validated as vLLM validates any proposer's drafts (its bitmask loop asserts
+            # each is accepted); the constraint's own pass whole, in microseconds.
+            if left > 0 and (tokens := grammar.validate_tokens(forced(min(limit, left)))):
                 request.spec_token_ids = tokens
                 tier = grammar.guide.tier
                 counts[tier] = counts.get(tier, 0) + len(tokens)
