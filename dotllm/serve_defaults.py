@@ -5,6 +5,7 @@ Each is only a default: an explicit option or environment variable wins.
 
 from __future__ import annotations
 
+import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -33,18 +34,23 @@ def option_defaults(on_gpu: bool) -> dict[str, str]:
     return {} if on_gpu else dict(CPU_OPTIONS)
 
 
+
 def bind_cpu_workers(environ: MutableMapping[str, str], world_size: int,
-                     numa_nodes: int | None = None) -> dict[str, str]:
-    """Let vLLM split the CPUs among its CPU workers where it would otherwise refuse to
-    start: it binds one worker to a NUMA node, and fails with fewer nodes than workers
-    (--tensor-parallel-size 2 on a one-node box). VLLM_CPU_SIM_MULTI_NUMA is vLLM's own
-    even split; a binding the user set wins."""
-    if world_size <= 1 or {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_SIM_MULTI_NUMA"} & set(
-            environ):
+                     numa_nodes: int | None = None, cpus: list[int] | None = None
+                     ) -> dict[str, str]:
+    """Bind vLLM's CPU workers where it would otherwise refuse to start: it binds one
+    worker to a NUMA node and fails with fewer nodes than workers (--tensor-parallel-size
+    2 on a one-node box). The allowed CPUs are split evenly, in order, one share a worker
+    (VLLM_CPU_OMP_THREADS_BIND); a binding the user set wins."""
+    if world_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in environ:
         return {}
     if numa_nodes is None:
         numa_nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
-    if numa_nodes >= world_size:
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+    if numa_nodes >= world_size or len(cpus) < world_size:
         return {}
-    environ["VLLM_CPU_SIM_MULTI_NUMA"] = "1"
-    return {"VLLM_CPU_SIM_MULTI_NUMA": "1"}
+    share = len(cpus) // world_size
+    binding = "|".join(",".join(map(str, cpus[i * share:(i + 1) * share]))
+                       for i in range(world_size))
+    environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    return {"VLLM_CPU_OMP_THREADS_BIND": binding}

@@ -47,11 +47,14 @@ def test_a_hub_that_cannot_be_reached_is_said_before_vllm_tries(monkeypatch):
 
 def test_cpu_workers_split_the_cpus_where_numa_nodes_are_too_few():
     env: dict[str, str] = {}
-    assert serve_defaults.bind_cpu_workers(env, 2, numa_nodes=1) == {
-        "VLLM_CPU_SIM_MULTI_NUMA": "1"}
-    assert env == {"VLLM_CPU_SIM_MULTI_NUMA": "1"}
-    assert serve_defaults.bind_cpu_workers({}, 1, numa_nodes=1) == {}
-    assert serve_defaults.bind_cpu_workers({}, 2, numa_nodes=2) == {}  # vLLM's own binding
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
+    assert serve_defaults.bind_cpu_workers(env, 2, numa_nodes=1, cpus=[0, 1, 2, 3]) == bind
+    assert env == bind
+    assert serve_defaults.bind_cpu_workers({}, 2, numa_nodes=1, cpus=[0, 1]) == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    assert serve_defaults.bind_cpu_workers({}, 1, numa_nodes=1, cpus=[0, 1]) == {}
+    assert serve_defaults.bind_cpu_workers({}, 2, numa_nodes=2, cpus=[0, 1]) == {}  # vLLM's
+    assert serve_defaults.bind_cpu_workers({}, 4, numa_nodes=1, cpus=[0, 1]) == {}
     mine = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    assert serve_defaults.bind_cpu_workers(mine, 2, numa_nodes=1) == {}
+    assert serve_defaults.bind_cpu_workers(mine, 2, numa_nodes=1, cpus=[0, 1, 2]) == {}
     assert mine == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
