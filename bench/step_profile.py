@@ -42,6 +42,8 @@ TARGETS = (
      "  manager.grammar_bitmask"),
     ("dotllm.vllm_ext.backend", "DotllmGrammar", "accept_tokens", "  accept_tokens (DotLLM)"),
     ("dotllm.vllm_ext.backend", "DotllmGrammar", "fill_bitmask", "  fill_bitmask (DotLLM)"),
+    ("dotllm.vllm_ext.backend", "DotllmGrammar", "add_row", "  add_row (DotLLM)"),
+    ("dotllm.vllm_ext.row_plans", None, "_fill_rows", "  fill llguidance rows (DotLLM)"),
     ("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar", "accept_tokens",
      "  accept_tokens (xgrammar)"),
     ("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar", "fill_bitmask",
@@ -55,6 +57,10 @@ TARGETS = (
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "sample_tokens",
      "sample_tokens (V2)"),
     ("dotllm.vllm_ext.mask_kernels", None, "apply_rows", "  apply mask (DotLLM)"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync",
+     "  bookkeeping (V1)"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "prepare_inputs",
+     "  prepare_inputs (V2)"),
 )
 
 _totals: dict[str, list[float]] = {}  # phase -> [calls, seconds]
