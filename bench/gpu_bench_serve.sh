@@ -4,11 +4,12 @@
 # schemas of Glaiveai2K and of Github_easy at once each). After the three staging part
 # calls; a server start costs ~70-140 s there: one or two engines a call. Arguments go to
 # bench.serve after these defaults (a later option wins), with a copy of
-# ../shared/data/jsonschemabench and the wheels of requirements/dotllm.lock carried along:
-#   mkdir -p .gpu/data && cp ../shared/data/jsonschemabench/*.gz .gpu/data/
-#   run(carry=[".gpu/p4", ".gpu/data", ".gpu/wheels"],
-#       command="bash bench/gpu_bench_serve.sh --engines dotllm")
-#   run(carry=[...], command="bash bench/gpu_bench_serve.sh --engines xgrammar")
+# ../shared/data/jsonschemabench and the wheels of requirements/dotllm.lock in gpucarry/
+# (untracked, not ignored: it travels with the working tree; gpu_site.sh):
+#   mkdir -p gpucarry/data && cp ../shared/data/jsonschemabench/*.gz gpucarry/data/
+#   pip download ... -d gpucarry/wheels -r requirements/dotllm.lock   (gpu_site.sh)
+#   run(carry=[".gpu/p4"], command="bash bench/gpu_bench_serve.sh --engines dotllm")
+#   run(carry=[".gpu/p4"], command="bash bench/gpu_bench_serve.sh --engines xgrammar")
 # (NAME=drafts before bash: results in $OUT/drafts). Then here, with each call's serve/results.jsonl concatenated into DIR/results.jsonl:
 #   .venv/bin/python -m bench.serve --report DIR      # summary.md and the plots
 set -euo pipefail

@@ -4,8 +4,12 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .gpu/wheels -r requirements/dotllm.lock
 # ) and export what the scripts run with.
+# Carried ignored folders (run's `carry`) other than the staging parts came back
+# "not_carried" on 2026-12-05: the data and the wheels travel instead as an untracked,
+# not ignored folder gpucarry/ (wheels/, data/) with the working tree, put in place here.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if [ -d gpucarry ]; then mkdir -p .gpu && cp -r gpucarry/. .gpu/; fi
 bash .gpu/p4/assemble.sh
 site=$HOME/dotllm-site
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \

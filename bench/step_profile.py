@@ -43,7 +43,7 @@ TARGETS = (
     ("dotllm.vllm_ext.backend", "DotllmGrammar", "accept_tokens", "  accept_tokens (DotLLM)"),
     ("dotllm.vllm_ext.backend", "DotllmGrammar", "fill_bitmask", "  fill_bitmask (DotLLM)"),
     ("dotllm.vllm_ext.backend", "DotllmGrammar", "add_row", "  add_row (DotLLM)"),
-    ("dotllm.vllm_ext.row_plans", None, "_fill_rows", "  fill llguidance rows (DotLLM)"),
+    ("dotllm.vllm_ext.backend", None, "fill_rows", "  fill deferred rows (DotLLM)"),
     ("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar", "accept_tokens",
      "  accept_tokens (xgrammar)"),
     ("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar", "fill_bitmask",

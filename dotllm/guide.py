@@ -101,6 +101,10 @@ class Guide:
         table = self._compiled.table
         return table, int(table.state_rows[self._states[-1]])
 
+    def matcher_for_mask(self) -> None:
+        """No llguidance matcher: the mask is a table row."""
+        return None
+
     def fill_row(self, out: np.ndarray) -> None:
         """Write this state's mask into `out` (int32 `[ceil(V/32)]`); -1 once terminated."""
         if self._terminated:

@@ -7,6 +7,9 @@ EOS is accepted only where the grammar may end, and ends the request.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import llguidance
 import llguidance.numpy
 import numpy as np
@@ -89,3 +92,25 @@ class LLGuidanceGuide:
             out.fill(-1)
             return
         llguidance.numpy.fill_next_token_bitmask(self._matcher, out.reshape(1, -1), 0)
+
+    def matcher_for_mask(self) -> llguidance.LLMatcher | None:
+        """The matcher that computes this step's mask, for `fill_rows_in_parallel`; None once
+        terminated (`fill_row` writes that row)."""
+        return None if self._terminated else self._matcher
+
+
+def fill_rows_in_parallel(matchers: list[tuple[llguidance.LLMatcher, int]],
+                          rows: np.ndarray) -> None:
+    """rows[i] for each (matcher, i) of a step, computed by llguidance's own threads in one
+    call: the GIL is dropped once, not once a row (rows: C-contiguous int32 [n, words])."""
+    if len(matchers) == 1:
+        llguidance.numpy.fill_next_token_bitmask(matchers[0][0], rows, matchers[0][1])
+    elif matchers:
+        llguidance.numpy.fill_next_token_bitmask_par(_executor(), matchers, rows)
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    # vLLM's own share for its mask threads: half the CPUs this process may use, at most 8
+    # (the model workers, the API server and the compile pool run beside).
+    return llguidance.LLExecutor(max(1, min(len(os.sched_getaffinity(0)) // 2, 8)))

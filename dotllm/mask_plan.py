@@ -81,12 +81,21 @@ class PlanBuilder:
         self._in_use.add(table.serial)
         self._add(int(slots[row]))
 
+    @property
+    def rows(self) -> np.ndarray:
+        """The step's own rows (C-contiguous int32 [max_rows, words])."""
+        return self._planner._direct
+
+    def direct_index(self) -> int:
+        """A row of this step's own to fill: its index in `rows`."""
+        j = self._direct
+        self._add(direct_slot(j))
+        self._direct += 1
+        return j
+
     def direct_row(self) -> np.ndarray:
         """A row of this step's own to fill (int32 [words])."""
-        row = self._planner._direct[self._direct]
-        self._add(direct_slot(self._direct))
-        self._direct += 1
-        return row
+        return self._planner._direct[self.direct_index()]
 
     def finish(self) -> RowPlan:
         p = self._planner

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import llguidance
 import numpy as np
 
 from dotllm.compiler.compiled import CorruptEntry
@@ -124,6 +125,10 @@ class TieredGuide:
         self._hand_over_if_ready([])
         self._current.fill_row(out)
 
+    def matcher_for_mask(self) -> llguidance.LLMatcher | None:
+        self._hand_over_if_ready([])
+        return self._current.matcher_for_mask()
+
 
 class ServerFault(Exception):
     """The request cannot go on for a fault of the server's (not the constraint's)."""
@@ -199,6 +204,9 @@ class IndexWithFallback:
             except CorruptEntry as e:
                 self._fall_back(e)
         return self._current.fill_row(out)
+
+    def matcher_for_mask(self) -> llguidance.LLMatcher | None:
+        return self._current.matcher_for_mask()  # None on the index: `fill_row` checks it
 
     def rollback(self, num_tokens: int) -> None:
         self._current.rollback(num_tokens)

@@ -4,11 +4,12 @@ tested on both in tests/test_guide.py."""
 from __future__ import annotations
 
 import llguidance
+import numpy as np
 import pytest
 
 from dotllm.compiler import llguidance_grammar
 from dotllm.compiler.spec import ConstraintSpec
-from dotllm.llguidance_guide import LLGuidanceGuide
+from dotllm.llguidance_guide import LLGuidanceGuide, fill_rows_in_parallel
 from dotllm.vllm_ext.backend import llguidance_tokenizer
 
 
@@ -124,3 +125,44 @@ def test_patterns_and_formats_are_read_as_json_schema_means_them():
     assert prepared["properties"]["day"]["pattern"].startswith("^(?:(?:[0-9]{3}[1-9]")
     assert "format" not in prepared["properties"]["day"]
     assert list(prepared["patternProperties"]) == ["^(?:[0-9A-Z_a-z]+)$"]
+
+
+def test_a_steps_masks_in_one_parallel_call_are_each_guides_own(make, tokenizer, vocabulary):
+    """Guides of several constraints, each at a state of its own (random walks), their
+    masks written at shuffled rows of one array in one call: each row is what the guide
+    writes alone, and rows no guide names are left as they were."""
+    rng = np.random.default_rng(0)
+    specs = [ConstraintSpec.json_schema({"type": "object", "properties": {
+                 "name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+                 "required": ["name", "n"]}),
+             ConstraintSpec.grammar('start: "x" ("y" | "z")+'),
+             ConstraintSpec.regex("[a-c]{3,9}"),
+             ConstraintSpec.choice(["alpha", "beta", "gamma"])]
+    words = (vocabulary.size + 31) // 32
+    guides = []
+    for i in range(24):
+        guide = make(specs[i % len(specs)])
+        for _ in range(int(rng.integers(0, 6))):  # walk: a token its own mask allows
+            row = np.zeros(words, dtype=np.int32)
+            guide.fill_row(row)
+            allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+            allowed = allowed[allowed != vocabulary.eos_token_id]
+            if not len(allowed):
+                break
+            assert guide.accept_tokens([int(rng.choice(allowed))])
+        guides.append(guide)
+    rows = np.full((40, words), 7, dtype=np.int32)
+    targets = [int(t) for t in rng.permutation(40)[:len(guides)]]
+    pairs = list(zip(guides, targets, strict=True))
+    fill_rows_in_parallel([(g.matcher_for_mask(), t) for g, t in pairs], rows)
+    for guide, t in pairs:
+        alone = np.zeros(words, dtype=np.int32)
+        guide.fill_row(alone)
+        assert np.array_equal(rows[t], alone)
+    untouched = np.setdiff1d(np.arange(40), targets)
+    assert (rows[untouched] == 7).all()
+    one = np.zeros((1, words), dtype=np.int32)  # a lone matcher takes the direct path
+    fill_rows_in_parallel([(guides[0].matcher_for_mask(), 0)], one)
+    alone = np.zeros(words, dtype=np.int32)
+    guides[0].fill_row(alone)
+    assert np.array_equal(one[0], alone)

@@ -183,7 +183,8 @@ def _on_the_index(backend, kind, text):
 
 
 def test_the_plan_means_what_vllms_bitmask_says(manager, backend, tokenizer):
-    """Both tiers, drafts (one -1), a finished grammar: row for row the same masks."""
+    """Both tiers (two llguidance rows filled in one call), drafts (one -1), a finished
+    grammar: row for row the same masks."""
     choice = '["alpha", "beta", "gamma"]'
     indexed = _on_the_index(backend, StructuredOutputOptions.CHOICE, choice)
     assert indexed.guide.table_row() is not None
@@ -192,12 +193,14 @@ def test_the_plan_means_what_vllms_bitmask_says(manager, backend, tokenizer):
     done = backend.compile_grammar(StructuredOutputOptions.CHOICE, choice)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     assert done.accept_tokens("d", encode("beta") + [tokenizer.eos_token_id])
-    grammars = {"i": indexed, "l": lark, "d": done,
+    lark_on = backend.compile_grammar(StructuredOutputOptions.GRAMMAR, 'start: "x" ("y" | "z")+')
+    assert lark_on.accept_tokens("m", encode("x"))  # two llguidance rows: one parallel fill
+    grammars = {"i": indexed, "l": lark, "d": done, "m": lark_on,
                 "j": backend.compile_grammar(StructuredOutputOptions.CHOICE, choice)}
     requests = {k: SimpleNamespace(structured_output_request=SimpleNamespace(grammar=g))
                 for k, g in grammars.items()}
     drafts = {"i": encode("gam")[:1] + [-1, 5], "l": encode("xy"), "j": encode("al")}
-    ids = ["l", "i", "d", "j"]
+    ids = ["l", "i", "m", "d", "j"]
     stock = StructuredOutputManager.grammar_bitmask
     while getattr(stock, "dotllm_wraps", None) is not None:  # vLLM's own loop
         stock = stock.dotllm_wraps

@@ -29,7 +29,7 @@ from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.compiler.vocabulary import Vocabulary
 from dotllm.guide import Guide
-from dotllm.llguidance_guide import LLGuidanceGuide
+from dotllm.llguidance_guide import LLGuidanceGuide, fill_rows_in_parallel
 from dotllm.mask_plan import PlanBuilder, RowPlanner
 from dotllm.settings import Settings
 from dotllm.tiers import IndexWithFallback, ServerFault, TieredGuide
@@ -130,11 +130,11 @@ class DotllmGrammar(StructuredOutputGrammar):
     def add_row(self, plan: PlanBuilder, fills: list | None = None) -> None:
         """This step's mask into `plan`: its table row where the guide is on an index
         (the workers hold the table), else the row itself, filled now or, with `fills`,
-        listed there as (grammar, row) to fill later."""
+        listed there as (grammar, index in plan.rows) to fill later (`fill_rows`)."""
         if (source := self.guide.table_row()) is not None:
             plan.table_row(*source)
         elif fills is not None:
-            fills.append((self, plan.direct_row()))
+            fills.append((self, plan.direct_index()))
         else:
             self.fill_row(plan.direct_row())
 
@@ -143,6 +143,18 @@ class DotllmGrammar(StructuredOutputGrammar):
 
     def reset(self):
         self.guide.reset()
+
+
+def fill_rows(fills: list[tuple[DotllmGrammar, int]], rows: np.ndarray) -> None:
+    """A step's rows listed by `add_row`: llguidance's masks all in one parallel call, the
+    rest (a finished constraint, an index being checked) each by its own grammar."""
+    matchers = []
+    for grammar, i in fills:
+        if (matcher := grammar.guide.matcher_for_mask()) is not None:
+            matchers.append((matcher, i))
+        else:
+            grammar.fill_row(rows[i])
+    fill_rows_in_parallel(matchers, rows)
 
 
 @dataclass

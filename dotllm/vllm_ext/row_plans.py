@@ -28,32 +28,15 @@ def _add(plan, grammar, constrained: bool, fills: list | None) -> None:
         plan.unconstrained()
 
 
-def _fill_rows(manager, fills: list) -> None:
-    """llguidance's rows: in vLLM's thread pool when there are many (its fill drops the GIL)."""
-    executor = getattr(manager, "executor_for_fillmask", None)
-    if executor is None or len(fills) <= manager.fill_bitmask_parallel_threshold:
-        _fill_all(fills)
-        return
-    size = manager.fill_bitmask_parallel_batch_size
-    for future in [executor.submit(_fill_all, fills[i:i + size])
-                   for i in range(0, len(fills), size)]:
-        future.result()
-
-
-def _fill_all(fills: list) -> None:
-    for grammar, row in fills:
-        grammar.fill_row(row)
-
-
 def _grammar_bitmask(stock):
-    from dotllm.vllm_ext.backend import DotllmBackend
+    from dotllm.vllm_ext import backend
 
     def grammar_bitmask(self, requests, structured_output_request_ids,
                         scheduled_spec_decode_tokens):
         config = self.vllm_config
         if (not structured_output_request_ids or self.reasoner_cls is not None
                 or config.model_config.is_diffusion
-                or not isinstance(self.backend, DotllmBackend)):
+                or not isinstance(self.backend, backend.DotllmBackend)):
             return stock(self, requests, structured_output_request_ids,
                          scheduled_spec_decode_tokens)
         max_rows = config.scheduler_config.max_num_seqs * (1 + config.num_speculative_tokens)
@@ -76,7 +59,7 @@ def _grammar_bitmask(stock):
             if advanced:
                 grammar.rollback(advanced)
         if fills:
-            _fill_rows(self, fills)
+            backend.fill_rows(fills, plan.rows)
         return plan.finish()
 
     return grammar_bitmask
