@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-ln -sfn ../kernels dotllm/kernels  # dotllm.kernels, run from the tree (pyproject's package-dir)
+# dotllm.kernels is kernels/ (pyproject.toml package-dir); run from the tree: a link
+rm -rf dotllm/kernels && ln -s ../kernels dotllm/kernels
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 # A failed build is reported and the rest runs without the CUDA kernel (tests skip it).
 if TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then

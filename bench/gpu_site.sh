@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -d gpucarry ]; then mkdir -p .gpu && cp -r gpucarry/. .gpu/; fi
 # Run from the tree, not installed: dotllm.kernels is kernels/ (pyproject's package-dir).
-ln -sfn ../kernels dotllm/kernels
+rm -rf dotllm/kernels && ln -s ../kernels dotllm/kernels
 bash .gpu/p4/assemble.sh
 site=$HOME/dotllm-site
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
