@@ -50,7 +50,7 @@ def test_every_supported_key_compiles(backend, kind, text):
 
 @pytest.mark.parametrize(("kind", "text", "output"), [
     (StructuredOutputOptions.GRAMMAR, 'start: "x" ("y" | "z")+', "xyzy"),
-    (StructuredOutputOptions.JSON, '{"type": "integer", "maximum": 20}', "17"),
+    (StructuredOutputOptions.JSON, '{"type": "number", "maximum": 20}', "17"),
 ])
 def test_what_outlines_core_cannot_runs_on_llguidance(backend, tokenizer, kind, text, output):
     grammar = backend.compile_grammar(kind, text)
@@ -147,7 +147,7 @@ def test_one_engine_alone(backend, tokenizer, monkeypatch, engine):
     assert grammar.guide.tier == ("index" if engine == "outlines" else "llguidance")
     tokens = tokenizer.encode(f"123{engine}", add_special_tokens=False)
     assert grammar.accept_tokens("r", tokens + [tokenizer.eos_token_id])
-    keywords = '{"type": "integer", "maximum": 20}'
+    keywords = '{"type": "number", "maximum": 20}'
     if engine == "outlines":
         with pytest.raises(ConstraintError, match="exactly: maximum at /"):
             backend.compile_grammar(StructuredOutputOptions.JSON, keywords)

@@ -125,6 +125,37 @@ def test_formats_are_dotllms_own(allows):
         normalize({"type": "string", "format": "url"})
 
 
+def test_integer_bounds_are_a_range_of_the_index(allows):
+    """minimum/maximum (exclusive ones, draft 4's booleans, fractional bounds) as integers;
+    a number's bounds, or bounds without a type, go to llguidance."""
+    age = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 18,
+                                                     "exclusiveMaximum": 99.5}},
+           "required": ["age"]}
+    assert allows(age, '{"age": 18}') and allows(age, '{"age": 99}')
+    assert not allows(age, '{"age": 17}') and not allows(age, '{"age": 100}')
+    assert not allows(age, '{"age": 018}')
+    below = {"type": ["integer", "null"], "maximum": -3}
+    assert allows(below, "-3") and allows(below, "-120") and allows(below, "null")
+    assert not allows(below, "-2") and not allows(below, "0")
+    draft4 = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "integer",
+              "minimum": 0, "exclusiveMinimum": True, "maximum": 3}
+    assert normalize(draft4) == {"type": "integer", "minimum": 1, "maximum": 3}
+    both = {"allOf": [{"type": "integer", "minimum": 2}, {"type": "number", "maximum": 7},
+                      {"maximum": 5, "type": "integer"}]}
+    with pytest.raises(NotForOutlines, match="maximum at /allOf/1 on a number"):
+        normalize(both)
+    both["allOf"][1] = {"type": "number"}
+    assert normalize(both) == {"type": "integer", "minimum": 2, "maximum": 5}
+    assert normalize({"type": "integer", "maximum": 3, "enum": [1, 5, "a"]}) == {"enum": [1]}
+    with pytest.raises(ConstraintError, match="no JSON value"):
+        normalize({"type": "integer", "minimum": 2.5, "maximum": 2.9})
+    with pytest.raises(NotForOutlines, match="past 18 digits"):
+        normalize({"type": "integer", "maximum": 1e30})
+    with pytest.raises(NotForOutlines, match="marker"):
+        normalize({"enum": ["dotllm_integer_1_2"]})
+    assert normalize({"type": "string", "minimum": 3}) == {"type": "string"}  # not a number
+
+
 def test_enum_keeps_only_what_the_rest_allows(allows):
     schema = {"type": "string", "enum": ["a", "bb", 3], "maxLength": 1}
     assert normalize(schema) == {"enum": ["a"]}
@@ -160,8 +191,10 @@ def test_annotations_and_unknown_keywords_are_ignored_as_validators_do():
 
 
 def test_keywords_it_cannot_enforce_go_to_llguidance():
-    for schema, where in [({"properties": {"n": {"type": "integer", "minimum": 1}}},
-                           "minimum at /properties/n"),
+    for schema, where in [({"properties": {"n": {"type": "number", "minimum": 1}}},
+                           "minimum at /properties/n on a number"),
+                          ({"properties": {"n": {"minimum": 1}}},
+                           "minimum at /properties/n without a type"),
                           ({"type": "object", "maxProperties": 2}, "maxProperties at /"),
                           ({"patternProperties": {"^a": {}}}, "patternProperties at /")]:
         with pytest.raises(NotForOutlines, match=where):

@@ -48,7 +48,7 @@ def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None)
         schema = {"type": "object", "properties": {
             "name": {"type": "string", "maxLength": 12},
             "size": {"enum": ["small", "medium", "large"]},
-            "count": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "count": {"type": "number", "minimum": 0, "maximum": 999}},  # llguidance
             "required": ["name", "size", "count"], "additionalProperties": False}
         regex = r"[A-Z]{2}-[0-9]{4}"
         choices = ["north", "south", "east", "west"]

@@ -61,6 +61,12 @@ REGRESSIONS = {
         "type": "object", "required": ["path", "type"], "properties": {
             "path": {"type": "string", "pattern": r"^file:.+\.geodatabase?$"},
             "type": {"type": "string", "pattern": "response"}}},
+    "integer bounds as range regexes (negative, exclusive, fractional, nullable)": {
+        "type": "object", "properties": {
+            "t": {"type": "integer", "minimum": -40, "exclusiveMaximum": 120},
+            "n": {"type": ["integer", "null"], "exclusiveMinimum": 0.5, "maximum": 9999},
+            "d": {"type": "integer", "maximum": -7}, "u": {"type": "integer", "minimum": 50}},
+        "required": ["t", "n", "d", "u"], "additionalProperties": False},
 }
 # Served by llguidance alone (outlines-core cannot enforce them).
 LLGUIDANCE_ONLY = {
@@ -78,7 +84,7 @@ LLGUIDANCE_ONLY = {
     "patternProperties and nothing else (llguidance matched escaped names)": {
         "additionalProperties": False, "patternProperties": {"^[a-zA-Z]+://[^ \"]+$": {}}},
     "allOf beside properties, objects not closed alone": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
+        "type": "object", "properties": {"n": {"type": "number", "minimum": 1}},
         "required": ["n"], "allOf": [{"properties": {"m": {"type": "boolean"}},
                                       "required": ["m"]}]},
 }

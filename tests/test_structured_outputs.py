@@ -308,8 +308,8 @@ def test_what_outlines_core_cannot_serve_runs_on_llguidance(client, dotllm_serve
     """Keywords outlines-core would not enforce and Lark grammars are served by llguidance,
     with valid output, instead of refused."""
     before = dotllm_server.metrics()
-    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 18,
-                                                       "maximum": 99}},
+    schema = {"type": "object", "properties": {"age": {"type": "number", "minimum": 18,
+                                                      "maximum": 99}},
               "required": ["age"], "additionalProperties": False}
     reply = client.completions.create(model=NAME, prompt="x", max_tokens=40, seed=1,
                                       extra_body={"structured_outputs": {"json": schema}})

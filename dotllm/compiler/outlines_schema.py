@@ -19,6 +19,8 @@ it gets wrong, DotLLM rewrites every schema into forms it gets right, and refuse
   `additionalProperties` gives them);
 - strings take one of a length range, a pattern (ECMA-262, written over the JSON text:
   `ecma_regex`) or an enforced `format` (`formats`);
+- integers take their bounds (`minimum`, `maximum`, the exclusive ones, draft 4's
+  boolean ones too) as a range regex (`integer_range`); a number's bounds are refused;
 - annotations and unknown keywords are dropped, as validators ignore them.
 
 The rewritten schema only allows documents the original allows (a subset where the
@@ -30,10 +32,11 @@ gives what outlines-core compiles.
 from __future__ import annotations
 
 import json
+import math
 import urllib.parse
 from collections.abc import Callable
 
-from dotllm.compiler import ecma_regex, formats
+from dotllm.compiler import ecma_regex, formats, integer_range
 from dotllm.compiler.errors import ConstraintError
 
 MAX_UNROLL = 3  # times one $ref may be expanded inside itself
@@ -46,17 +49,17 @@ _ANNOTATIONS = frozenset({
 })
 # Keywords outlines-core cannot be made to enforce here (llguidance takes some of them).
 _UNSUPPORTED = frozenset({
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "contains", "minContains", "maxContains", "patternProperties", "propertyNames",
+    "multipleOf", "contains", "minContains", "maxContains", "patternProperties", "propertyNames",
     "dependencies", "dependentRequired", "dependentSchemas", "if", "then", "else", "not",
     "unevaluatedItems", "$dynamicRef", "$recursiveRef",
 })
 _STRING = ("minLength", "maxLength", "pattern", "format")
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _OBJECT = ("properties", "required", "additionalProperties", "minProperties",
            "maxProperties", "unevaluatedProperties")
 _ARRAY = ("items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems")
 _KNOWN = frozenset({"type", "enum", "const", "$ref", "allOf", "anyOf", "oneOf",
-                    *_STRING, *_OBJECT, *_ARRAY}) | _UNSUPPORTED
+                    *_STRING, *_BOUNDS, *_OBJECT, *_ARRAY}) | _UNSUPPORTED
 _TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 _IMPLIED_BY = {"string": _STRING, "object": _OBJECT, "array": _ARRAY}
 
@@ -245,6 +248,8 @@ class _Normalizer:
             # for an object), else any value.
             types = [t for t, keys in _IMPLIED_BY.items() if any(k in schema for k in keys)]
             if not types:
+                if bound := next((k for k in _BOUNDS if k in schema), None):
+                    raise _refuse(bound, where, " without a type")  # any value, if not a number
                 return {}
         if not isinstance(types, list) or not all(t in _TYPES for t in types):
             raise ConstraintError(f"type at {where or '/'} is not a JSON type or a list of them")
@@ -268,7 +273,11 @@ class _Normalizer:
             return self.object(schema, where)
         if t == "array":
             return self.array(schema, where)
-        return {"type": t}
+        if t == "integer":
+            return _integer(schema, where)
+        if t == "number" and (bound := next((k for k in _BOUNDS if k in schema), None)):
+            raise _refuse(bound, where, " on a number")
+        return {"type": t}  # bounds do not apply to other types
 
     def string(self, schema: dict, where: str) -> dict:
         node = {"type": "string"}
@@ -411,6 +420,44 @@ def _count(schema: dict, keyword: str, where: str) -> int | None:
     return value
 
 
+def _integer(schema: dict, where: str) -> dict:
+    """An integer node with its bounds as integers, inclusive."""
+    node: dict = {"type": "integer"}
+    for key, side in (("minimum", 1), ("maximum", -1)):
+        exclusive_key = "exclusiveM" + key[1:]
+        bounds = []
+        if key in schema:
+            value = _bound(schema[key], f"{where}/{key}")
+            exclusive = schema.get(exclusive_key) is True  # draft 4
+            bounds.append(_inside(value, side, exclusive))
+        exclusive = schema.get(exclusive_key)
+        if exclusive is not None and not isinstance(exclusive, bool):
+            bounds.append(_inside(_bound(exclusive, f"{where}/{exclusive_key}"), side, True))
+        if bounds:
+            node[key] = max(bounds) if side == 1 else min(bounds)
+            if len(str(abs(node[key]))) > integer_range.MAX_DIGITS:
+                raise _refuse(key, where, f" past {integer_range.MAX_DIGITS} digits")
+    if "minimum" in node and "maximum" in node and node["minimum"] > node["maximum"]:
+        raise _Unsatisfiable(where)
+    return node
+
+
+def _bound(value, where: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+            value in (float("inf"), float("-inf")):
+        raise ConstraintError(f"{where} is not a number")
+    return value
+
+
+def _inside(value: float | int, side: int, exclusive: bool) -> int:
+    """The first integer at or past `value` towards the inside of the range (side 1: up
+    from a minimum, -1: down from a maximum), past it where the bound is exclusive."""
+    whole = math.ceil(value) if side == 1 else math.floor(value)
+    if exclusive and whole == value:
+        whole += side
+    return int(whole)
+
+
 def _checked_pattern(pattern, where: str) -> str:
     if not isinstance(pattern, str):
         raise ConstraintError(f"pattern at {where} is not a string")
@@ -538,7 +585,9 @@ def intersect(a: dict, b: dict) -> dict:
 
 
 def _intersect_scalars(a: dict, b: dict) -> dict:
-    return {"type": "integer"} if "integer" in (a["type"], b["type"]) else dict(a)
+    if "integer" in (a["type"], b["type"]):  # a number's node has no bounds
+        return _bounds(a, b, "minimum", "maximum", {"type": "integer"})
+    return dict(a)
 
 
 def _bounds(a: dict, b: dict, low: str, high: str, node: dict) -> dict:
@@ -655,6 +704,8 @@ def _without_a_name_of(node: dict, other: dict) -> dict | None:
 def normalize(schema) -> dict:
     """`schema` in the forms outlines-core enforces (NotForOutlines if it has none;
     ConstraintError if the schema itself is wrong or can never be satisfied)."""
+    if integer_range.MARKER_PREFIX in json.dumps(schema):
+        raise NotForOutlines("the schema holds DotLLM's integer-range marker text")
     normalizer = _Normalizer(schema)
     try:
         return normalizer.norm(schema, "")
@@ -697,6 +748,11 @@ def encode(node: dict) -> dict:
         return _encode_object(node)
     if t == "array":
         return _encode_array(node)
+    if t == "integer" and ("minimum" in node or "maximum" in node):
+        # outlines-core drops integer bounds: a marker it writes as it is, replaced in
+        # its regex by the range's (ConstraintSpec.to_regex)
+        return {"type": "string", "pattern": integer_range.marker(
+            node.get("minimum"), node.get("maximum"))}
     return node
 
 

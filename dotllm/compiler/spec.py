@@ -17,7 +17,7 @@ from functools import cached_property
 
 from outlines_core.json_schema import build_regex_from_schema
 
-from dotllm.compiler import ecma_regex, enforcement, outlines_schema
+from dotllm.compiler import ecma_regex, enforcement, integer_range, outlines_schema
 from dotllm.compiler.errors import ConstraintError
 from dotllm.compiler.limits import Limits
 
@@ -28,7 +28,7 @@ _ORDERED_MEMBERS = frozenset({"properties"})
 
 # Bumped whenever a constraint's regex changes for the same constraint (the schema
 # rewriting, regex translation, formats): indexes cached before are then not reused.
-REWRITE_VERSION = 4  # 4: a number's exponent sign optional
+REWRITE_VERSION = 5  # 4: a number's exponent sign optional; 5: integer bounds
 
 # outlines-core's default whitespace, which it writes on both sides of every `:` and `,`
 # and inside brackets (`{ "a" : 1 , "b" : [ 2 ] }`), and what it is dropped from.
@@ -266,4 +266,6 @@ class ConstraintSpec:
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"unsupported JSON schema: {e}") from None
         regex = _json_numbers(regex)
-        return regex if self.whitespace_pattern is not None else _standard_layout(regex)
+        if self.whitespace_pattern is None:
+            regex = _standard_layout(regex)
+        return integer_range.substitute(regex)
