@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 MARKER_PREFIX = "dotllm_integer_"
-_MARKER = re.compile(r'"dotllm_integer_(m?\d+|x)_(m?\d+|x)"')
+_MARKER = re.compile(f'"{MARKER_PREFIX}' + r'(m?\d+|x)_(m?\d+|x)"')
 MAX_DIGITS = 18  # bounds past this many digits: llguidance serves the schema
 
 

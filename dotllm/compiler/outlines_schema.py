@@ -425,12 +425,11 @@ def _integer(schema: dict, where: str) -> dict:
     node: dict = {"type": "integer"}
     for key, side in (("minimum", 1), ("maximum", -1)):
         exclusive_key = "exclusiveM" + key[1:]
+        exclusive = schema.get(exclusive_key)  # draft 4: a boolean beside the bound
         bounds = []
         if key in schema:
-            value = _bound(schema[key], f"{where}/{key}")
-            exclusive = schema.get(exclusive_key) is True  # draft 4
-            bounds.append(_inside(value, side, exclusive))
-        exclusive = schema.get(exclusive_key)
+            bounds.append(_inside(_bound(schema[key], f"{where}/{key}"), side,
+                                  exclusive is True))
         if exclusive is not None and not isinstance(exclusive, bool):
             bounds.append(_inside(_bound(exclusive, f"{where}/{exclusive_key}"), side, True))
         if bounds:
