@@ -10,7 +10,8 @@
 #   pip download ... -d gpucarry/wheels -r requirements/dotllm.lock   (gpu_site.sh)
 #   run(carry=[".gpu/p4"], command="bash bench/gpu_bench_serve.sh --engines dotllm")
 #   run(carry=[".gpu/p4"], command="bash bench/gpu_bench_serve.sh --engines xgrammar")
-# (NAME=drafts before bash: results in $OUT/drafts). Then here, with each call's serve/results.jsonl concatenated into DIR/results.jsonl:
+# (NAME=drafts before bash: results in $OUT/drafts). Then here, with each call's
+# serve/results.jsonl concatenated into DIR/results.jsonl:
 #   .venv/bin/python -m bench.serve --report DIR      # summary.md and the plots
 set -euo pipefail
 source bench/gpu_setup.sh
