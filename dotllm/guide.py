@@ -101,6 +101,13 @@ class Guide:
         table = self._compiled.table
         return table, int(table.state_rows[self._states[-1]])
 
+    def index_position(self) -> tuple[CompiledIndex, int] | None:
+        """The index and the state this guide is at (where a device state starts); None
+        once terminated."""
+        if self._terminated:
+            return None
+        return self._compiled, self._states[-1]
+
     def matcher_for_mask(self) -> None:
         """No llguidance matcher: the mask is a table row."""
         return None

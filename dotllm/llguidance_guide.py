@@ -86,6 +86,10 @@ class LLGuidanceGuide:
         """No per-state table: each mask is computed (`fill_row`)."""
         return None
 
+    def index_position(self) -> None:
+        """Not on a compiled index."""
+        return None
+
     def fill_row(self, out: np.ndarray) -> None:
         """Write the allowed tokens into `out` (int32 `[ceil(V/32)]`); -1 once terminated."""
         if self._terminated:

@@ -5,29 +5,89 @@ table's rows are uploaded to every worker the first time a step needs one of the
 slots this planner hands out, and stay there until the slots are needed for another
 table (least recently used first, never one the same step uses). A table wider than the
 arena can hold, or a row no table holds (llguidance's), travels with the step.
+
+With device states on (`blob_words`), a request on an index may instead be named by a
+state slot: its index's transitions go to the workers once (a blob, dotllm.kernels.states,
+kept while its table is), the slot is set from the host's state once, and from then on
+the device moves it by each sampled token, so the host need not have accepted the last
+token before it plans the next step. A table that live device states use is never
+evicted; `release` frees a request's slot when it ends or leaves the index.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 
+from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 from dotllm.compiler.mask_table import MaskTable
-from dotllm.kernels.arena import UNCONSTRAINED, RowPlan, direct_slot
+from dotllm.kernels import states as device_states
+from dotllm.kernels.arena import DEVICE_STATE, UNCONSTRAINED, RowPlan, direct_slot
 
 
 class RowPlanner:
-    def __init__(self, words: int, table_slots: int, max_rows: int):
+    def __init__(self, words: int, table_slots: int, max_rows: int, blob_words: int = 0,
+                 state_slots: int = 0):
         self.words = words
         self.table_slots = table_slots
         self._free = list(range(table_slots - 1, -1, -1))  # pop() hands out the lowest
         self._resident: OrderedDict[int, np.ndarray] = OrderedDict()  # serial -> slots, LRU
         self._direct = np.empty((max_rows, words), dtype=np.int32)
         self._slots = np.empty(max_rows, dtype=np.int32)
+        # Device states (0 words: off): blobs by first fit in [0, blob_words).
+        self.blob_words = blob_words
+        self._blob_free: list[tuple[int, int]] = [(0, blob_words)] if blob_words else []
+        self._blobs: dict[int, tuple[int, int]] = {}  # serial -> (offset, length)
+        self._state_free = list(range(state_slots - 1, -1, -1))
+        self._owners: dict[str, tuple[int, int]] = {}  # request id -> (state slot, serial)
+        self._pins: Counter[int] = Counter()  # serial -> live device states on it
+
+    @property
+    def device_states(self) -> bool:
+        return self.blob_words > 0
 
     def start(self) -> PlanBuilder:
         return PlanBuilder(self)
+
+    def holds(self, request_id: str, table: MaskTable) -> bool:
+        """Whether the device holds the request's state on `table` (its live state)."""
+        owner = self._owners.get(request_id)
+        return owner is not None and owner[1] == table.serial
+
+    def release(self, request_id: str) -> None:
+        """The request's device state is no longer wanted (it ended, or left the index)."""
+        if (owner := self._owners.pop(request_id, None)) is not None:
+            slot, serial = owner
+            self._state_free.append(slot)
+            self._pins[serial] -= 1
+            if not self._pins[serial]:
+                del self._pins[serial]
+
+    def release_all(self) -> None:
+        """Forget every device state (vLLM dropped tokens the device may have taken)."""
+        for request_id in list(self._owners):
+            self.release(request_id)
+
+    def _evict(self, in_use: set[int], with_blob: bool = False) -> bool:
+        """Free the least recently used table no step or device state uses (one with a
+        blob, if `with_blob`); False if there is none."""
+        victim = next((s for s in self._resident if s not in in_use and s not in self._pins
+                       and (not with_blob or s in self._blobs)), None)
+        if victim is None:
+            return False
+        self._free.extend(self._resident.pop(victim)[::-1].tolist())
+        if (blob := self._blobs.pop(victim, None)) is not None:
+            self._blob_free.append(blob)
+            self._blob_free.sort()
+            merged: list[tuple[int, int]] = []
+            for start, length in self._blob_free:
+                if merged and merged[-1][0] + merged[-1][1] == start:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + length)
+                else:
+                    merged.append((start, length))
+            self._blob_free = merged
+        return True
 
     def _place(self, table: MaskTable, in_use: set[int]) -> np.ndarray | None:
         """The table's slots, after evicting what it takes; None if it cannot fit."""
@@ -35,14 +95,41 @@ class RowPlanner:
         if need > self.table_slots:
             return None
         while len(self._free) < need:
-            victim = next((s for s in self._resident if s not in in_use), None)
-            if victim is None:
+            if not self._evict(in_use):
                 return None
-            self._free.extend(self._resident.pop(victim)[::-1].tolist())
         self._free.sort(reverse=True)  # the lowest slots first keeps the arena small
         slots = np.array([self._free.pop() for _ in range(need)], dtype=np.int32)
         self._resident[table.serial] = slots
         return slots
+
+    def _place_blob(self, compiled: CompiledIndex, slots: np.ndarray, in_use: set[int]
+                    ) -> tuple[int, np.ndarray | None] | None:
+        """The offset of the index's blob (and the blob, if it must be uploaded), after
+        evicting what it takes; None if it cannot be there."""
+        serial = compiled.table.serial
+        if (placed := self._blobs.get(serial)) is not None:
+            return placed[0], None
+        t = compiled.transitions
+        need = device_states.HEADER + 2 * t.num_states + 1 + 2 * len(t.tokens)
+        if need > self.blob_words:
+            return None
+        try:
+            compiled.check_all()  # the device reaches states the host has not checked
+        except CorruptEntry:
+            return None
+        while (start := next((i for i, (_, n) in enumerate(self._blob_free) if n >= need),
+                             None)) is None:
+            if not self._evict(in_use | {serial}, with_blob=True):
+                return None
+        offset, length = self._blob_free[start]
+        if length == need:
+            del self._blob_free[start]
+        else:
+            self._blob_free[start] = (offset + need, length - need)
+        self._blobs[serial] = (offset, need)
+        blob = device_states.blob(t.offsets, t.tokens, t.targets,
+                                  slots[compiled.table.state_rows])
+        return offset, blob
 
 
 class PlanBuilder:
@@ -54,6 +141,9 @@ class PlanBuilder:
         self._direct = 0
         self._uploads: list[tuple[np.ndarray, np.ndarray]] = []
         self._in_use: set[int] = set()
+        self._device_rows: list[tuple[int, int]] = []  # (row, state slot)
+        self._inits: list[tuple[int, int, int]] = []  # (state slot, blob base, state)
+        self._blob_uploads: list[tuple[int, np.ndarray]] = []
 
     def _add(self, slot: int) -> None:
         self._planner._slots[self._count] = slot
@@ -62,24 +152,64 @@ class PlanBuilder:
     def unconstrained(self) -> None:
         self._add(UNCONSTRAINED)
 
-    def table_row(self, table: MaskTable, row: int) -> None:
+    def _table_slots(self, table: MaskTable) -> np.ndarray | None:
+        """Where the workers hold `table` (uploading it with this step if new); None if
+        it cannot be held."""
         planner = self._planner
         if table.rows.shape[1] != planner.words:  # a vocabulary padded otherwise
-            self.direct_row()[:] = 0
-            n = min(table.rows.shape[1], planner.words)
-            planner._direct[self._direct - 1, :n] = table.rows[row, :n]
-            return
+            return None
         slots = planner._resident.get(table.serial)
         if slots is None:
             slots = planner._place(table, self._in_use)
             if slots is None:
-                self.direct_row()[:] = table.rows[row]
-                return
+                return None
             self._uploads.append((slots, table.rows))
         else:
             planner._resident.move_to_end(table.serial)
         self._in_use.add(table.serial)
-        self._add(int(slots[row]))
+        return slots
+
+    def table_row(self, table: MaskTable, row: int) -> None:
+        slots = self._table_slots(table)
+        if slots is not None:
+            self._add(int(slots[row]))
+            return
+        out = self.direct_row()
+        n = min(table.rows.shape[1], len(out))
+        out[:n] = table.rows[row, :n]
+        out[n:] = 0
+
+    def device_state_row(self, request_id: str, compiled: CompiledIndex,
+                         state: int | None) -> bool:
+        """The request's row named by its device state on `compiled`: the one the device
+        holds (`RowPlanner.holds`), else a new one set to `state` (the host's, in step
+        with every token sampled; None: not in step). False, planning nothing, where it
+        cannot be."""
+        planner = self._planner
+        table = compiled.table
+        owner = planner._owners.get(request_id)
+        if owner is not None and owner[1] != table.serial:
+            planner.release(request_id)
+            owner = None
+        if owner is None and (state is None or not planner._state_free):
+            return False
+        if (slots := self._table_slots(table)) is None:
+            return False
+        if (placed := planner._place_blob(compiled, slots, self._in_use)) is None:
+            return False
+        base, blob = placed
+        if blob is not None:
+            self._blob_uploads.append((base, blob))
+        if owner is None:
+            slot = planner._state_free.pop()
+            planner._owners[request_id] = (slot, table.serial)
+            planner._pins[table.serial] += 1
+            self._inits.append((slot, base, state))
+        else:
+            slot = owner[0]
+        self._device_rows.append((self._count, slot))
+        self._add(DEVICE_STATE)
+        return True
 
     @property
     def rows(self) -> np.ndarray:
@@ -99,5 +229,13 @@ class PlanBuilder:
 
     def finish(self) -> RowPlan:
         p = self._planner
-        return RowPlan(p.words, p._slots[:self._count].copy(), p._direct[:self._direct],
-                       self._uploads)
+        plan = RowPlan(p.words, p._slots[:self._count].copy(), p._direct[:self._direct],
+                       self._uploads, blob_uploads=self._blob_uploads)
+        if self._device_rows:
+            plan.states = np.full(self._count, -1, dtype=np.int32)
+            rows, slots = zip(*self._device_rows, strict=True)
+            plan.states[list(rows)] = slots
+        if self._inits:
+            columns = zip(*self._inits, strict=True)
+            plan.state_inits = tuple(np.array(c, dtype=np.int32) for c in columns)
+        return plan

@@ -90,6 +90,12 @@ class Settings:
         "Memory for compiled constraints' mask tables in each model worker, on its device, "
         "in MiB (least recently used out first): a step names a table row by one integer "
         "instead of sending it (0: every row sent every step).", default=256)
+    device_states_mib: int = _option(
+        "Memory for compiled constraints' transitions in each model worker, on its device, "
+        "in MiB: a request on an index then moves from state to state there, from the "
+        "token just sampled, and with async scheduling a step's sampling no longer waits "
+        "for the host to accept the last step's tokens (0: off; not with speculative "
+        "decoding).", default=0)
     forced_drafts: int = _option(
         "Tokens a constrained request's constraint decides next (braces, key names, "
         "separators), proposed as speculative drafts the model verifies in one pass, at "
@@ -133,6 +139,10 @@ class Settings:
     def mask_table_slots(self, words: int) -> int:
         """Rows of `words` int32 each that --dotllm-mask-table-mib holds."""
         return self.mask_table_mib * 2**20 // (4 * words)
+
+    def device_state_words(self) -> int:
+        """int32 words of transitions --dotllm-device-states-mib holds."""
+        return self.device_states_mib * 2**20 // 4
 
     def disk_dir(self, cache_root: Path) -> Path | None:
         if self.index_cache_dir == "off":

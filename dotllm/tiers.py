@@ -21,7 +21,7 @@ from concurrent.futures import Future
 import llguidance
 import numpy as np
 
-from dotllm.compiler.compiled import CorruptEntry
+from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 from dotllm.compiler.mask_table import MaskTable
 from dotllm.compiler.pool import CompileFailed
 from dotllm.compiler.spec import ConstraintError
@@ -125,6 +125,10 @@ class TieredGuide:
         self._hand_over_if_ready([])
         self._current.fill_row(out)
 
+    def index_position(self) -> tuple[CompiledIndex, int] | None:
+        self._hand_over_if_ready([])
+        return self._current.index_position()
+
     def matcher_for_mask(self) -> llguidance.LLMatcher | None:
         self._hand_over_if_ready([])
         return self._current.matcher_for_mask()
@@ -193,6 +197,9 @@ class IndexWithFallback:
 
     def table_row(self) -> tuple[MaskTable, int] | None:
         return self._current.table_row()
+
+    def index_position(self) -> tuple[CompiledIndex, int] | None:
+        return self._current.index_position()
 
     def forced_tokens(self, limit: int) -> list[int]:
         return self._current.forced_tokens(limit)  # (an eager part: checked on load)

@@ -13,6 +13,12 @@ group holds the same rows. On CUDA the host buffers are pinned once (grown when 
 needs more), copies go on a side stream while the compute stream is busy with the forward
 pass, and two events keep reuse safe: a host buffer is rewritten only after the copy that
 read it finished, and arena rows only after the kernel that read them finished.
+
+Rows may also be named by a device state (dotllm.kernels.states): a request on an index
+whose state the device advances from each sampled token. Its row's slot is read on the
+device from the state, and after sampling (`advance`, called by the runner's sampling
+hook) the state moves by the token sampled, so the next step's plan needs nothing the
+host learns from this one.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import numpy as np
 import torch
 
 from dotllm.kernels import implementation, kernel_name
+from dotllm.kernels import states as device_states
 
 UNCONSTRAINED = -1  # a slot that masks nothing (a finished constraint)
+DEVICE_STATE = -(2**31)  # a slot read on the device from the row's state (`RowPlan.states`)
 
 
 def direct_slot(j: int) -> int:
@@ -44,6 +52,13 @@ class RowPlan:
     direct: np.ndarray  # int32 [n, words]: rows computed for this step
     # (slots int32 [k], rows int32 [k, words]) to write into the arena first, in order.
     uploads: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    # Rows whose slot is DEVICE_STATE: states[i] is the device state slot naming row i's
+    # mask (-1 elsewhere); None when no row is.
+    states: np.ndarray | None = None
+    # (state slots, blob bases, local states) int32 [m] each: device states set first.
+    state_inits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # (offset in the blob buffer, int32 blob) to write first: indexes new on the device.
+    blob_uploads: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
     @classmethod
     def of_rows(cls, bitmask: np.ndarray) -> RowPlan:
@@ -56,8 +71,12 @@ class RowPlan:
     @property
     def nbytes(self) -> int:
         """Bytes the step sends to the workers."""
-        return (self.slots.nbytes + self.direct.nbytes
-                + sum(s.nbytes + r.nbytes for s, r in self.uploads))
+        extra = 0 if self.states is None else self.states.nbytes
+        if self.state_inits is not None:
+            extra += sum(a.nbytes for a in self.state_inits)
+        return (self.slots.nbytes + self.direct.nbytes + extra
+                + sum(s.nbytes + r.nbytes for s, r in self.uploads)
+                + sum(b.nbytes for _, b in self.blob_uploads))
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -79,6 +98,13 @@ class MaskArena:
         self._table_rows = 0  # arena rows [0, table_rows) hold tables, then scratch
         self._scratch_rows = 0
         self._arena = torch.empty((0, words), dtype=torch.int32, device=self.device)
+        self._states_impl = device_states.implementation(self.device)
+        self._search_steps = device_states.search_steps(32 * words)
+        self._blobs = torch.empty(0, dtype=torch.int32, device=self.device)
+        self._bases = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self._states = torch.zeros(0, dtype=torch.int32, device=self.device)
+        # (state slots, logits rows) of the last step's device-state rows, for `advance`
+        self._to_advance: tuple[torch.Tensor, torch.Tensor] | None = None
         self._staged = 0  # capacity of the pinned step buffers
         if self._cuda:
             self._stream = torch.cuda.Stream(self.device)
@@ -108,13 +134,35 @@ class MaskArena:
         arena[:self._table_rows] = self._arena[:self._table_rows]
         self._arena, self._table_rows, self._scratch_rows = arena, table_rows, scratch_rows
 
+    def _grown(self, tensor: torch.Tensor, size: int) -> torch.Tensor:
+        """`tensor`, or a copy at least twice as long when `size` does not fit."""
+        if size <= len(tensor):
+            return tensor
+        self._quiesce()
+        grown = torch.zeros(max(size, 2 * len(tensor)), dtype=tensor.dtype, device=self.device)
+        grown[:len(tensor)] = tensor
+        return grown
+
+    def _grow_states(self, plan: RowPlan) -> None:
+        blobs_end = max((o + len(b) for o, b in plan.blob_uploads), default=0)
+        self._blobs = self._grown(self._blobs, blobs_end)
+        slots = 0
+        if plan.states is not None and len(plan.states):
+            slots = int(plan.states.max()) + 1
+        if plan.state_inits is not None and len(plan.state_inits[0]):
+            slots = max(slots, int(plan.state_inits[0].max()) + 1)
+        self._bases = self._grown(self._bases, slots)
+        self._states = self._grown(self._states, slots)
+
     def _grow_staging(self, rows: int) -> None:
         if self._staged:
             self._quiesce()
         self._staged = max(rows, 2 * self._staged)
         self._host_direct = torch.empty((self._staged, self.words), dtype=torch.int32,
                                         pin_memory=True)
-        self._host_index = torch.empty((2, self._staged), dtype=torch.int32, pin_memory=True)
+        # targets, slots; device-state rows: positions, state slots, logits rows;
+        # state inits: slots, bases, states
+        self._host_index = torch.empty((8, self._staged), dtype=torch.int32, pin_memory=True)
         self._device_index = torch.empty_like(self._host_index, device=self.device)
 
     # -- a step ---------------------------------------------------------------------------
@@ -123,37 +171,85 @@ class MaskArena:
               sources: np.ndarray | None = None) -> int:
         """Mask logits[logit_rows[i]] with the plan's row sources[i] (or i), in place;
         returns the rows masked."""
+        self._to_advance = None
         slots = plan.slots if sources is None else plan.slots[sources]
         constrained = slots != UNCONSTRAINED
         slots = slots[constrained]
         targets = np.asarray(logit_rows, dtype=np.int32)[constrained]
+        on_device = np.flatnonzero(slots == DEVICE_STATE).astype(np.int32)
+        state_slots = np.empty(0, dtype=np.int32)
+        if len(on_device):
+            states = plan.states if sources is None else plan.states[sources]
+            state_slots = states[constrained][on_device]
+            slots = slots.copy()
+            slots[on_device] = 0  # resolved on the device
         highest = max((int(s.max()) + 1 for s, _ in plan.uploads if len(s)), default=0)
         if len(slots):
             highest = max(highest, int(slots.max()) + 1)
         self._grow_arena(highest, len(plan.direct))
+        self._grow_states(plan)
         # The step's own rows sit behind the tables.
         slots = np.where(slots <= -2, self._table_rows - 2 - slots, slots).astype(np.int32)
+        device_rows = (on_device, state_slots, targets[on_device])
         if self._cuda:
-            self._apply_cuda(logits, plan, slots, targets)
+            self._apply_cuda(logits, plan, slots, targets, device_rows)
         else:
             for upload_slots, rows in plan.uploads:
                 self._arena[torch.from_numpy(upload_slots).long()] = _tensor(rows)
             n = len(plan.direct)
             self._arena[self._table_rows:self._table_rows + n] = torch.from_numpy(plan.direct)
+            inits = plan.state_inits
+            self._write_states(plan, None if inits is None else
+                               tuple(torch.from_numpy(a) for a in inits))
+            slots_t = torch.from_numpy(slots)
+            self._resolve(slots_t, *(torch.from_numpy(a) for a in device_rows))
             if len(slots):
-                self._apply(logits, self._arena, torch.from_numpy(targets),
-                            torch.from_numpy(slots))
+                self._apply(logits, self._arena, torch.from_numpy(targets), slots_t)
         return len(slots)
 
+    def _write_states(self, plan: RowPlan,
+                      inits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """The plan's new blobs and state inits (on the current stream)."""
+        for offset, blob in plan.blob_uploads:
+            self._blobs[offset:offset + len(blob)] = _tensor(blob).to(self.device)
+        if inits is not None and len(inits[0]):
+            slots = inits[0].long()
+            self._bases[slots] = inits[1]
+            self._states[slots] = inits[2]
+
+    def _resolve(self, slots: torch.Tensor, positions: torch.Tensor, state_slots: torch.Tensor,
+                 rows: torch.Tensor) -> None:
+        """Device-state rows' slots into `slots`; remembered for `advance`."""
+        if len(positions):
+            self._states_impl.resolve(self._blobs, self._bases, self._states, state_slots,
+                                      slots, positions)
+            self._to_advance = (state_slots, rows)
+
+    def advance(self, sampled: torch.Tensor) -> None:
+        """After sampling the last step applied: each device state moves by its row's token
+        (sampled: [logits rows, >= 1] token ids on the logits' device)."""
+        if self._to_advance is None:
+            return
+        state_slots, rows = self._to_advance
+        self._to_advance = None
+        self._states_impl.advance(self._blobs, self._bases, self._states, state_slots,
+                                  sampled, rows, self._search_steps)
+        if self._cuda:  # the step's index buffer is read until here
+            self._consumed.record(torch.cuda.current_stream(self.device))
+
     def _apply_cuda(self, logits: torch.Tensor, plan: RowPlan, slots: np.ndarray,
-                    targets: np.ndarray) -> None:
+                    targets: np.ndarray, device_rows: tuple[np.ndarray, ...]) -> None:
         count, n = len(slots), len(plan.direct)
-        if max(count, n) > self._staged:
-            self._grow_staging(max(count, n))
+        inits = plan.state_inits or (np.empty(0, dtype=np.int32),) * 3
+        m, k = len(device_rows[0]), len(inits[0])
+        if max(count, n, k) > self._staged:
+            self._grow_staging(max(count, n, k))
         self._copied.synchronize()  # the previous copy has read the host buffers
         self._host_direct.numpy()[:n] = plan.direct
         index = self._host_index.numpy()
         index[0, :count], index[1, :count] = targets, slots
+        for row, values in enumerate((*device_rows, *inits), start=2):
+            index[row, :len(values)] = values
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(self._consumed)  # the previous kernel has read the arena
@@ -163,9 +259,13 @@ class MaskArena:
                     0, torch.from_numpy(upload_slots).to(self.device).long(), rows_on_device)
             self._arena[self._table_rows:self._table_rows + n].copy_(
                 self._host_direct[:n], non_blocking=True)
-            self._device_index[:, :count].copy_(self._host_index[:, :count], non_blocking=True)
+            self._device_index[:, :max(count, k)].copy_(self._host_index[:, :max(count, k)],
+                                                        non_blocking=True)
+            self._write_states(plan, tuple(self._device_index[5:8, :k]))
             self._copied.record(self._stream)
         compute.wait_event(self._copied)
+        self._resolve(self._device_index[1, :count], self._device_index[2, :m],
+                      self._device_index[3, :m], self._device_index[4, :m])
         if count:
             self._apply(logits, self._arena, self._device_index[0, :count],
                         self._device_index[1, :count])

@@ -145,9 +145,18 @@ class CompiledIndex:
         """Draft tokens for what the constraint decides from `state` on (often none)."""
         return self.forced.tokens_from(state)
 
-    def _check_state(self, state: int) -> None:
+    def check_all(self) -> None:
+        """Every block checked now, for a user that reaches any state without asking
+        (states advanced on the GPU); CorruptEntry as for a state."""
+        if self._blocks is not None:
+            self._check_state(None)
+
+    def _check_state(self, state: int | None) -> None:
         try:
-            self._blocks.check_state(state)
+            if state is None:
+                self._blocks.check_all()
+            else:
+                self._blocks.check_state(state)
         except CorruptEntry as e:
             if self.on_corrupt is not None:
                 self.on_corrupt(str(e))
@@ -236,19 +245,34 @@ class _BlockCheck:
         self.state_ok = bytearray(transitions.num_states)
         self._lock = threading.Lock()
 
+    def _check_chunk(self, c: int) -> None:
+        if not self._chunk_ok[c]:
+            t, a, b = self._transitions, c * self._chunk, (c + 1) * self._chunk
+            if _digest(t.tokens[a:b], t.targets[a:b]) != self._chunk_digests[c].tobytes():
+                raise CorruptEntry(f"transitions block {c} fails its checksum")
+            self._chunk_ok[c] = 1
+
+    def _check_row(self, row: int) -> None:
+        if not self._row_ok[row]:
+            if _digest(self._table.rows[row]) != self._row_digests[row].tobytes():
+                raise CorruptEntry(f"mask row {row} fails its checksum")
+            self._row_ok[row] = 1
+
     def check_state(self, state: int) -> None:
-        t, m = self._transitions, self._table
+        t = self._transitions
         with self._lock:
             lo, hi = int(t.offsets[state]), int(t.offsets[state + 1])
             for c in range(lo // self._chunk, -(-hi // self._chunk)):
-                if not self._chunk_ok[c]:
-                    a, b = c * self._chunk, (c + 1) * self._chunk
-                    if _digest(t.tokens[a:b], t.targets[a:b]) != self._chunk_digests[c].tobytes():
-                        raise CorruptEntry(f"transitions block {c} fails its checksum")
-                    self._chunk_ok[c] = 1
-            row = int(m.state_rows[state])
-            if not self._row_ok[row]:
-                if _digest(m.rows[row]) != self._row_digests[row].tobytes():
-                    raise CorruptEntry(f"mask row {row} fails its checksum")
-                self._row_ok[row] = 1
+                self._check_chunk(c)
+            self._check_row(int(self._table.state_rows[state]))
             self.state_ok[state] = 1
+
+    def check_all(self) -> None:
+        with self._lock:
+            if all(self.state_ok):
+                return
+            for c in range(len(self._chunk_ok)):
+                self._check_chunk(c)
+            for row in range(len(self._row_ok)):
+                self._check_row(row)
+            self.state_ok[:] = b"\x01" * len(self.state_ok)

@@ -81,6 +81,11 @@ class CompileMetrics:
             "(--dotllm-forced-drafts), by the engine that decided them; the model verifies "
             "them (vLLM's vllm:spec_decode_num_accepted_tokens counts those it kept).",
             ["tier"], **kwargs)
+        self.steps_not_deferred = Counter(
+            "dotllm_steps_sampled_without_host",
+            "Engine steps with constrained requests, all advanced on the device "
+            "(--dotllm-device-states-mib), whose sampling did not wait for the host to "
+            "accept the previous step's tokens (stock vLLM defers it).", **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)

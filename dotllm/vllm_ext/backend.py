@@ -138,6 +138,20 @@ class DotllmGrammar(StructuredOutputGrammar):
         else:
             self.fill_row(plan.direct_row())
 
+    def add_state_row(self, plan: PlanBuilder, request_id: str, in_step: bool) -> bool:
+        """This step's row named by the request's device state, where its guide is on an
+        index: the device's own if it holds one, else set from the guide's state, which
+        must be `in_step` with every token sampled. False, planning nothing, otherwise."""
+        if (position := self.guide.index_position()) is None:
+            return False
+        compiled, state = position
+        return plan.device_state_row(request_id, compiled, state if in_step else None)
+
+    def holds_state(self, planner: RowPlanner, request_id: str) -> bool:
+        """Whether the device holds this request's state on the index its guide is on."""
+        position = self.guide.index_position()
+        return position is not None and planner.holds(request_id, position[0].table)
+
     def is_terminated(self) -> bool:
         return self.guide.is_terminated()
 
@@ -292,11 +306,16 @@ class DotllmBackend(StructuredOutputBackend):
         params = StructuredOutputsParams(**{request_type.name.lower(): value})
         return self.compile_spec(spec_from_params(params))
 
-    def row_planner(self, max_rows: int) -> RowPlanner:
-        """The one planner of this engine's steps (its slots mirror the workers' arenas)."""
+    def row_planner(self, max_rows: int, device_states: bool = False) -> RowPlanner:
+        """The one planner of this engine's steps (its slots mirror the workers' arenas);
+        device states where the settings and the caller allow them."""
         if self._planner is None:
             words = (self.vocab_size + 31) // 32
-            self._planner = RowPlanner(words, self.settings.mask_table_slots(words), max_rows)
+            s = self.settings
+            self._planner = RowPlanner(
+                words, s.mask_table_slots(words), max_rows,
+                blob_words=s.device_state_words() if device_states else 0,
+                state_slots=4 * max_rows)
         return self._planner
 
     def allocate_token_bitmask(self, max_num_seqs: int) -> torch.Tensor:

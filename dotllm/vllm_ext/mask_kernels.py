@@ -10,7 +10,13 @@ speculative token plus the bonus token). What arrives is DotLLM's `RowPlan` (the
 `row_plans` patch: table rows by slot, the rest as rows) or, where vLLM's own loop built
 it, a bitmask; either goes through the worker's `MaskArena` (tables kept on the device,
 the step's rows staged by a side stream) to the kernel `--dotllm-mask-kernel` names, in
-one launch. Rows masked are counted per kernel and source (a table row or the step's).
+one launch. Rows masked are counted per kernel and source (a table row, the step's, or
+a device state's).
+
+Rows named by a device state (--dotllm-device-states-mib) move their state by the token
+sampled right after sampling, so sampling is wrapped too: V1's `GPUModelRunner._sample`
+and V2's `GPUModelRunner.sample` (vllm/v1/worker/gpu/model_runner.py) hand the sampled
+token ids to the arena that masked the step.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import numpy as np
 import torch
 
-from dotllm.kernels.arena import MaskArena, RowPlan
+from dotllm.kernels.arena import DEVICE_STATE, MaskArena, RowPlan
 from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import replace_attribute
 
@@ -37,12 +43,22 @@ def _arena(device: torch.device, words: int, runner: str) -> MaskArena:
     return arena
 
 
+_masked_last: list[MaskArena] = []  # the arena that masked this worker's last step
+
+
+def advance_states(sampled: torch.Tensor) -> None:
+    """After a step's sampling: its device states move by the tokens sampled."""
+    if _masked_last:
+        _masked_last.pop().advance(sampled)
+
+
 @functools.cache
 def _rows_counter():
     from prometheus_client import Counter
 
     return Counter("dotllm_mask_rows", "Logits rows masked by DotLLM's kernels, by where "
-                   "the row came from: a table kept on the device, or sent with the step.",
+                   "the row came from: a table kept on the device (table), a table row a "
+                   "device state named (state), or sent with the step (step).",
                    ["kernel", "source"])
 
 
@@ -56,13 +72,14 @@ def apply_rows(logits: torch.Tensor, plan: RowPlan | np.ndarray, sources: list[i
     index = None if sources is None else np.asarray(sources, dtype=np.int64)
     arena = _arena(logits.device, plan.words, runner)
     masked = arena.apply(logits, plan, np.asarray(targets, dtype=np.int32), index)
+    _masked_last[:] = [arena]
     slots = plan.slots if index is None else plan.slots[index]
-    from_tables = int((slots >= 0).sum())
+    counts = {"table": int((slots >= 0).sum()), "state": int((slots == DEVICE_STATE).sum())}
+    counts["step"] = masked - counts["table"] - counts["state"]
     counter = _rows_counter()
-    if from_tables:
-        counter.labels(kernel=arena.kernel, source="table").inc(from_tables)
-    if masked > from_tables:
-        counter.labels(kernel=arena.kernel, source="step").inc(masked - from_tables)
+    for source, count in counts.items():
+        if count:
+            counter.labels(kernel=arena.kernel, source=source).inc(count)
 
 
 def v1_rows(scheduler_output, grammar_output, input_batch) -> tuple[list[int], list[int]]:
@@ -114,12 +131,34 @@ def _v2_apply(_stock):
     return apply_grammar_bitmask
 
 
+def _v1_sample(stock):
+    def _sample(self, logits, spec_decode_metadata):
+        output = stock(self, logits, spec_decode_metadata)
+        advance_states(output.sampled_token_ids)
+        return output
+
+    return _sample
+
+
+def _v2_sample(stock):
+    def sample(self, hidden_states, input_batch, grammar_output):
+        result = stock(self, hidden_states, input_batch, grammar_output)
+        advance_states(result[0].sampled_token_ids)
+        return result
+
+    return sample
+
+
 def apply(in_launcher: bool) -> bool:
     if in_launcher:
         return False
     from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker.gpu import model_runner as v2_model_runner
     from vllm.v1.worker.gpu.structured_outputs import StructuredOutputsWorker
 
     replace_attribute(gpu_model_runner, "apply_grammar_bitmask", _v1_apply, NAME)
     replace_attribute(StructuredOutputsWorker, "apply_grammar_bitmask", _v2_apply, NAME)
+    if Settings.from_environ().device_states_mib > 0:
+        replace_attribute(gpu_model_runner.GPUModelRunner, "_sample", _v1_sample, NAME)
+        replace_attribute(v2_model_runner.GPUModelRunner, "sample", _v2_sample, NAME)
     return True

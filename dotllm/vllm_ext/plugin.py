@@ -15,6 +15,7 @@ import os
 from dotllm.vllm_ext import (
     compile_errors,
     compile_overlap,
+    device_states,
     engine_backend,
     forced_drafts,
     heap_trim,
@@ -32,7 +33,8 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
-    compile_errors, compile_overlap, row_plans, mask_kernels, heap_trim, forced_drafts,
+    compile_errors, compile_overlap, device_states, row_plans, mask_kernels, heap_trim,
+    forced_drafts,
 )
 
 

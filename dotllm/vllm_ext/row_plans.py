@@ -9,9 +9,11 @@ table lives in the workers' arenas, uploaded once), a request on llguidance its 
 
 The rows follow vLLM's loop exactly (one per speculative draft, drafts accepted to fill
 the next row then rolled back, rows after a -1 draft unconstrained, a finished grammar
-unconstrained). What this does not cover goes to vLLM's loop, whose bitmask the workers
-apply as it is: reasoning models (the loop's reasoning-end detection) and diffusion
-models.
+unconstrained), except that with --dotllm-device-states-mib a request on an index is
+named by its device state (dotllm.mask_plan; the `device_states` patch lets such a step
+sample before the host accepted the last one). What this does not cover goes to vLLM's
+loop, whose bitmask the workers apply as it is: reasoning models (the loop's
+reasoning-end detection) and diffusion models.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ from __future__ import annotations
 from dotllm.vllm_ext.patching import replace_attribute
 
 NAME = "row_plans"
+
+
+def planner_of(manager):
+    """The engine's `RowPlanner` (DotLLM's backend's). Device states need DotLLM's
+    scheduler, which releases them (the `device_states` patch: not with a --scheduler-cls
+    of the user's), and no speculative decoding (drafts move a grammar the device would
+    not follow). They pay off with async scheduling; without it (vLLM's CPU platform
+    turns it off) they serve the same masks."""
+    config = manager.vllm_config
+    return manager.backend.row_planner(
+        config.scheduler_config.max_num_seqs * (1 + config.num_speculative_tokens),
+        device_states=(config.num_speculative_tokens == 0
+                       and config.scheduler_config.scheduler_cls is None))
 
 
 def _add(plan, grammar, constrained: bool, fills: list | None) -> None:
@@ -39,12 +54,20 @@ def _grammar_bitmask(stock):
                 or not isinstance(self.backend, backend.DotllmBackend)):
             return stock(self, requests, structured_output_request_ids,
                          scheduled_spec_decode_tokens)
-        max_rows = config.scheduler_config.max_num_seqs * (1 + config.num_speculative_tokens)
-        plan = self.backend.row_planner(max_rows).start()
+        planner = planner_of(self)
+        plan = planner.start()
         # Rows wait to be filled only where no draft moves a grammar between rows.
         fills = None if scheduled_spec_decode_tokens else []
+        on_device = planner.device_states
         for req_id in structured_output_request_ids:
-            grammar = requests[req_id].structured_output_request.grammar
+            request = requests[req_id]
+            grammar = request.structured_output_request.grammar
+            if on_device:
+                # In step: no token in flight but this step's own.
+                if not grammar.is_terminated() and grammar.add_state_row(
+                        plan, req_id, request.num_output_placeholders <= 1):
+                    continue
+                planner.release(req_id)
             drafts = scheduled_spec_decode_tokens.get(req_id, ())
             constrained, advanced = True, 0
             for token in drafts:

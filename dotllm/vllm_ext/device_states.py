@@ -1,0 +1,85 @@
+"""Patch `device_states`: a step samples without waiting for the host to accept the last
+one, where every constrained request in it is advanced on the device.
+
+Target: `SchedulerConfig.get_scheduler_cls` (vLLM 0.26, vllm/config/scheduler.py), as
+`compile_overlap` does: vLLM's scheduler (with any DotLLM mixin already there) gets
+`DeviceStates` mixed in; a scheduler class the user names (device states are then off),
+and everything without --dotllm-device-states-mib, are left as they are.
+
+vLLM 0.26 marks a step `pending_structured_output_tokens` when a constrained request in
+it still has a token in flight (async_scheduler.py); the engine core then defers the
+step's sampling until the previous step's tokens are accepted, putting the host's accept
+and mask fill between the forward pass and sampling every step (engine/core.py). A
+request the workers hold a device state for (dotllm.mask_plan: its index's transitions
+on the device, its state moved there by each sampled token) needs nothing from that
+accept, so only the other constrained requests mark the step. A request's device state
+is released when it ends or is preempted (vLLM may drop tokens the device already took:
+`reset_prefix_cache`), and set again from the host's state when it is next in step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from dotllm.settings import Settings
+from dotllm.vllm_ext.patching import replace_attribute
+from dotllm.vllm_ext.row_plans import planner_of
+
+NAME = "device_states"
+
+
+class DeviceStates:
+    """Mixed in before vLLM's `Scheduler` or `AsyncScheduler`; the synchronous one never
+    has a token in flight, and needs only the releases."""
+
+    def _planner(self):
+        return planner_of(self.structured_output_manager)
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        super()._update_after_schedule(scheduler_output)
+        if not scheduler_output.pending_structured_output_tokens:
+            return
+        planner = self._planner()
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests[req_id]
+            # After this step's own placeholder: one more is a token in flight.
+            if (not request.use_structured_output or request.is_prefill_chunk
+                    or request.num_output_placeholders <= 1):
+                continue
+            grammar = request.structured_output_request.grammar
+            if grammar.is_terminated() or not grammar.holds_state(planner, req_id):
+                return  # this one needs the host in step: the step stays pending
+        scheduler_output.pending_structured_output_tokens = False
+        self.structured_output_manager.backend.metrics.steps_not_deferred.inc()
+
+    def _preempt_request(self, request, timestamp: float) -> None:
+        super()._preempt_request(request, timestamp)
+        self._planner().release(request.request_id)
+
+    def _free_request(self, request, delay_free_blocks: bool = False):
+        self._planner().release(request.request_id)
+        return super()._free_request(request, delay_free_blocks)
+
+
+@functools.cache
+def _with_device_states(base: type) -> type:
+    return type(f"{base.__name__}WithDeviceStates", (DeviceStates, base), {})
+
+
+def _advancing_on_device(stock):
+    def get_scheduler_cls(self):
+        scheduler = stock(self)
+        if self.scheduler_cls is not None:  # the user's own
+            return scheduler
+        return _with_device_states(scheduler)
+
+    return get_scheduler_cls
+
+
+def apply(in_launcher: bool) -> bool:
+    if in_launcher or Settings.from_environ().device_states_mib <= 0:
+        return False
+    from vllm.config.scheduler import SchedulerConfig
+
+    replace_attribute(SchedulerConfig, "get_scheduler_cls", _advancing_on_device, NAME)
+    return True

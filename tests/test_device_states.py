@@ -1,0 +1,461 @@
+"""Device states (kernels/states.py, dotllm.mask_plan, the `device_states` patch): requests
+on an index advanced on the device from each sampled token, while the host accepts one
+step behind, mask exactly what the host would; vLLM's async scheduler then samples a
+step without waiting for the host, where every constrained request in it is held there.
+
+On CPU (CI): the torch ops, and the Triton ones through the interpreter. GPU-marked: the
+same on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import numpy as np
+import openai
+import pytest
+import torch
+from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from bench.jsonschemabench import load
+from dotllm.compiler.compiled import CompiledIndex
+from dotllm.embedded_model import NAME
+from dotllm.guide import Guide
+from dotllm.kernels import states as device_states
+from dotllm.kernels.arena import DEVICE_STATE, MaskArena
+from dotllm.mask_plan import RowPlanner
+from dotllm.tiers import IndexWithFallback
+from dotllm.vllm_ext import device_states as device_states_patch
+from dotllm.vllm_ext import row_plans
+from dotllm.vllm_ext.backend import DotllmGrammar
+from dotllm.vllm_ext.row_plans import planner_of
+from tests.conftest import start_dotllm, stop_server
+from tests.test_compile_overlap import BLOCK, HASH, _scheduler
+from tests.test_kernels import random_logits, reference
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+REGEXES = (
+    r"[a-z]{1,6}( [a-z]{1,6}){0,4}",
+    r'\{"name": "[A-Za-z ]{0,12}", "age": [0-9]{1,3}\}',
+    r"(yes|no|maybe)( (yes|no|maybe)){0,6}",
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+)
+
+
+@pytest.fixture(scope="module")
+def indexes(vocabulary) -> list[CompiledIndex]:
+    return [CompiledIndex.build(r, vocabulary) for r in REGEXES]
+
+
+def _devices():
+    if INTERPRETING:  # the run test_triton_ops_under_the_interpreter starts
+        return [pytest.param("cpu", id="triton-interpreter")]
+    return [pytest.param("cpu", id="torch-cpu"),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is that run")
+def test_triton_ops_under_the_interpreter():
+    """Triton reads TRITON_INTERPRET when it is first imported: a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "triton-interpreter"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_ops_move_and_resolve_states_as_the_transition_table(device, indexes):
+    """Several blobs in one buffer at odd offsets; tokens allowed and not (a token a state
+    does not allow leaves it as it is)."""
+    impl = device_states.implementation(torch.device(device))
+    assert impl.__name__.endswith("triton_states" if INTERPRETING or device == "cuda"
+                                  else "torch_states")
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    parts, bases, offset = [np.zeros(3, np.int32)], [], 3
+    for compiled in indexes:
+        t = compiled.transitions
+        slots = rng.integers(0, 1000, t.num_states).astype(np.int32)
+        blob = device_states.blob(t.offsets, t.tokens, t.targets, slots)
+        parts.append(blob)
+        bases.append((offset, slots))
+        offset += len(blob)
+    buffer = torch.from_numpy(np.concatenate(parts)).to(device)
+    n = 64
+    which = rng.integers(0, len(indexes), n)
+    state = np.array([rng.integers(indexes[w].transitions.num_states) for w in which])
+    tokens, expected = [], []
+    for w, s in zip(which, state, strict=True):
+        t = indexes[w].transitions
+        allowed = t.tokens_from(s)
+        token = (int(rng.choice(allowed)) if len(allowed) and rng.random() < 0.8
+                 else int(rng.integers(indexes[w].table.rows.shape[1] * 32)))
+        tokens.append(token)
+        nxt = t.next_state(s, token)
+        expected.append(s if nxt is None else nxt)
+    slot_of = rng.permutation(2 * n)[:n].astype(np.int32)  # state slots, scattered
+    base_t = torch.zeros(2 * n, dtype=torch.int32)
+    state_t = torch.zeros(2 * n, dtype=torch.int32)
+    base_t[slot_of] = torch.tensor([bases[w][0] for w in which], dtype=torch.int32)
+    state_t[slot_of] = torch.from_numpy(state.astype(np.int32))
+    base_t, state_t = base_t.to(device), state_t.to(device)
+    k = torch.from_numpy(slot_of).to(device)
+    out = torch.full((n + 5,), -9, dtype=torch.int32, device=device)
+    positions = torch.from_numpy(rng.permutation(n + 5)[:n].astype(np.int32)).to(device)
+    impl.resolve(buffer, base_t, state_t, k, out, positions)
+    got = out.cpu().numpy()[positions.cpu().numpy()]
+    assert got.tolist() == [int(bases[w][1][s]) for w, s in zip(which, state, strict=True)]
+    rows = torch.from_numpy(rng.permutation(n).astype(np.int32))
+    sampled = torch.zeros((n, 2), dtype=torch.int64)
+    sampled[rows.long(), 0] = torch.tensor(tokens)
+    impl.advance(buffer, base_t, state_t, k, sampled.to(device), rows.to(device),
+                 device_states.search_steps(indexes[0].table.rows.shape[1] * 32))
+    assert state_t.cpu()[slot_of].tolist() == expected
+
+
+class _Walker:
+    """A request walking an index: `truth` accepts each token when sampled, `host` one
+    step late (vLLM's async scheduling)."""
+
+    def __init__(self, name: str, compiled: CompiledIndex, eos: int):
+        self.name, self.compiled = name, compiled
+        self.truth = Guide(compiled, eos)
+        self.host = Guide(compiled, eos)
+        self.in_flight: int | None = None
+
+    def catch_up(self) -> None:
+        if self.in_flight is not None:
+            assert self.host.accept_tokens([self.in_flight])
+            self.in_flight = None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_random_walks_mask_as_the_host_would(device, indexes, vocabulary):
+    """Requests come and go over four indexes through a planner too small for all of
+    them at once (tables evicted and uploaded again, blobs refused, state slots run out):
+    each step every row masks what the request's true state allows, whether the device
+    names it or the host (which then catches up first, as vLLM's deferred step does)."""
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    eos, words = vocabulary.eos_token_id, indexes[0].table.rows.shape[1]
+    rows_needed = sorted(len(c.table.rows) for c in indexes)
+    blob_needed = sorted(device_states.HEADER + 2 * c.num_states + 1
+                         + 2 * len(c.transitions.tokens) for c in indexes)
+    planner = RowPlanner(words, table_slots=rows_needed[-1] + rows_needed[-2], max_rows=8,
+                         blob_words=blob_needed[-1] + blob_needed[0], state_slots=5)
+    arena = MaskArena(torch.device(device), words)
+    walkers: list[_Walker] = []
+    served = {"device": 0, "host": 0}
+    for step in range(150):
+        while len(walkers) < 7 and rng.random() < 0.5:
+            walkers.append(_Walker(f"r{step}-{len(walkers)}", rng.choice(indexes), eos))
+        if step == 75:
+            planner.release_all()  # vLLM dropped in-flight tokens: states set again
+        if not all(planner.holds(w.name, w.compiled.table) for w in walkers):
+            for w in walkers:  # a deferred step: the host accepts the last tokens first
+                w.catch_up()
+        plan = planner.start()
+        for w in walkers:
+            in_step = w.in_flight is None
+            if plan.device_state_row(w.name, w.compiled, w.host.state if in_step else None):
+                served["device"] += 1
+                continue
+            planner.release(w.name)
+            plan.table_row(*w.host.table_row())
+            served["host"] += 1
+        step_plan = plan.finish()
+        batch = len(walkers) + 2
+        targets = np.array(rng.sample(range(batch), len(walkers)), dtype=np.int32)
+        logits = random_logits(batch, words * 32, torch.float32, device,
+                               torch.Generator().manual_seed(step))
+        masks = torch.from_numpy(np.stack([w.compiled.mask_row(w.truth.state)
+                                           for w in walkers])) if walkers else None
+        expected = (reference(logits, masks, torch.from_numpy(targets), None) if walkers
+                    else logits.double().cpu())
+        arena.apply(logits, step_plan, targets)
+        assert torch.equal(logits.double().cpu(), expected), step
+        sampled = torch.full((batch, 1), -1, dtype=torch.int32)
+        ended = []
+        for w, row in zip(walkers, targets, strict=True):
+            allowed = w.compiled.transitions.tokens_from(w.truth.state)
+            if w.compiled.is_final(w.truth.state) and (not len(allowed) or rng.random() < 0.2):
+                token = eos
+            else:
+                token = int(rng.choice(allowed))
+            sampled[row, 0] = token
+            assert w.truth.accept_tokens([token])
+            w.catch_up()
+            w.in_flight = token
+            if token == eos:
+                ended.append(w)
+        arena.advance(sampled.to(device))
+        for w in ended:
+            walkers.remove(w)
+            planner.release(w.name)
+    assert served["device"] > 100 and served["host"] > 10, served
+
+
+def test_a_table_with_live_device_states_is_never_evicted(indexes):
+    a, b = indexes[0], indexes[2]
+    words = a.table.rows.shape[1]
+    planner = RowPlanner(words, table_slots=max(len(a.table.rows), len(b.table.rows)),
+                         max_rows=4, blob_words=10**8, state_slots=4)
+    plan = planner.start()
+    assert plan.device_state_row("r1", a, a.initial_state)
+    first = plan.finish()
+    assert first.slots.tolist() == [DEVICE_STATE] and first.states.tolist() == [0]
+    assert [x.tolist() for x in first.state_inits] == [[0], [0], [a.initial_state]]
+    assert len(first.uploads) == 1 and len(first.blob_uploads) == 1
+    plan = planner.start()
+    assert not plan.device_state_row("r2", b, b.initial_state)  # a is pinned by r1
+    plan.table_row(b.table, 0)  # the row travels with the step
+    assert plan.finish().uploads == []
+    plan = planner.start()
+    assert plan.device_state_row("r1", a, None)  # r1 goes on: nothing sent but its slot
+    again = plan.finish()
+    assert again.state_inits is None and again.uploads == [] and again.blob_uploads == []
+    assert again.nbytes == 8
+    planner.release("r1")
+    plan = planner.start()
+    assert plan.device_state_row("r2", b, b.initial_state)  # a goes now
+    assert len(plan.finish().uploads) == 1
+    assert not planner.holds("r1", a.table) and planner.holds("r2", b.table)
+
+
+def test_a_request_is_not_on_the_device_until_the_host_is_in_step(indexes):
+    a = indexes[1]
+    planner = RowPlanner(a.table.rows.shape[1], table_slots=len(a.table.rows), max_rows=4,
+                         blob_words=10**8, state_slots=4)
+    plan = planner.start()
+    assert not plan.device_state_row("r1", a, None)
+    assert plan.finish().blob_uploads == [] and not planner.holds("r1", a.table)
+
+
+# --- the scheduler: which steps sample without the host ---
+
+def _grammar(backend, compiled: CompiledIndex) -> DotllmGrammar:
+    eos = backend.vocabulary.eos_token_id
+    return DotllmGrammar(IndexWithFallback(Guide(compiled, eos), lambda: None,
+                                           lambda outcome: None), eos)
+
+
+@pytest.fixture
+def device_planner(backend):
+    """The backend's planner, with device states on, for this test."""
+    saved = backend._planner
+    words = (backend.vocab_size + 31) // 32
+    backend._planner = planner = RowPlanner(words, 4096, 8, blob_words=2**26,
+                                            state_slots=32)
+    yield planner
+    backend._planner = saved
+
+
+def _with_mixin(async_scheduling: bool, embedded_model, backend, monkeypatch):
+    """vLLM's scheduler with the mixin, and the engine core's `row_plans` patch."""
+    stock = StructuredOutputManager.grammar_bitmask
+    monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
+                        row_plans._grammar_bitmask(stock))
+    scheduler = _scheduler(async_scheduling, 200, embedded_model, backend)
+    scheduler.__class__ = device_states_patch._with_device_states(type(scheduler))
+    return scheduler
+
+
+@pytest.fixture
+def async_scheduler(embedded_model, backend, device_planner, monkeypatch):
+    scheduler = _with_mixin(True, embedded_model, backend, monkeypatch)
+    assert isinstance(scheduler, AsyncScheduler)
+    assert planner_of(scheduler.structured_output_manager) is device_planner
+    return scheduler
+
+
+def _request(request_id: str, grammar) -> Request:
+    params = SamplingParams(max_tokens=6, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(regex="x"))
+    request = Request(request_id=request_id, prompt_token_ids=list(range(10, 30)),
+                      sampling_params=params, pooling_params=None,
+                      block_hasher=get_request_block_hasher(BLOCK, HASH))
+    request.structured_output_request.grammar = grammar
+    return request
+
+
+def test_steps_sample_without_the_host_once_every_request_is_on_the_device(
+        async_scheduler, backend, indexes, tokenizer):
+    """The engine core's loop with a batch queue of two: schedule, plan (unless the step
+    is pending), then the previous step's output. Digits through the date regex."""
+    scheduler = async_scheduler
+    date = indexes[3]
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    dash = tokenizer.encode("-", add_special_tokens=False)[0]
+    text = [digit] * 4 + [dash] + [digit] * 1
+    scheduler.add_request(_request("d", _grammar(backend, date)))
+    before = backend.metrics.steps_not_deferred._value.get()
+    pending, queue, n = [], [], 0
+    while scheduler.has_requests() or queue:
+        out = scheduler.schedule() if scheduler.has_requests() else None
+        scheduled = out is not None and bool(out.num_scheduled_tokens)
+        if scheduled:
+            pending.append(out.pending_structured_output_tokens)
+            if queue and out.pending_structured_output_tokens:  # deferred: accept first
+                scheduler.update_from_output(*queue.pop(0))
+            plan = scheduler.get_grammar_bitmask(out)
+            assert plan.grammar_bitmask.slots.tolist() == [DEVICE_STATE]
+            ids = list(out.num_scheduled_tokens)
+            queue.append((out, ModelRunnerOutput(
+                req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                sampled_token_ids=[[text[n]]])))
+            n += 1
+        if len(queue) > 1 or (queue and not scheduled):
+            scheduler.update_from_output(*queue.pop(0))
+    # The first sampling step has nothing in flight; every later one has a token in
+    # flight, and the device holds the request's state.
+    assert pending == [False] * 6
+    assert backend.metrics.steps_not_deferred._value.get() - before == 5
+    assert not device_planner_holds(scheduler, "d", date)
+
+
+def device_planner_holds(scheduler, request_id, compiled) -> bool:
+    return planner_of(scheduler.structured_output_manager).holds(request_id, compiled.table)
+
+
+def test_a_request_the_device_does_not_hold_keeps_the_step_pending(
+        async_scheduler, backend, indexes, tokenizer):
+    scheduler = async_scheduler
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    scheduler.add_request(_request("a", _grammar(backend, indexes[3])))
+    out = scheduler.schedule()
+    scheduler.get_grammar_bitmask(out)  # "a" is in step: the device takes it
+    planner_of(scheduler.structured_output_manager).release("a")  # (as if preempted)
+    nxt = scheduler.schedule()
+    assert nxt.pending_structured_output_tokens  # a token in flight, no device state
+    scheduler.update_from_output(out, ModelRunnerOutput(
+        req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[digit]]))
+    plan = scheduler.get_grammar_bitmask(nxt).grammar_bitmask  # in step again: set anew
+    assert plan.slots.tolist() == [DEVICE_STATE] and plan.state_inits is not None
+    assert plan.state_inits[2].tolist() == [indexes[3].next_state(
+        indexes[3].initial_state, digit)]
+
+
+# --- end to end: `dotllm serve --dotllm-device-states-mib` ---
+
+@pytest.fixture(scope="module")
+def device_server(embedded_model, tmp_path_factory):
+    server = start_dotllm(tmp_path_factory, extra_args=("--dotllm-device-states-mib", "64"))
+    yield server
+    stop_server(server)
+
+
+def _constraints() -> list[dict]:
+    schemas = [c.schema for c in load("Glaiveai2K", sample=4, seed=5)]
+    schemas += [c.schema for c in load("Github_easy", sample=2, seed=5)]
+    return [*({"json": s} for s in schemas),
+            {"regex": r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9], ticket #[0-9]{4}"},
+            {"choice": ["approved", "rejected", "needs more information"]}]
+
+
+def _complete(server, constraint: dict, temperature: float = 0.0, seed: int | None = None,
+              prompt: str = "Reply:"):
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+    return client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=80, temperature=temperature, seed=seed,
+        extra_body={"structured_outputs": constraint}).choices[0]
+
+
+def _check(constraint: dict, choice) -> None:
+    if choice.finish_reason != "stop":
+        return  # cut by max_tokens: not a complete answer
+    if "json" in constraint:
+        jsonschema.validate(json.loads(choice.text), constraint["json"])
+    elif "regex" in constraint:
+        assert re.fullmatch(constraint["regex"], choice.text)
+    else:
+        assert choice.text in constraint["choice"]
+
+
+def _total(server, name: str, **labels: str) -> float:
+    return sum(v for k, v in server.metrics().items() if k.split("{")[0] == name
+               and all(f'{key}="{value}"' in k for key, value in labels.items()))
+
+
+def _on_the_index(server, constraint: dict):
+    """A greedy answer, checked; None if the request did not start on the index."""
+    before = _total(server, "dotllm_constraint_tier_start_total", tier="index")
+    choice = _complete(server, constraint)
+    _check(constraint, choice)
+    on_index = _total(server, "dotllm_constraint_tier_start_total", tier="index") > before
+    return choice if on_index else None
+
+
+def _until_on_the_index(server, constraint: dict, tries: int = 4) -> None:
+    """Requests until one starts on the index (a cold request's compile is cancelled if
+    it ends first, queued behind slower ones)."""
+    for _ in range(tries):
+        if _on_the_index(server, constraint) is not None:
+            return
+        server.wait_for_compiles()
+    raise AssertionError(f"never on the index: {constraint}")
+
+
+@pytest.mark.server
+def test_served_answers_are_those_of_the_host_path(dotllm_server, device_server):
+    """Greedy, one request at a time. Cold (llguidance first, then the hand-over, at a
+    moment that depends on the compile): valid. On the index from the first token: token
+    for token the answers of a server without device states. (vLLM's CPU platform turns
+    async scheduling off: here device states serve every step's masks, and the
+    scheduler's part is tested in process above.)"""
+    constraints = _constraints()
+    for constraint in constraints:
+        for server in (dotllm_server, device_server):
+            _until_on_the_index(server, constraint)
+    for constraint in constraints:
+        answers = [_on_the_index(server, constraint) for server in (dotllm_server, device_server)]
+        assert answers[1] is not None and answers[0] is not None, constraint
+        plain, ours = answers
+        assert (ours.text, ours.finish_reason) == (plain.text, plain.finish_reason), constraint
+    assert _total(device_server, "dotllm_mask_rows_total", source="state") > 0
+
+
+@pytest.mark.server
+def test_a_concurrent_sampled_batch_is_valid(device_server):
+    """Requests joining and leaving a running batch (device states set, released and
+    handed out again), sampled: every complete answer satisfies its constraint."""
+    constraints = _constraints()
+    jobs = [(c, 100 + i, f"Reply {i}:") for i, c in enumerate(constraints * 3)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(lambda job: _complete(device_server, job[0], 1.0, job[1],
+                                                      job[2]), jobs))
+    for (constraint, _, _), choice in zip(jobs, answers, strict=True):
+        _check(constraint, choice)
+    assert sum(c.finish_reason == "stop" for c in answers) > len(answers) // 2
+
+
+def test_the_synchronous_scheduler_releases_a_finished_requests_state(
+        embedded_model, backend, device_planner, monkeypatch, indexes, tokenizer):
+    scheduler = _with_mixin(False, embedded_model, backend, monkeypatch)
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    dash = tokenizer.encode("-", add_special_tokens=False)[0]
+    text = [digit] * 4 + [dash, digit]
+    scheduler.add_request(_request("s", _grammar(backend, indexes[3])))
+    for step, token in enumerate(text):  # max_tokens: 6
+        out = scheduler.schedule()
+        assert not out.pending_structured_output_tokens
+        plan = scheduler.get_grammar_bitmask(out).grammar_bitmask
+        assert plan.slots.tolist() == [DEVICE_STATE]
+        assert (plan.state_inits is not None) == (step == 0)  # set once, then the device's
+        assert device_planner.holds("s", indexes[3].table)
+        scheduler.update_from_output(out, ModelRunnerOutput(
+            req_ids=["s"], req_id_to_index={"s": 0}, sampled_token_ids=[[token]]))
+    assert scheduler.get_num_unfinished_requests() == 0
+    assert not device_planner.holds("s", indexes[3].table) and not device_planner._owners
