@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 import requests
 
@@ -182,3 +185,28 @@ def vocabulary(tokenizer):
     from dotllm.compiler.vocabulary import Vocabulary
 
     return Vocabulary.from_tokenizer(tokenizer)
+
+
+def check_answer(constraint: dict, choice) -> None:
+    """A completion choice satisfies its `structured_outputs` constraint (json, regex or
+    choice), unless max_tokens cut it (not a complete answer)."""
+    if choice.finish_reason != "stop":
+        return
+    if "json" in constraint:
+        jsonschema.validate(json.loads(choice.text), constraint["json"])
+    elif "regex" in constraint:
+        assert re.fullmatch(constraint["regex"], choice.text)
+    else:
+        assert choice.text in constraint["choice"]
+
+
+def run_under_triton_interpreter(test_file: str, selector: str) -> None:
+    """Run `test_file`'s tests matching `selector` with TRITON_INTERPRET=1: Triton reads it
+    when it is first imported, so in a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file,
+         "-k", selector],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

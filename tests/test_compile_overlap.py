@@ -22,6 +22,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
 from dotllm.vllm_ext import compile_overlap
+from dotllm.vllm_ext.patching import mixing_into_scheduler, with_mixin
 
 BLOCK = 16
 BUDGET = 128  # tokens a step
@@ -57,7 +58,7 @@ def _scheduler(async_scheduling: bool, num_blocks: int, embedded_model, backend)
     manager = StructuredOutputManager(config)
     manager.backend = backend
     base = AsyncScheduler if async_scheduling else Scheduler
-    cls = compile_overlap._with_overlap(base)
+    cls = with_mixin(compile_overlap.CompileOverlap, base)
     assert issubclass(cls, base)
     init_none_hash(HASH)
     return cls(vllm_config=config, kv_cache_config=kv, log_stats=True,
@@ -203,7 +204,8 @@ def test_a_users_own_scheduler_is_left_alone_and_off_means_off(monkeypatch):
     class Mine(Scheduler):
         pass
 
-    pick = compile_overlap._overlapping(lambda config: config.chosen)
+    pick = mixing_into_scheduler(compile_overlap.CompileOverlap)(
+        lambda config: config.chosen)
     overlapped = pick(SimpleNamespace(scheduler_cls=None, chosen=AsyncScheduler))
     assert issubclass(overlapped, compile_overlap.CompileOverlap)
     assert issubclass(overlapped, AsyncScheduler)

@@ -9,15 +9,10 @@ same on CUDA.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -40,8 +35,9 @@ from dotllm.tiers import IndexWithFallback
 from dotllm.vllm_ext import device_states as device_states_patch
 from dotllm.vllm_ext import row_plans
 from dotllm.vllm_ext.backend import DotllmGrammar
+from dotllm.vllm_ext.patching import with_mixin
 from dotllm.vllm_ext.row_plans import planner_of
-from tests.conftest import start_dotllm, stop_server
+from tests.conftest import check_answer, run_under_triton_interpreter, start_dotllm, stop_server
 from tests.test_compile_overlap import BLOCK, HASH, _scheduler
 from tests.test_kernels import random_logits, reference
 
@@ -68,14 +64,7 @@ def _devices():
 
 @pytest.mark.skipif(INTERPRETING, reason="this is that run")
 def test_triton_ops_under_the_interpreter():
-    """Triton reads TRITON_INTERPRET when it is first imported: a process of its own."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "triton-interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-        timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_under_triton_interpreter(__file__, "triton-interpreter")
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -269,7 +258,7 @@ def _with_mixin(async_scheduling: bool, embedded_model, backend, monkeypatch):
     monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
                         row_plans._grammar_bitmask(stock))
     scheduler = _scheduler(async_scheduling, 200, embedded_model, backend)
-    scheduler.__class__ = device_states_patch._with_device_states(type(scheduler))
+    scheduler.__class__ = with_mixin(device_states_patch.DeviceStates, type(scheduler))
     return scheduler
 
 
@@ -373,17 +362,6 @@ def _complete(server, constraint: dict, temperature: float = 0.0, seed: int | No
         extra_body={"structured_outputs": constraint}).choices[0]
 
 
-def _check(constraint: dict, choice) -> None:
-    if choice.finish_reason != "stop":
-        return  # cut by max_tokens: not a complete answer
-    if "json" in constraint:
-        jsonschema.validate(json.loads(choice.text), constraint["json"])
-    elif "regex" in constraint:
-        assert re.fullmatch(constraint["regex"], choice.text)
-    else:
-        assert choice.text in constraint["choice"]
-
-
 def _total(server, name: str, **labels: str) -> float:
     return sum(v for k, v in server.metrics().items() if k.split("{")[0] == name
                and all(f'{key}="{value}"' in k for key, value in labels.items()))
@@ -393,7 +371,7 @@ def _on_the_index(server, constraint: dict):
     """A greedy answer, checked; None if the request did not start on the index."""
     before = _total(server, "dotllm_constraint_tier_start_total", tier="index")
     choice = _complete(server, constraint)
-    _check(constraint, choice)
+    check_answer(constraint, choice)
     on_index = _total(server, "dotllm_constraint_tier_start_total", tier="index") > before
     return choice if on_index else None
 
@@ -437,7 +415,7 @@ def test_a_concurrent_sampled_batch_is_valid(device_server):
         answers = list(pool.map(lambda job: _complete(device_server, job[0], 1.0, job[1],
                                                       job[2]), jobs))
     for (constraint, _, _), choice in zip(jobs, answers, strict=True):
-        _check(constraint, choice)
+        check_answer(constraint, choice)
     assert sum(c.finish_reason == "stop" for c in answers) > len(answers) // 2
 
 

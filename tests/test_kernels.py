@@ -7,14 +7,13 @@ device (marked gpu; run them there with `bench/gpu_kernels.sh`): every kernel av
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from dotllm import kernels
+from tests.conftest import run_under_triton_interpreter
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,14 +32,7 @@ def _implementations():
 
 @pytest.mark.skipif(INTERPRETING, reason="this is that run")
 def test_triton_kernel_under_the_interpreter():
-    """Triton reads TRITON_INTERPRET when it is first imported: a process of its own."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "triton-interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-        timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_under_triton_interpreter(__file__, "triton-interpreter")
 
 
 @pytest.fixture(params=_implementations())

@@ -23,11 +23,10 @@ which a CPU generator does not have).
 
 from __future__ import annotations
 
-import functools
 from concurrent.futures import Future
 
 from dotllm.settings import Settings
-from dotllm.vllm_ext.patching import replace_attribute
+from dotllm.vllm_ext.patching import mixing_into_scheduler, replace_attribute
 
 NAME = "compile_overlap"
 
@@ -111,25 +110,11 @@ class CompileOverlap:
         return capped
 
 
-@functools.cache
-def _with_overlap(base: type) -> type:
-    return type(f"Dotllm{base.__name__}", (CompileOverlap, base), {})
-
-
-def _overlapping(stock):
-    def get_scheduler_cls(self):
-        scheduler = stock(self)
-        if self.scheduler_cls is not None:  # the user's own
-            return scheduler
-        return _with_overlap(scheduler)
-
-    return get_scheduler_cls
-
-
 def apply(in_launcher: bool) -> bool:
     if in_launcher or Settings.from_environ().compile_overlap != "on":
         return False
     from vllm.config.scheduler import SchedulerConfig
 
-    replace_attribute(SchedulerConfig, "get_scheduler_cls", _overlapping, NAME)
+    replace_attribute(SchedulerConfig, "get_scheduler_cls",
+                      mixing_into_scheduler(CompileOverlap), NAME)
     return True

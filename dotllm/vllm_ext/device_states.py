@@ -19,10 +19,8 @@ is released when it ends or is preempted (vLLM may drop tokens the device alread
 
 from __future__ import annotations
 
-import functools
-
 from dotllm.settings import Settings
-from dotllm.vllm_ext.patching import replace_attribute
+from dotllm.vllm_ext.patching import mixing_into_scheduler, replace_attribute
 from dotllm.vllm_ext.row_plans import planner_of
 
 NAME = "device_states"
@@ -61,25 +59,11 @@ class DeviceStates:
         return super()._free_request(request, delay_free_blocks)
 
 
-@functools.cache
-def _with_device_states(base: type) -> type:
-    return type(f"{base.__name__}WithDeviceStates", (DeviceStates, base), {})
-
-
-def _advancing_on_device(stock):
-    def get_scheduler_cls(self):
-        scheduler = stock(self)
-        if self.scheduler_cls is not None:  # the user's own
-            return scheduler
-        return _with_device_states(scheduler)
-
-    return get_scheduler_cls
-
-
 def apply(in_launcher: bool) -> bool:
     if in_launcher or Settings.from_environ().device_states_mib <= 0:
         return False
     from vllm.config.scheduler import SchedulerConfig
 
-    replace_attribute(SchedulerConfig, "get_scheduler_cls", _advancing_on_device, NAME)
+    replace_attribute(SchedulerConfig, "get_scheduler_cls",
+                      mixing_into_scheduler(DeviceStates), NAME)
     return True

@@ -3,6 +3,7 @@ and only in the kind of process it belongs to."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from types import ModuleType
@@ -44,3 +45,25 @@ def patches_on(attribute) -> list[str]:
         names.append(name)
         attribute = getattr(attribute, "dotllm_wraps", None)
     return names
+
+
+@functools.cache
+def with_mixin(mixin: type, base: type) -> type:
+    """`base` with `mixin` first in its MRO (one class per pair)."""
+    return type(f"{base.__name__}With{mixin.__name__}", (mixin, base), {})
+
+
+def mixing_into_scheduler(mixin: type):
+    """A `replace_attribute` maker for vLLM's `SchedulerConfig.get_scheduler_cls`: the class
+    vLLM picks (`Scheduler` or `AsyncScheduler`, with any mixin already there) gets
+    `mixin`; a --scheduler-cls of the user's own is left as it is."""
+    def make(stock):
+        def get_scheduler_cls(self):
+            scheduler = stock(self)
+            if self.scheduler_cls is not None:
+                return scheduler
+            return with_mixin(mixin, scheduler)
+
+        return get_scheduler_cls
+
+    return make
