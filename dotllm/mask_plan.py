@@ -188,10 +188,13 @@ class PlanBuilder:
         planner = self._planner
         table = compiled.table
         owner = planner._owners.get(request_id)
-        if owner is not None and owner[1] != table.serial:
-            planner.release(request_id)
-            owner = None
-        if owner is None and (state is None or not planner._state_free):
+        if owner is not None:
+            if owner[1] == table.serial:  # the common case: its table is pinned there
+                self._device_rows.append((self._count, owner[0]))
+                self._add(DEVICE_STATE)
+                return True
+            planner.release(request_id)  # it moved to another index
+        if state is None or not planner._state_free:
             return False
         if (slots := self._table_slots(table)) is None:
             return False
@@ -200,13 +203,10 @@ class PlanBuilder:
         base, blob = placed
         if blob is not None:
             self._blob_uploads.append((base, blob))
-        if owner is None:
-            slot = planner._state_free.pop()
-            planner._owners[request_id] = (slot, table.serial)
-            planner._pins[table.serial] += 1
-            self._inits.append((slot, base, state))
-        else:
-            slot = owner[0]
+        slot = planner._state_free.pop()
+        planner._owners[request_id] = (slot, table.serial)
+        planner._pins[table.serial] += 1
+        self._inits.append((slot, base, state))
         self._device_rows.append((self._count, slot))
         self._add(DEVICE_STATE)
         return True
