@@ -60,3 +60,39 @@ def test_constrained_requests_use_the_cuda_kernel(runner, embedded_model, tmp_pa
                 "runner)") in server.log.read_text()
     finally:
         stop_server(server)
+
+
+@pytest.mark.parametrize("runner", ["v2", "v1"])
+def test_device_states_sample_without_waiting_for_the_host(runner, embedded_model,
+                                                          tmp_path_factory):
+    """--dotllm-device-states-mib with vLLM's async scheduling (on by default on a GPU):
+    requests on their index are masked from device states, and steps sample without the
+    host's accept of the last one; every answer valid."""
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0",
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    server = start_dotllm(tmp_path_factory, env=env, extra_args=(
+        "--dotllm-device-states-mib", "64", "--dotllm-constraint-engine", "outlines"))
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+
+        def ask(i: int) -> None:
+            if i % 4 == 3:
+                client.completions.create(model=NAME, prompt=f"free {i}", max_tokens=40)
+                return
+            schema = SCHEMAS[i % len(SCHEMAS)]
+            reply = client.completions.create(
+                model=NAME, prompt=f"request {i}", max_tokens=80, seed=i,
+                extra_body={"structured_outputs": {"json": schema}})
+            if reply.choices[0].finish_reason == "stop":
+                jsonschema.validate(json.loads(reply.choices[0].text), schema)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(ask, range(64)))
+        metrics = server.metrics()
+        state_rows = sum(v for k, v in metrics.items()
+                         if k.startswith("dotllm_mask_rows_total") and 'source="state"' in k)
+        undeferred = sum(v for k, v in metrics.items()
+                         if k.startswith("dotllm_steps_sampled_without_host_total"))
+        assert state_rows >= 48 and undeferred > 0, server.log_tail()
+    finally:
+        stop_server(server)
