@@ -91,7 +91,8 @@ class CompileOverlap:
                 request, num_new_tokens, num_new_local_computed_tokens,
                 num_external_computed_tokens)
         constraint = request.structured_output_request
-        if constraint is None:
+        # A request that has output had its grammar (the common case: a decode step).
+        if constraint is None or request.num_output_tokens:
             return num_new_tokens
         compiling = _compiling(request)
         if not compiling and not isinstance(constraint.grammar, Exception):
