@@ -11,55 +11,33 @@ calls, untimed, as the engine core does with async scheduling.
 from __future__ import annotations
 
 import pytest
-import torch
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
-from vllm.v1.core.kv_cache_utils import init_none_hash
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.structured_output import StructuredOutputManager
-from vllm.v1.structured_output.backend_types import StructuredOutputOptions
 
+from dotllm.compiler.compiled import CompiledIndex
+from dotllm.guide import Guide
+from dotllm.tiers import IndexWithFallback
+from dotllm.vllm_ext.backend import DotllmGrammar
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
-from dotllm.vllm_ext.patching import with_mixin
-from tests.conftest import backend  # noqa: F401  (fixture)
-from tests.test_compile_overlap import BLOCK, HASH, make_request
+from tests.test_compile_overlap import _scheduler, make_request
 
 ROWS = 256
 BLOCKS = 8000
 MIXINS = {"stock": (), "overlap": (CompileOverlap,)}
 
 
-def _scheduler(mixins: tuple[type, ...], embedded_model, backend):  # noqa: F811
-    config = VllmConfig(
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=ROWS, max_num_batched_tokens=8192, max_model_len=1024,
-            enable_chunked_prefill=True, async_scheduling=True, is_encoder_decoder=False),
-        model_config=ModelConfig(model=str(embedded_model), dtype="float32", seed=0,
-                                 skip_tokenizer_init=True),
-        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True))
-    config.cache_config.num_gpu_blocks = BLOCKS
-    kv = KVCacheConfig(num_blocks=BLOCKS, kv_cache_tensors=[], kv_cache_groups=[
-        KVCacheGroupSpec(["layer"], FullAttentionSpec(
-            block_size=BLOCK, num_kv_heads=1, head_size=1, dtype=torch.float32))])
-    manager = StructuredOutputManager(config)
-    manager.backend = backend
-    cls = AsyncScheduler
-    for mixin in mixins:
-        cls = with_mixin(mixin, cls)
-    init_none_hash(HASH)
-    return cls(vllm_config=config, kv_cache_config=kv, log_stats=True,
-               structured_output_manager=manager, block_size=BLOCK)
-
-
 @pytest.mark.parametrize("mixins", list(MIXINS))
-def test_schedule_256_constrained_decodes(benchmark, mixins, embedded_model, backend,  # noqa: F811
+def test_schedule_256_constrained_decodes(benchmark, mixins, embedded_model, vocabulary,
                                           tokenizer):
-    scheduler = _scheduler(MIXINS[mixins], embedded_model, backend)
+    # No DotLLM backend (its metrics are the tests' own): grammars on a ready index.
+    scheduler = _scheduler(True, BLOCKS, embedded_model, None, mixins=MIXINS[mixins],
+                           max_num_seqs=ROWS, budget=8192)
     digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    compiled = CompiledIndex.build("[0-9]+", vocabulary)
+    eos = vocabulary.eos_token_id
     for i in range(ROWS):
         request, grammar = make_request(f"r{i}", 20, max_tokens=100_000, compiling=False)
-        grammar.set_result(backend.compile_grammar(StructuredOutputOptions.REGEX, "[0-9]+"))
+        grammar.set_result(DotllmGrammar(IndexWithFallback(
+            Guide(compiled, eos), lambda: None, lambda outcome: None), eos))
         scheduler.add_request(request)
     in_flight = []
 

@@ -42,10 +42,14 @@ def scheduler(make_scheduler):
     return make_scheduler()
 
 
-def _scheduler(async_scheduling: bool, num_blocks: int, embedded_model, backend):
+def _scheduler(async_scheduling: bool, num_blocks: int, embedded_model, backend,
+               mixins: tuple[type, ...] = (compile_overlap.CompileOverlap,),
+               max_num_seqs: int = 8, budget: int = BUDGET):
+    """vLLM's scheduler (sync or async) around `backend`, with `mixins` (the innermost
+    first), `num_blocks` of KV cache."""
     config = VllmConfig(
         scheduler_config=SchedulerConfig(
-            max_num_seqs=8, max_num_batched_tokens=BUDGET, max_model_len=1024,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=1024,
             enable_chunked_prefill=True, async_scheduling=async_scheduling,
             is_encoder_decoder=False),
         model_config=ModelConfig(model=str(embedded_model), dtype="float32", seed=0,
@@ -57,8 +61,9 @@ def _scheduler(async_scheduling: bool, num_blocks: int, embedded_model, backend)
             block_size=BLOCK, num_kv_heads=1, head_size=1, dtype=torch.float32))])
     manager = StructuredOutputManager(config)
     manager.backend = backend
-    base = AsyncScheduler if async_scheduling else Scheduler
-    cls = with_mixin(compile_overlap.CompileOverlap, base)
+    base = cls = AsyncScheduler if async_scheduling else Scheduler
+    for mixin in mixins:
+        cls = with_mixin(mixin, cls)
     assert issubclass(cls, base)
     init_none_hash(HASH)
     return cls(vllm_config=config, kv_cache_config=kv, log_stats=True,

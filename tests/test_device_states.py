@@ -35,7 +35,7 @@ from dotllm.tiers import IndexWithFallback
 from dotllm.vllm_ext import device_states as device_states_patch
 from dotllm.vllm_ext import row_plans
 from dotllm.vllm_ext.backend import DotllmGrammar
-from dotllm.vllm_ext.patching import with_mixin
+from dotllm.vllm_ext.compile_overlap import CompileOverlap
 from dotllm.vllm_ext.row_plans import planner_of
 from tests.conftest import check_answer, run_under_triton_interpreter, start_dotllm, stop_server
 from tests.test_compile_overlap import BLOCK, HASH, _scheduler
@@ -257,9 +257,8 @@ def _with_mixin(async_scheduling: bool, embedded_model, backend, monkeypatch):
     stock = StructuredOutputManager.grammar_bitmask
     monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
                         row_plans._grammar_bitmask(stock))
-    scheduler = _scheduler(async_scheduling, 200, embedded_model, backend)
-    scheduler.__class__ = with_mixin(device_states_patch.DeviceStates, type(scheduler))
-    return scheduler
+    return _scheduler(async_scheduling, 200, embedded_model, backend,
+                      mixins=(CompileOverlap, device_states_patch.DeviceStates))
 
 
 @pytest.fixture

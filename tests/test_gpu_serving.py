@@ -29,6 +29,23 @@ SCHEMAS = [
 ]
 
 
+def _mixed_batch(client: openai.OpenAI) -> None:
+    """64 requests, 16 at a time, a quarter of them unconstrained (in the same batches);
+    every constrained answer valid."""
+    def ask(i: int) -> None:
+        if i % 4 == 3:
+            client.completions.create(model=NAME, prompt=f"free {i}", max_tokens=40)
+            return
+        schema = SCHEMAS[i % len(SCHEMAS)]
+        reply = client.completions.create(
+            model=NAME, prompt=f"request {i}", max_tokens=80, seed=i,
+            extra_body={"structured_outputs": {"json": schema}})
+        jsonschema.validate(json.loads(reply.choices[0].text), schema)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(ask, range(64)))
+
+
 @pytest.mark.parametrize("runner", ["v2", "v1"])
 def test_constrained_requests_use_the_cuda_kernel(runner, embedded_model, tmp_path_factory):
     env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0",
@@ -36,19 +53,7 @@ def test_constrained_requests_use_the_cuda_kernel(runner, embedded_model, tmp_pa
     server = start_dotllm(tmp_path_factory, env=env)
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-
-        def ask(i: int) -> None:
-            if i % 4 == 3:  # unconstrained rows in the same batches
-                client.completions.create(model=NAME, prompt=f"free {i}", max_tokens=40)
-                return
-            schema = SCHEMAS[i % len(SCHEMAS)]
-            reply = client.completions.create(
-                model=NAME, prompt=f"request {i}", max_tokens=80, seed=i,
-                extra_body={"structured_outputs": {"json": schema}})
-            jsonschema.validate(json.loads(reply.choices[0].text), schema)
-
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(ask, range(64)))
+        _mixed_batch(client)
         reply = client.completions.create(
             model=NAME, prompt="x", max_tokens=12,
             extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
@@ -73,21 +78,7 @@ def test_device_states_sample_without_waiting_for_the_host(runner, embedded_mode
     server = start_dotllm(tmp_path_factory, env=env, extra_args=(
         "--dotllm-device-states-mib", "64", "--dotllm-constraint-engine", "outlines"))
     try:
-        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-
-        def ask(i: int) -> None:
-            if i % 4 == 3:
-                client.completions.create(model=NAME, prompt=f"free {i}", max_tokens=40)
-                return
-            schema = SCHEMAS[i % len(SCHEMAS)]
-            reply = client.completions.create(
-                model=NAME, prompt=f"request {i}", max_tokens=80, seed=i,
-                extra_body={"structured_outputs": {"json": schema}})
-            if reply.choices[0].finish_reason == "stop":
-                jsonschema.validate(json.loads(reply.choices[0].text), schema)
-
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(ask, range(64)))
+        _mixed_batch(openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0))
         metrics = server.metrics()
         state_rows = sum(v for k, v in metrics.items()
                          if k.startswith("dotllm_mask_rows_total") and 'source="state"' in k)
