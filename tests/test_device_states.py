@@ -436,3 +436,17 @@ def test_the_synchronous_scheduler_releases_a_finished_requests_state(
             req_ids=["s"], req_id_to_index={"s": 0}, sampled_token_ids=[[token]]))
     assert scheduler.get_num_unfinished_requests() == 0
     assert not device_planner.holds("s", indexes[3].table) and not device_planner._owners
+
+
+def test_without_dotllms_backend_the_scheduler_is_vllms(embedded_model):
+    """No DotLLM backend (a server without a tokenizer has none): nothing to release."""
+    scheduler = _scheduler(True, 200, embedded_model, None,
+                           mixins=(device_states_patch.DeviceStates,))
+    params = SamplingParams(max_tokens=1)
+    scheduler.add_request(Request(request_id="f", prompt_token_ids=[5, 6, 7],
+                                  sampling_params=params, pooling_params=None,
+                                  block_hasher=get_request_block_hasher(BLOCK, HASH)))
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, ModelRunnerOutput(
+        req_ids=["f"], req_id_to_index={"f": 0}, sampled_token_ids=[[9]]))
+    assert scheduler.get_num_unfinished_requests() == 0

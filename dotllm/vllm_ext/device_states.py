@@ -31,13 +31,26 @@ class DeviceStates:
     has a token in flight, and needs only the releases."""
 
     def _planner(self):
-        return planner_of(self.structured_output_manager)
+        """DotLLM's planner, if DotLLM serves structured outputs here (not without a
+        tokenizer, for one)."""
+        from dotllm.vllm_ext.backend import DotllmBackend
+
+        manager = self.structured_output_manager
+        if not isinstance(manager.backend, DotllmBackend):
+            return None
+        return planner_of(manager)
+
+    def _release(self, request) -> None:
+        if (planner := self._planner()) is not None:
+            planner.release(request.request_id)
 
     def _update_after_schedule(self, scheduler_output) -> None:
         super()._update_after_schedule(scheduler_output)
         if not scheduler_output.pending_structured_output_tokens:
             return
         planner = self._planner()
+        if planner is None or not planner.device_states:
+            return
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests[req_id]
             # After this step's own placeholder: one more is a token in flight.
@@ -52,10 +65,10 @@ class DeviceStates:
 
     def _preempt_request(self, request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
-        self._planner().release(request.request_id)
+        self._release(request)
 
     def _free_request(self, request, delay_free_blocks: bool = False):
-        self._planner().release(request.request_id)
+        self._release(request)
         return super()._free_request(request, delay_free_blocks)
 
 
