@@ -140,8 +140,9 @@ class DotllmGrammar(StructuredOutputGrammar):
 
     def add_state_row(self, plan: PlanBuilder, request_id: str, in_step: bool) -> bool:
         """This step's row named by the request's device state, where its guide is on an
-        index: the device's own if it holds one, else set from the guide's state, which
-        must be `in_step` with every token sampled. False, planning nothing, otherwise."""
+        index and not terminated: the device's own if it holds one, else set from the
+        guide's state, which must be `in_step` with every token sampled. False, planning
+        nothing, otherwise."""
         if (position := self.guide.index_position()) is None:
             return False
         compiled, state = position

@@ -58,7 +58,7 @@ class DeviceStates:
                     or request.num_output_placeholders <= 1):
                 continue
             grammar = request.structured_output_request.grammar
-            if grammar.is_terminated() or not grammar.holds_state(planner, req_id):
+            if not grammar.holds_state(planner, req_id):  # (nor when terminated)
                 return  # this one needs the host in step: the step stays pending
         scheduler_output.pending_structured_output_tokens = False
         self.structured_output_manager.backend.metrics.steps_not_deferred.inc()

@@ -62,10 +62,9 @@ def _grammar_bitmask(stock):
         for req_id in structured_output_request_ids:
             request = requests[req_id]
             grammar = request.structured_output_request.grammar
-            if on_device:
+            if on_device:  # (not once terminated: then unconstrained, below)
                 # In step: no token in flight but this step's own.
-                if not grammar.is_terminated() and grammar.add_state_row(
-                        plan, req_id, request.num_output_placeholders <= 1):
+                if grammar.add_state_row(plan, req_id, request.num_output_placeholders <= 1):
                     continue
                 planner.release(req_id)
             drafts = scheduled_spec_decode_tokens.get(req_id, ())
