@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
+import openai
 import pytest
 import requests
 
@@ -51,6 +52,11 @@ class Server:
     def metrics(self) -> dict[str, float]:
         """Prometheus samples at /metrics: 'name{labels}' -> value."""
         return prometheus.samples(requests.get(self.url + "/metrics", timeout=10).text)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of `name`'s samples whose labels include `labels`."""
+        return sum(v for k, v in self.metrics().items() if k.split("{")[0] == name
+                   and all(f'{key}="{value}"' in k for key, value in labels.items()))
 
     def wait_for_metric(self, name: str, at_least: float, timeout_s: float = 120) -> None:
         """Until a sample reaches `at_least` (a compile that finishes after its request)."""
@@ -185,6 +191,17 @@ def vocabulary(tokenizer):
     from dotllm.compiler.vocabulary import Vocabulary
 
     return Vocabulary.from_tokenizer(tokenizer)
+
+
+def complete_constrained(server: Server, constraint: dict, temperature: float = 0.0,
+                         seed: int | None = None, prompt: str = "Reply:"):
+    """One completion choice under a `structured_outputs` constraint, as a client asks."""
+    from dotllm.embedded_model import NAME
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+    return client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=80, temperature=temperature, seed=seed,
+        extra_body={"structured_outputs": constraint}).choices[0]
 
 
 def check_answer(constraint: dict, choice) -> None:

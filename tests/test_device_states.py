@@ -14,7 +14,6 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import openai
 import pytest
 import torch
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -26,7 +25,6 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from bench.jsonschemabench import load
 from dotllm.compiler.compiled import CompiledIndex
-from dotllm.embedded_model import NAME
 from dotllm.guide import Guide
 from dotllm.kernels import states as device_states
 from dotllm.kernels.arena import DEVICE_STATE, MaskArena
@@ -37,7 +35,13 @@ from dotllm.vllm_ext import row_plans
 from dotllm.vllm_ext.backend import DotllmGrammar
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
 from dotllm.vllm_ext.row_plans import planner_of
-from tests.conftest import check_answer, run_under_triton_interpreter, start_dotllm, stop_server
+from tests.conftest import (
+    check_answer,
+    complete_constrained,
+    run_under_triton_interpreter,
+    start_dotllm,
+    stop_server,
+)
 from tests.test_compile_overlap import BLOCK, HASH, _scheduler
 from tests.test_kernels import random_logits, reference
 
@@ -353,25 +357,12 @@ def _constraints() -> list[dict]:
             {"choice": ["approved", "rejected", "needs more information"]}]
 
 
-def _complete(server, constraint: dict, temperature: float = 0.0, seed: int | None = None,
-              prompt: str = "Reply:"):
-    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
-    return client.completions.create(
-        model=NAME, prompt=prompt, max_tokens=80, temperature=temperature, seed=seed,
-        extra_body={"structured_outputs": constraint}).choices[0]
-
-
-def _total(server, name: str, **labels: str) -> float:
-    return sum(v for k, v in server.metrics().items() if k.split("{")[0] == name
-               and all(f'{key}="{value}"' in k for key, value in labels.items()))
-
-
 def _on_the_index(server, constraint: dict):
     """A greedy answer, checked; None if the request did not start on the index."""
-    before = _total(server, "dotllm_constraint_tier_start_total", tier="index")
-    choice = _complete(server, constraint)
+    before = server.total("dotllm_constraint_tier_start_total", tier="index")
+    choice = complete_constrained(server, constraint)
     check_answer(constraint, choice)
-    on_index = _total(server, "dotllm_constraint_tier_start_total", tier="index") > before
+    on_index = server.total("dotllm_constraint_tier_start_total", tier="index") > before
     return choice if on_index else None
 
 
@@ -401,7 +392,7 @@ def test_served_answers_are_those_of_the_host_path(dotllm_server, device_server)
         assert answers[1] is not None and answers[0] is not None, constraint
         plain, ours = answers
         assert (ours.text, ours.finish_reason) == (plain.text, plain.finish_reason), constraint
-    assert _total(device_server, "dotllm_mask_rows_total", source="state") > 0
+    assert device_server.total("dotllm_mask_rows_total", source="state") > 0
 
 
 @pytest.mark.server
@@ -411,7 +402,7 @@ def test_a_concurrent_sampled_batch_is_valid(device_server):
     constraints = _constraints()
     jobs = [(c, 100 + i, f"Reply {i}:") for i, c in enumerate(constraints * 3)]
     with ThreadPoolExecutor(max_workers=12) as pool:
-        answers = list(pool.map(lambda job: _complete(device_server, job[0], 1.0, job[1],
+        answers = list(pool.map(lambda job: complete_constrained(device_server, job[0], 1.0, job[1],
                                                       job[2]), jobs))
     for (constraint, _, _), choice in zip(jobs, answers, strict=True):
         check_answer(constraint, choice)

@@ -17,7 +17,7 @@ from scipy.stats import chi2_contingency
 
 from bench.jsonschemabench import load
 from dotllm.embedded_model import NAME
-from tests.conftest import check_answer, start_dotllm, stop_server
+from tests.conftest import check_answer, complete_constrained, start_dotllm, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -39,15 +39,11 @@ def _client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
 
 
-def _total(server, name: str) -> float:
-    return sum(v for k, v in server.metrics().items() if k.split("{")[0] == name)
-
-
 def _settled(server, name: str, above: float, timeout_s: float = 30) -> float:
     """`name`'s total once it exceeds `above`: vLLM's API server records a step's counts
     as it hands out the step's outputs, which a client can see first."""
     deadline = time.monotonic() + timeout_s
-    while (total := _total(server, name)) <= above and time.monotonic() < deadline:
+    while (total := server.total(name)) <= above and time.monotonic() < deadline:
         time.sleep(0.2)
     return total
 
@@ -60,23 +56,17 @@ def _constraints() -> list[dict]:
             {"choice": ["approved", "rejected", "needs more information"]}]
 
 
-def _complete(server, constraint: dict, temperature: float, seed: int | None = None):
-    return _client(server).completions.create(
-        model=NAME, prompt="Reply:", max_tokens=80, temperature=temperature, seed=seed,
-        extra_body={"structured_outputs": constraint}).choices[0]
-
-
 def test_greedy_answers_are_token_for_token_those_without_drafts(dotllm_server,
                                                                  drafting_server):
     constraints = _constraints()
     for server in (dotllm_server, drafting_server):  # both on their indexes: warm
         for constraint in constraints:
-            _complete(server, constraint, 0.0)
+            complete_constrained(server, constraint, 0.0)
         server.wait_for_compiles()
-    before = {name: _total(drafting_server, name) for name in (ACCEPTED, OURS)}
+    before = {name: drafting_server.total(name) for name in (ACCEPTED, OURS)}
     for constraint in constraints:
-        plain = _complete(dotllm_server, constraint, 0.0)
-        drafted = _complete(drafting_server, constraint, 0.0)
+        plain = complete_constrained(dotllm_server, constraint, 0.0)
+        drafted = complete_constrained(drafting_server, constraint, 0.0)
         assert (drafted.text, drafted.finish_reason) == (plain.text, plain.finish_reason), \
             constraint
     for name in (ACCEPTED, OURS):
@@ -86,7 +76,7 @@ def test_greedy_answers_are_token_for_token_those_without_drafts(dotllm_server,
 def test_sampled_answers_with_drafts_are_valid(drafting_server):
     for i, constraint in enumerate(_constraints()):
         for seed in (1, 2):
-            check_answer(constraint, _complete(drafting_server, constraint, 1.0,
+            check_answer(constraint, complete_constrained(drafting_server, constraint, 1.0,
                                                seed=100 * i + seed))
 
 
@@ -99,27 +89,27 @@ def test_a_forced_key_takes_fewer_engine_steps_than_tokens(drafting_server):
         "shipping_address_confirmation": {"type": "boolean"}},
         "required": ["customer_identification_number", "shipping_address_confirmation"],
         "additionalProperties": False}
-    _complete(drafting_server, {"json": schema}, 0.0)
+    complete_constrained(drafting_server, {"json": schema}, 0.0)
     drafting_server.wait_for_compiles()
-    before = _total(drafting_server, STEPS)
-    generated = _total(drafting_server, GENERATED)
+    before = drafting_server.total(STEPS)
+    generated = drafting_server.total(GENERATED)
     reply = _client(drafting_server).completions.create(
         model=NAME, prompt="Reply:", max_tokens=80, temperature=0.0,
         extra_body={"structured_outputs": {"json": schema}})
     _settled(drafting_server, GENERATED, generated + reply.usage.completion_tokens - 1)
-    steps = _total(drafting_server, STEPS) - before
+    steps = drafting_server.total(STEPS) - before
     assert json.loads(reply.choices[0].text).keys() == schema["properties"].keys()
     assert steps * 2 <= reply.usage.completion_tokens, (steps, reply.usage)
 
 
 def test_unconstrained_requests_get_no_drafts(drafting_server):
-    before = _total(drafting_server, DRAFTED)
-    generated = _total(drafting_server, GENERATED)
+    before = drafting_server.total(DRAFTED)
+    generated = drafting_server.total(GENERATED)
     reply = _client(drafting_server).completions.create(
         model=NAME, prompt="Tell me", max_tokens=12, temperature=0.0)
     assert reply.usage.completion_tokens == 12
     _settled(drafting_server, GENERATED, generated + 11)
-    assert _total(drafting_server, DRAFTED) == before
+    assert drafting_server.total(DRAFTED) == before
 
 
 def test_sampling_keeps_the_distribution_of_answers(dotllm_server, drafting_server):
@@ -150,10 +140,10 @@ def test_the_users_own_speculative_method_drafts_the_rest(embedded_model, tmp_pa
     try:
         client = _client(server)
         text = "the quick brown fox jumps over the lazy dog "
-        before = {name: _total(server, name) for name in (DRAFTED, OURS)}
+        before = {name: server.total(name) for name in (DRAFTED, OURS)}
         client.completions.create(model=NAME, prompt=text * 6, max_tokens=24, temperature=0)
         middle = {DRAFTED: _settled(server, DRAFTED, before[DRAFTED]),
-                  OURS: _total(server, OURS)}
+                  OURS: server.total(OURS)}
         assert middle[DRAFTED] > before[DRAFTED] and middle[OURS] == before[OURS]
         schema = {"type": "object", "properties": {"story": {"type": "string",
                                                              "maxLength": 60}},

@@ -58,8 +58,7 @@ def test_constrained_requests_use_the_cuda_kernel(runner, embedded_model, tmp_pa
             model=NAME, prompt="x", max_tokens=12,
             extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
         assert re.fullmatch("[0-9]{3}-[a-z]{2}", reply.choices[0].text)
-        rows = sum(v for k, v in server.metrics().items()
-                   if k.startswith('dotllm_mask_rows_total{kernel="cuda"'))
+        rows = server.total("dotllm_mask_rows_total", kernel="cuda")
         assert rows >= 48, server.log_tail()
         assert (f"DotLLM applies grammar bitmasks with its cuda kernel ({runner.upper()} model "
                 "runner)") in server.log.read_text()
@@ -79,11 +78,8 @@ def test_device_states_sample_without_waiting_for_the_host(runner, embedded_mode
         "--dotllm-device-states-mib", "64", "--dotllm-constraint-engine", "outlines"))
     try:
         _mixed_batch(openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0))
-        metrics = server.metrics()
-        state_rows = sum(v for k, v in metrics.items()
-                         if k.startswith("dotllm_mask_rows_total") and 'source="state"' in k)
-        undeferred = sum(v for k, v in metrics.items()
-                         if k.startswith("dotllm_steps_sampled_without_host_total"))
+        state_rows = server.total("dotllm_mask_rows_total", source="state")
+        undeferred = server.total("dotllm_steps_sampled_without_host_total")
         assert state_rows >= 48 and undeferred > 0, server.log_tail()
     finally:
         stop_server(server)

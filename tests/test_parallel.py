@@ -28,7 +28,7 @@ LOG_LINE = re.compile(r"pid=(\d+)\).*DotLLM applies grammar bitmasks with its (\
 
 
 def _rows(server) -> float:
-    return sum(v for k, v in server.metrics().items() if k.startswith("dotllm_mask_rows_total"))
+    return server.total("dotllm_mask_rows_total")
 
 
 def _tier_tokens(server) -> dict[str, float]:
