@@ -34,7 +34,6 @@ class RowPlanner:
         self._free = list(range(table_slots - 1, -1, -1))  # pop() hands out the lowest
         self._resident: OrderedDict[int, np.ndarray] = OrderedDict()  # serial -> slots, LRU
         self._direct = np.empty((max_rows, words), dtype=np.int32)
-        self._slots = np.empty(max_rows, dtype=np.int32)
         # Device states (0 words: off): blobs by first fit in [0, blob_words).
         self.blob_words = blob_words
         self._blob_free: list[tuple[int, int]] = [(0, blob_words)] if blob_words else []
@@ -137,17 +136,17 @@ class PlanBuilder:
 
     def __init__(self, planner: RowPlanner):
         self._planner = planner
-        self._count = 0
+        self._slots: list[int] = []  # a row's slot (or what stands for one), row by row
         self._direct = 0
         self._uploads: list[tuple[np.ndarray, np.ndarray]] = []
         self._in_use: set[int] = set()
-        self._device_rows: list[tuple[int, int]] = []  # (row, state slot)
+        self._device_rows: list[int] = []  # rows named by a device state ...
+        self._device_slots: list[int] = []  # ... and their state slots
         self._inits: list[tuple[int, int, int]] = []  # (state slot, blob base, state)
         self._blob_uploads: list[tuple[int, np.ndarray]] = []
 
     def _add(self, slot: int) -> None:
-        self._planner._slots[self._count] = slot
-        self._count += 1
+        self._slots.append(slot)
 
     def unconstrained(self) -> None:
         self._add(UNCONSTRAINED)
@@ -190,8 +189,9 @@ class PlanBuilder:
         owner = planner._owners.get(request_id)
         if owner is not None:
             if owner[1] == table.serial:  # the common case: its table is pinned there
-                self._device_rows.append((self._count, owner[0]))
-                self._add(DEVICE_STATE)
+                self._device_rows.append(len(self._slots))
+                self._device_slots.append(owner[0])
+                self._slots.append(DEVICE_STATE)
                 return True
             planner.release(request_id)  # it moved to another index
         if state is None or not planner._state_free:
@@ -207,7 +207,8 @@ class PlanBuilder:
         planner._owners[request_id] = (slot, table.serial)
         planner._pins[table.serial] += 1
         self._inits.append((slot, base, state))
-        self._device_rows.append((self._count, slot))
+        self._device_rows.append(len(self._slots))
+        self._device_slots.append(slot)
         self._add(DEVICE_STATE)
         return True
 
@@ -229,12 +230,12 @@ class PlanBuilder:
 
     def finish(self) -> RowPlan:
         p = self._planner
-        plan = RowPlan(p.words, p._slots[:self._count].copy(), p._direct[:self._direct],
-                       self._uploads, blob_uploads=self._blob_uploads)
+        plan = RowPlan(p.words, np.array(self._slots, dtype=np.int32),
+                       p._direct[:self._direct], self._uploads,
+                       blob_uploads=self._blob_uploads)
         if self._device_rows:
-            plan.states = np.full(self._count, -1, dtype=np.int32)
-            rows, slots = zip(*self._device_rows, strict=True)
-            plan.states[list(rows)] = slots
+            plan.states = np.full(len(self._slots), -1, dtype=np.int32)
+            plan.states[self._device_rows] = self._device_slots
         if self._inits:
             columns = zip(*self._inits, strict=True)
             plan.state_inits = tuple(np.array(c, dtype=np.int32) for c in columns)
