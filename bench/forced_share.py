@@ -12,8 +12,9 @@ the document's next tokens, the matching ones are accepted, and the model adds o
 (the bonus token of verification). `forced` is the share of the document's tokens (EOS
 included) that came from accepted drafts; `passes/token` the forward passes per token (1.0
 without drafts); `bytes forced` the share of the document's bytes inside a state's forced
-text, whatever the tokenization; and how many drafted states spell their forced text as
-the tokenizer encodes it alone.
+text, whatever the tokenization; `allowed alone` the share of its tokens whose state allows
+no other token (what jump-forward could append unverified without changing the output);
+and how many drafted states spell their forced text as the tokenizer encodes it alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Walks:
     bytes_forced: int = 0
     documents: int = 0
     refused: int = 0  # instances the index does not accept as tokenized (not walked)
+    alone: int = 0  # tokens from states that allow no other (appendable unverified)
     accepted: dict[int, int] = field(default_factory=dict)  # draft cap -> accepted drafts
     passes: dict[int, int] = field(default_factory=dict)  # draft cap -> forward passes
     per_schema: list[float] = field(default_factory=list)  # forced share, the largest cap
@@ -69,6 +71,7 @@ class Walks:
             self.tokens += len(ids)
             self.bytes += len(text.encode())
             self.bytes_forced += forced_bytes(compiled, ids, vocabulary)
+            self.alone += allowed_alone(compiled, ids)
             for k, (n, passes) in results.items():
                 self.accepted[k] = self.accepted.get(k, 0) + n
                 self.passes[k] = self.passes.get(k, 0) + passes
@@ -95,6 +98,18 @@ def walk(compiled, ids: list[int], eos: int, cap: int) -> tuple[int, int] | None
     return None  # no EOS: not a complete document
 
 
+def allowed_alone(compiled, ids: list[int]) -> int:
+    """Tokens of the document (EOS last) that their state allows alone: what jump-forward
+    could append with no forward pass and no change to the output distribution."""
+    state, out = compiled.initial_state, 0
+    for token in ids:
+        out += len(compiled.transitions.tokens_from(state)) == 1
+        state = compiled.next_state(state, token)
+        if state is None:
+            break
+    return out
+
+
 def forced_bytes(compiled, ids: list[int], vocabulary) -> int:
     """Bytes of the document inside the forced text of the state before them."""
     state, out, skip = compiled.initial_state, 0, 0
@@ -117,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     options.set_defaults(subsets=["Glaiveai2K", "Github_easy"])
     args = options.parse_args(argv)
     tokenizer, vocabulary = embedded_tokenizer_and_vocabulary()
-    lines = ["| subset | schemas compiled | documents | tokens | bytes forced | "
+    lines = ["| subset | schemas compiled | documents | tokens | bytes forced | allowed alone | "
              + " | ".join(f"forced, {k} drafts | passes/token, {k}" for k in args.drafts) + " |",
-             "|---|---|---|---|---|" + "---|---|" * len(args.drafts)]
+             "|---|---|---|---|---|---|" + "---|---|" * len(args.drafts)]
     for subset in args.subsets:
         walks = Walks(args.drafts)
         cases = load(subset, sample=args.sample or None)
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {subset} | {compiled}/{len(cases)} | {walks.documents} (+{walks.refused} "
             f"refused) | {walks.tokens:,} | {walks.bytes_forced / max(1, walks.bytes):.1%} | "
+            f"{walks.alone / t:.1%} | "
             + " | ".join(f"{walks.accepted.get(k, 0) / t:.1%} | {walks.passes.get(k, 0) / t:.3f}"
                          for k in args.drafts)
             + f" |  (per schema, {args.drafts[-1]} drafts: median "
