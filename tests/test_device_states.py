@@ -283,19 +283,16 @@ def _request(request_id: str, grammar) -> Request:
     return request
 
 
-def test_steps_sample_without_the_host_once_every_request_is_on_the_device(
-        async_scheduler, backend, indexes, tokenizer):
+def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
+           arrivals: dict[int, list[str]]) -> list[bool]:
     """The engine core's loop with a batch queue of two: schedule, plan (unless the step
-    is pending), then the previous step's output. Digits through the date regex."""
-    scheduler = async_scheduler
-    date = indexes[3]
-    digit = tokenizer.encode("7", add_special_tokens=False)[0]
-    dash = tokenizer.encode("-", add_special_tokens=False)[0]
-    text = [digit] * 4 + [dash] + [digit] * 1
-    scheduler.add_request(_request("d", _grammar(backend, date)))
-    before = backend.metrics.steps_not_deferred._value.get()
-    pending, queue, n = [], [], 0
-    while scheduler.has_requests() or queue:
+    is pending), then the previous step's output; request r arrives before step
+    `arrivals` names it at and samples `texts[r]`. Each step's pending flag."""
+    sampled = dict.fromkeys(texts, 0)
+    pending, queue, step = [], [], 0
+    while scheduler.has_requests() or queue or any(k >= step for k in arrivals):
+        for request_id in arrivals.get(step, []):
+            scheduler.add_request(_request(request_id, grammars[request_id]))
         out = scheduler.schedule() if scheduler.has_requests() else None
         scheduled = out is not None and bool(out.num_scheduled_tokens)
         if scheduled:
@@ -303,19 +300,52 @@ def test_steps_sample_without_the_host_once_every_request_is_on_the_device(
             if queue and out.pending_structured_output_tokens:  # deferred: accept first
                 scheduler.update_from_output(*queue.pop(0))
             plan = scheduler.get_grammar_bitmask(out)
-            assert plan.grammar_bitmask.slots.tolist() == [DEVICE_STATE]
+            assert set(plan.grammar_bitmask.slots.tolist()) == {DEVICE_STATE}
             ids = list(out.num_scheduled_tokens)
+            tokens = []
+            for request_id in ids:
+                tokens.append([texts[request_id][sampled[request_id]]])
+                sampled[request_id] += 1
             queue.append((out, ModelRunnerOutput(
                 req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                sampled_token_ids=[[text[n]]])))
-            n += 1
+                sampled_token_ids=tokens)))
         if len(queue) > 1 or (queue and not scheduled):
             scheduler.update_from_output(*queue.pop(0))
+        step += 1
+    return pending
+
+
+def _date_digits(tokenizer) -> list[int]:
+    """Six tokens the date regex allows from its start: 7777-7."""
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    dash = tokenizer.encode("-", add_special_tokens=False)[0]
+    return [digit] * 4 + [dash] + [digit] * 1
+
+
+def test_steps_sample_without_the_host_once_every_request_is_on_the_device(
+        async_scheduler, backend, indexes, tokenizer):
+    date = indexes[3]
+    before = backend.metrics.steps_not_deferred._value.get()
+    pending = _drive(async_scheduler, {"d": _date_digits(tokenizer)},
+                     {"d": _grammar(backend, date)}, {0: ["d"]})
     # The first sampling step has nothing in flight; every later one has a token in
     # flight, and the device holds the request's state.
     assert pending == [False] * 6
     assert backend.metrics.steps_not_deferred._value.get() - before == 5
-    assert not device_planner_holds(scheduler, "d", date)
+    assert not device_planner_holds(async_scheduler, "d", date)
+
+
+def test_a_request_joining_a_held_batch_keeps_its_steps_unpending(
+        async_scheduler, backend, indexes, tokenizer):
+    """Requests arriving while others run (a server's steady state): a newcomer has no
+    token in flight at its first sampling step, so the device takes it from the index's
+    initial state there, and no step waits for the host."""
+    date = indexes[3]
+    texts = dict.fromkeys("abc", _date_digits(tokenizer))
+    pending = _drive(async_scheduler, texts,
+                     {r: _grammar(backend, date) for r in texts}, {0: ["a"], 2: ["b"], 3: ["c"]})
+    assert len(pending) >= 8 and not any(pending)
+    assert not any(device_planner_holds(async_scheduler, r, date) for r in texts)
 
 
 def device_planner_holds(scheduler, request_id, compiled) -> bool:
