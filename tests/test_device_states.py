@@ -286,8 +286,8 @@ def _request(request_id: str, grammar) -> Request:
 def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
            arrivals: dict[int, list[str]]) -> list[bool]:
     """The engine core's loop with a batch queue of two: schedule, plan (unless the step
-    is pending), then the previous step's output; request r arrives before step
-    `arrivals` names it at and samples `texts[r]`. Each step's pending flag."""
+    is pending), then the previous step's output. `arrivals`: step -> the requests added
+    before it; request r samples `texts[r]`. Returns each step's pending flag."""
     sampled = dict.fromkeys(texts, 0)
     pending, queue, step = [], [], 0
     while scheduler.has_requests() or queue or any(k >= step for k in arrivals):
@@ -432,8 +432,8 @@ def test_a_concurrent_sampled_batch_is_valid(device_server):
     constraints = _constraints()
     jobs = [(c, 100 + i, f"Reply {i}:") for i, c in enumerate(constraints * 3)]
     with ThreadPoolExecutor(max_workers=12) as pool:
-        answers = list(pool.map(lambda job: complete_constrained(device_server, job[0], 1.0, job[1],
-                                                      job[2]), jobs))
+        answers = list(pool.map(
+            lambda job: complete_constrained(device_server, job[0], 1.0, job[1], job[2]), jobs))
     for (constraint, _, _), choice in zip(jobs, answers, strict=True):
         check_answer(constraint, choice)
     assert sum(c.finish_reason == "stop" for c in answers) > len(answers) // 2
