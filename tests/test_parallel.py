@@ -27,10 +27,6 @@ SPLITS = [("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "2")]
 LOG_LINE = re.compile(r"pid=(\d+)\).*DotLLM applies grammar bitmasks with its (\w+) kernel")
 
 
-def _rows(server) -> float:
-    return server.total("dotllm_mask_rows_total")
-
-
 def _tier_tokens(server) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in server.metrics().items():
@@ -53,7 +49,7 @@ def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None)
         regex = r"[A-Z]{2}-[0-9]{4}"
         choices = ["north", "south", "east", "west"]
         for phase in ("cold", "warm"):
-            rows = _rows(server)
+            rows = server.total("dotllm_mask_rows_total")
             reply = client.completions.create(
                 model=NAME, prompt=f"{phase}:", max_tokens=80, seed=1,
                 extra_body={"structured_outputs": {"json": schema}})
@@ -69,7 +65,7 @@ def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None)
             assert reply.choices[0].text in choices
             free = client.completions.create(model=NAME, prompt="free", max_tokens=8)
             assert free.usage.completion_tokens == 8
-            assert _rows(server) > rows, phase
+            assert server.total("dotllm_mask_rows_total") > rows, phase
             server.wait_for_compiles()
         tiers = _tier_tokens(server)
         assert tiers.get("llguidance", 0) > 0 and tiers.get("index", 0) > 0, tiers
