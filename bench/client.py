@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -23,6 +24,18 @@ class Reply:
     error: str | None = None
 
 
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream's lines, split at "\n" only: a completion's JSON may carry U+2028 or
+    U+0085 unescaped, where httpx's aiter_lines (str.splitlines) would cut a line in two."""
+    pending = ""
+    async for chunk in chunks:
+        *lines, pending = (pending + chunk).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
 async def stream_completion(client: httpx.AsyncClient, payload: dict) -> Reply:
     """POSTs `payload` to /v1/completions with streaming and usage on."""
     payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
@@ -34,7 +47,7 @@ async def stream_completion(client: httpx.AsyncClient, payload: dict) -> Reply:
             body = (await response.aread())[:300].decode(errors="replace")
             return Reply("400" if response.status_code == 400 else "error",
                          error=f"{response.status_code}: {body}")
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response.aiter_text()):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])

@@ -5,12 +5,13 @@ arithmetic its figures rest on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
 import pytest
 
-from bench import prometheus, scenarios, serve
+from bench import client, prometheus, scenarios, serve
 
 
 def test_a_histograms_mean_between_two_readings_over_its_label_sets():
@@ -22,6 +23,23 @@ def test_a_histograms_mean_between_two_readings_over_its_label_sets():
     before, after = reading(10, 0.05), reading(110, 1.25)
     assert prometheus.mean_between(before, after, "vllm:x") == pytest.approx(0.012)
     assert math.isnan(prometheus.mean_between(after, after, "vllm:x"))
+
+
+def test_stream_lines_split_at_newlines_only_whatever_the_chunks():
+    # Random weights write U+2028 and U+0085, which JSON leaves unescaped: a client that
+    # split them as line ends cut a chunk's JSON in two on the H200 (long-string x256).
+    events = ['data: {"text": "a\u2028b\x85c"}', "", "data: [DONE]", ""]
+    stream = "\r\n".join(events)
+
+    async def lines(size: int) -> list[str]:
+        async def chunks():
+            for i in range(0, len(stream), size):
+                yield stream[i:i + size]
+        return [line async for line in client.sse_lines(chunks())]
+
+    for size in (1, 5, len(stream)):
+        assert asyncio.run(lines(size)) == events[:-1]
+    assert json.loads(events[0][6:])["text"] == "a\u2028b\x85c"
 
 
 def test_every_equal_work_request_runs_the_same_steps():
