@@ -12,7 +12,9 @@ mkdir -p "$OUT"
 if [ -d gpucarry ]; then mkdir -p .gpu && cp -r gpucarry/. .gpu/; fi
 # Run from the tree, not installed: dotllm.kernels is kernels/ (pyproject's package-dir).
 rm -rf dotllm/kernels && ln -s ../kernels dotllm/kernels
-bash .gpu/p*/assemble.sh  # in the last part only (p4 by default; p3 with `stage-vllm 57`)
+# In the last part only (p4 by default; p3 with `stage-vllm 57`); a machine still warm
+# from an earlier call keeps the assembled site.
+[ -d "$HOME/dotllm-site/vllm" ] || bash .gpu/p*/assemble.sh
 site=$HOME/dotllm-site
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
     .gpu/wheels/*.whl 2>&1 | grep -v "WARNING: Target directory" || true
