@@ -22,6 +22,12 @@ def compiling(m: dict[str, float]) -> bool:
     return m.get("dotllm_constraint_compiles_total", 0) > finished
 
 
+def increase(before: dict, after: dict, name: str) -> float:
+    """How much a counter grew between two readings, over all its label sets."""
+    def total(m: dict[str, float]) -> float:
+        return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+    return total(after) - total(before)
+
 
 def _histogram(m: dict[str, float], name: str) -> tuple[float, float]:
     """(sum, count) of a histogram over all its label sets."""

@@ -47,6 +47,8 @@ from bench.scenarios import DOCUMENTS, EQUAL_WORK
 PROMPT = "Reply in JSON:"
 ITL = "vllm:inter_token_latency_seconds"
 TTFT = "vllm:time_to_first_token_seconds"
+STEPS = "vllm:iteration_tokens_total_count"
+WITHOUT_HOST = "dotllm_steps_sampled_without_host_total"
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -67,6 +69,8 @@ class Batch:
     client_itl_s: list[float]  # p50, p90, p99 of every gap of every request
     engine_itl_s: float  # vLLM's histogram: the mean step over the batch's tokens
     engine_ttft_s: float
+    # Share of the engine's steps sampled without waiting for the host (device states).
+    steps_without_host: float = float("nan")
     errors: list[str] = field(default_factory=list)
     note: str = ""
     kind: str = "batch"
@@ -96,6 +100,10 @@ class UniqueReply:
 def _payload(model: str, body: dict, max_tokens: int, temperature: float = 1.0) -> dict:
     return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
             "temperature": temperature, **body}
+
+
+def _fraction(part: float, whole: float) -> float:
+    return part / whole if whole else float("nan")
 
 
 def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
@@ -133,6 +141,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         client_itl_s=[float(x) for x in np.quantile(gaps, QUANTILES)] if gaps else [],
         engine_itl_s=prometheus.mean_between(before, after, ITL),
         engine_ttft_s=prometheus.mean_between(before, after, TTFT),
+        steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
+                                  prometheus.increase(before, after, STEPS)),
         errors=errors, note=note)
 
 
@@ -206,7 +216,8 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
                 progress(c)
                 progress.say(f"{engine} {scenario} x{c} #{repeat}: step "
                              f"{batch.engine_itl_s * 1e3:.2f} ms, TTFT p50 "
-                             f"{_median(batch.ttft_s):.3f} s, {batch.tokens_per_s:,.0f} tok/s"
+                             f"{_median(batch.ttft_s):.3f} s, {batch.tokens_per_s:,.0f} tok/s, "
+                             f"{batch.steps_without_host:.0%} of steps without the host"
                              + (f", {len(batch.errors)} errors: {batch.errors[0]}"
                                 if batch.errors else ""))
     if unique:
@@ -279,9 +290,9 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
     equal = [b for b in batches if b["scenario"] in EQUAL_WORK]
     if equal:
         ratios = step_ratios(batches)
-        rows = ["| engine | scenario | concurrency | step ms (engine) | x free | tok/s "
-                "| TTFT ms (engine) | client ITL p50 / p99 ms | errors |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| engine | scenario | concurrency | step ms (engine) | x free "
+                "| steps without host % | tok/s | TTFT ms (engine) | client ITL p50 / p99 ms "
+                "| errors |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (engine, scenario, c), group in _groups(equal, "engine", "scenario",
                                                      "concurrency").items():
             itl = [b["client_itl_s"] for b in group if b["client_itl_s"]]
@@ -289,6 +300,7 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
                 f"| {engine} | {scenario} | {c} "
                 f"| {spread([b['engine_itl_s'] for b in group], 1e3)} "
                 f"| {spread(ratios.get((engine, scenario, c), []))} "
+                f"| {spread([b.get('steps_without_host', math.nan) for b in group], 100, 0)} "
                 f"| {spread([sum(b['tokens']) / b['wall_s'] for b in group], digits=0)} "
                 f"| {spread([b['engine_ttft_s'] for b in group], 1e3, 1)} "
                 f"| {spread([q[0] for q in itl], 1e3)} / {spread([q[2] for q in itl], 1e3)} "

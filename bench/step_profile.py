@@ -23,6 +23,7 @@ import asyncio
 import functools
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import tempfile
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         phases = per_step(before, read_totals(profile_dir))
                         results.append({"engine": engine, "workload": workload,
                                         "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
-                                        "errors": len(batch.errors), "phases_ms": phases})
+                                        "errors": len(batch.errors), "phases_ms": phases,
+                                        "steps_without_host": batch.steps_without_host})
                         print(json.dumps(results[-1]), flush=True)
             finally:
                 servers.stop_server(server)
@@ -192,7 +194,9 @@ def table(results: list[dict]) -> str:
                     if p in [t[3] for t in TARGETS] else 99)
     lines = ["| phase (ms per step) | " + " | ".join(f"{e} {w}" for e, w in columns) + " |",
              "|---|" + "---|" * len(columns),
-             "| vLLM ITL | " + " | ".join(f"{last[c]['itl_ms']:.2f}" for c in columns) + " |"]
+             "| vLLM ITL | " + " | ".join(f"{last[c]['itl_ms']:.2f}" for c in columns) + " |",
+             "| steps sampled without the host | " + " | ".join(
+                 f"{last[c].get('steps_without_host', math.nan):.0%}" for c in columns) + " |"]
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(
             f"{last[c]['phases_ms'].get(phase, 0):.2f}" for c in columns) + " |")

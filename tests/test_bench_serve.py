@@ -23,6 +23,8 @@ def test_a_histograms_mean_between_two_readings_over_its_label_sets():
     before, after = reading(10, 0.05), reading(110, 1.25)
     assert prometheus.mean_between(before, after, "vllm:x") == pytest.approx(0.012)
     assert math.isnan(prometheus.mean_between(after, after, "vllm:x"))
+    assert prometheus.increase(before, after, "vllm:x_count") == 100
+    assert prometheus.increase(before, after, "vllm:x") == 0  # not vllm:x_count's samples
 
 
 def test_stream_lines_split_at_newlines_only_whatever_the_chunks():
