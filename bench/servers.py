@@ -17,16 +17,12 @@ from tests.conftest import DOTLLM, Server, free_port, start_server, stop_server
 
 STOCK_BACKENDS = ("xgrammar", "guidance", "outlines")
 # DotLLM's own variants: the tiers (default), the index tier alone, llguidance alone, the
-# tiers with forced drafts, the tiers with device states (and the worker in its own process).
+# tiers with forced drafts, the tiers with device states.
 DOTLLM_ENGINES = {"dotllm": [],
                   "dotllm-index": ["--dotllm-constraint-engine", "outlines"],
                   "dotllm-llguidance": ["--dotllm-constraint-engine", "llguidance"],
                   "dotllm-drafts": ["--dotllm-forced-drafts", "4"],
-                  "dotllm-device": ["--dotllm-device-states-mib", "512"],
-                  # The worker in a process of its own: its Python no longer shares the
-                  # engine core's thread (vLLM runs a lone GPU's worker inline).
-                  "dotllm-device-mp": ["--dotllm-device-states-mib", "512",
-                                       "--distributed-executor-backend", "mp"]}
+                  "dotllm-device": ["--dotllm-device-states-mib", "512"]}
 ENGINES = (*DOTLLM_ENGINES, *STOCK_BACKENDS)
 # vLLM's own plugins only: DotLLM's entry point is not even loaded in a stock server.
 STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"

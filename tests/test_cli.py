@@ -162,6 +162,13 @@ def test_parse_forms_agree(embedded_model):
     assert {a.tensor_parallel_size for a in parsed} == {1}
 
 
+def test_on_a_gpu_the_worker_runs_in_its_own_process_unless_told_otherwise(embedded_model):
+    assert parse([], on_gpu=True).distributed_executor_backend == "mp"
+    assert parse(["--distributed-executor-backend", "uni"],
+                 on_gpu=True).distributed_executor_backend == "uni"
+    assert parse([]).distributed_executor_backend is None  # CPU: vLLM's own choice
+
+
 def test_no_model_serves_the_embedded_one_under_its_name(embedded_model):
     args = parse([])
     assert args.model == str(embedded_model)

@@ -15,7 +15,8 @@ def test_gpu_gets_no_cpu_defaults():
     env: dict[str, str] = {}
     assert serve_defaults.apply_environment(env, on_gpu=True) == {}
     assert env == {}
-    assert serve_defaults.option_defaults(on_gpu=True) == {}
+    assert serve_defaults.option_defaults(on_gpu=True) == {
+        "distributed_executor_backend": "mp"}
     assert serve_defaults.option_defaults(on_gpu=False) == {"dtype": "float32"}
 
 
