@@ -58,6 +58,11 @@ def start(engine: str, model: str | None, serve_args: list[str], env: dict[str, 
             cmd += ["--served-model-name", embedded_model.NAME]
         for option, value in serve_defaults.option_defaults(on_gpu).items():
             cmd += [f"--{option.replace('_', '-')}", value]
+        # DotLLM's executor default, so both compare on equal flags (one GPU: the bench's).
+        backend = serve_defaults.executor_backend(on_gpu, None, 1)
+        if backend and not any(a.startswith("--distributed-executor-backend")
+                               for a in serve_args):
+            cmd += ["--distributed-executor-backend", backend]
         if compact:
             cmd.append(STOCK_COMPACT)
         server = start_server([*cmd, *serve_args], port, log, env=environ)

@@ -178,6 +178,13 @@ def resolve_model(args: argparse.Namespace) -> None:
         raise UsageError(problem)
 
 
+def settle_executor(args: argparse.Namespace, on_gpu: bool) -> None:
+    """vLLM's executor for this many GPUs, unless given (serve_defaults.executor_backend)."""
+    args.distributed_executor_backend = serve_defaults.executor_backend(
+        on_gpu, args.distributed_executor_backend,
+        args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size)
+
+
 def share_metrics_across_processes() -> None:
     """DotLLM's metrics are recorded in the engine process and served by the API server:
     prometheus_client's multiprocess mode, in a directory of this run's own (before any
@@ -206,6 +213,7 @@ def serve(argv: list[str]) -> int:
         os.environ.update(dotllm_settings(args).to_environ())
         resolve_model(args)
         serve_cli.validate(args)
+        settle_executor(args, on_gpu)
         if not on_gpu:
             serve_defaults.bind_cpu_workers(
                 os.environ, args.tensor_parallel_size * args.pipeline_parallel_size)

@@ -14,11 +14,6 @@ from pathlib import Path
 # a large share of a small machine's memory; a CPU box here has no network.
 CPU_OPTIONS = {"dtype": "float32"}
 CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
-# On one GPU vLLM runs its worker inline, in the engine core's thread: with a batch of
-# grammars the host work of both (scheduling and accepting; preparing inputs and sampling)
-# no longer fits in a forward pass. In a process of its own the worker's runs beside the
-# engine core's (H200, 256 requests: an index-tier step 1.19x a free one, not 2.3x).
-GPU_OPTIONS = {"distributed_executor_backend": "mp"}
 
 
 def has_gpu() -> bool:
@@ -37,7 +32,20 @@ def apply_environment(environ: MutableMapping[str, str], on_gpu: bool) -> dict[s
 
 
 def option_defaults(on_gpu: bool) -> dict[str, str]:
-    return dict(GPU_OPTIONS if on_gpu else CPU_OPTIONS)
+    return {} if on_gpu else dict(CPU_OPTIONS)
+
+
+def executor_backend(on_gpu: bool, given: str | None, world_size: int) -> str | None:
+    """The worker in a process of its own on one GPU, where vLLM would run it inline in
+    the engine core's thread: with grammars in the batch the host work of both
+    (scheduling and accepting; preparing inputs and sampling) no longer fits in a forward
+    pass there (H200, 256 requests: an index-tier step 2.3x a free one inline, 0.9-1.2x
+    in a process of its own). Across GPUs (tensor, pipeline or data parallel) vLLM's own
+    choice stands (mp, or ray where Ray places the workers), as does the user's."""
+    if on_gpu and given is None and world_size == 1:
+        return "mp"
+    return given
+
 
 
 def bind_cpu_workers(environ: MutableMapping[str, str], world_size: int,

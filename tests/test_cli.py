@@ -162,11 +162,17 @@ def test_parse_forms_agree(embedded_model):
     assert {a.tensor_parallel_size for a in parsed} == {1}
 
 
-def test_on_a_gpu_the_worker_runs_in_its_own_process_unless_told_otherwise(embedded_model):
-    assert parse([], on_gpu=True).distributed_executor_backend == "mp"
-    assert parse(["--distributed-executor-backend", "uni"],
-                 on_gpu=True).distributed_executor_backend == "uni"
-    assert parse([]).distributed_executor_backend is None  # CPU: vLLM's own choice
+@pytest.mark.parametrize("argv, on_gpu, backend", [
+    ([], True, "mp"),
+    (["--distributed-executor-backend", "uni"], True, "uni"),
+    (["-tp", "2"], True, None),
+    (["--data-parallel-size", "2"], True, None),
+    ([], False, None),
+])
+def test_the_executor_on_a_gpu(embedded_model, argv, on_gpu, backend):
+    args = parse(argv, on_gpu)
+    cli.settle_executor(args, on_gpu)
+    assert args.distributed_executor_backend == backend
 
 
 def test_no_model_serves_the_embedded_one_under_its_name(embedded_model):

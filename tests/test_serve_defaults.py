@@ -15,9 +15,16 @@ def test_gpu_gets_no_cpu_defaults():
     env: dict[str, str] = {}
     assert serve_defaults.apply_environment(env, on_gpu=True) == {}
     assert env == {}
-    assert serve_defaults.option_defaults(on_gpu=True) == {
-        "distributed_executor_backend": "mp"}
+    assert serve_defaults.option_defaults(on_gpu=True) == {}
     assert serve_defaults.option_defaults(on_gpu=False) == {"dtype": "float32"}
+
+
+def test_one_gpu_runs_its_worker_in_a_process_of_its_own():
+    backend = serve_defaults.executor_backend
+    assert backend(on_gpu=True, given=None, world_size=1) == "mp"
+    assert backend(on_gpu=True, given="uni", world_size=1) == "uni"  # the user's wins
+    assert backend(on_gpu=True, given=None, world_size=2) is None  # vLLM's (mp or ray)
+    assert backend(on_gpu=False, given=None, world_size=1) is None  # CPU: vLLM's
 
 
 def test_looks_like_path():
