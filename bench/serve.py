@@ -5,7 +5,7 @@ valid answer, and what share of real-world schemas each engine serves validly.
     python -m bench.serve [--engines dotllm xgrammar] [--url NAME=URL ...]
                           [--scenarios free enum-array schema ...] [--concurrency 1 16 64 256]
                           [--tokens 64] [--repeats 3] [--model DIR --serve-arg=--load-format=dummy]
-                          [--out DIR]
+                          [--arrival-s 0] [--out DIR]
     python -m bench.serve --report DIR      # the tables and plots again, from DIR's results
 
 Scenarios: bench/scenarios.py. Each engine gets a fresh server (a fresh index cache: cold),
@@ -15,6 +15,8 @@ one repeat (identical work varies by tens of percent between server starts). Per
 figures are vLLM's own `vllm:inter_token_latency_seconds` and TTFT histograms read from
 /metrics around each batch (engine-side: with many streams client-side gaps measure the
 API server); client-side TTFT, ITL and time to a complete answer are kept per request.
+A batch's requests start at once, or with --arrival-s S evenly over S seconds: newcomers
+then join a running batch every few steps, as in a server's steady state.
 `unique` sends --unique-schemas real schemas of each --subsets once cold, then (its
 compiles over) once warm, --unique-concurrency at a time: TTFT, served, ended, valid.
 Stock vLLM 0.26 honours disable_any_whitespace only server-wide: `schema-compact` runs on a
@@ -71,6 +73,7 @@ class Batch:
     engine_ttft_s: float
     # Share of the engine's steps sampled without waiting for the host (device states).
     steps_without_host: float = float("nan")
+    arrival_s: float = 0.0  # the requests started evenly over this window (0: at once)
     errors: list[str] = field(default_factory=list)
     note: str = ""
     kind: str = "batch"
@@ -114,17 +117,20 @@ def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
 
 async def run_batch(base_url: str, model: str, engine: str, scenario: str, concurrency: int,
                     tokens: int, max_tokens: int, repeat: int, note: str = "",
-                    temperature: float = 1.0) -> Batch:
+                    temperature: float = 1.0, arrival_s: float = 0.0) -> Batch:
     requests = scenarios.batch(scenario, concurrency, tokens)
     equal = scenario in EQUAL_WORK
     limits = httpx.Limits(max_connections=concurrency + 4)
+
+    async def arriving(i: int, request: scenarios.Request) -> Reply:
+        await asyncio.sleep(i * arrival_s / concurrency)
+        return await stream_completion(client, _payload(
+            model, request.body, tokens if equal else max_tokens, temperature))
+
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
         before = prometheus.samples((await client.get("/metrics")).text)
         started = time.perf_counter()
-        replies = await asyncio.gather(*(
-            stream_completion(client, _payload(model, r.body, tokens if equal else max_tokens,
-                                               temperature))
-            for r in requests))
+        replies = await asyncio.gather(*(arriving(i, r) for i, r in enumerate(requests)))
         wall = time.perf_counter() - started
         after = prometheus.samples((await client.get("/metrics")).text)
     errors = [r.error for r in replies if r.error]
@@ -143,7 +149,7 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         engine_ttft_s=prometheus.mean_between(before, after, TTFT),
         steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
                                   prometheus.increase(before, after, STEPS)),
-        errors=errors, note=note)
+        arrival_s=arrival_s, errors=errors, note=note)
 
 
 async def run_unique(base_url: str, model: str, engine: str, subset: str, sample: int,
@@ -210,7 +216,7 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
             for scenario in batch_scenarios:
                 batch = asyncio.run(run_batch(base_url, model, engine, scenario, c,
                                               args.tokens, args.max_tokens, repeat, note,
-                                              args.temperature))
+                                              args.temperature, args.arrival_s))
                 out.write(json.dumps(asdict(batch)) + "\n")
                 out.flush()
                 progress(c)
@@ -305,7 +311,10 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
                 f"| {spread([b['engine_ttft_s'] for b in group], 1e3, 1)} "
                 f"| {spread([q[0] for q in itl], 1e3)} / {spread([q[2] for q in itl], 1e3)} "
                 f"| {sum(len(b['errors']) for b in group)} |")
-        parts += ["### Equal work: the cost of a step", "", *rows, ""]
+        arrival = equal[0].get("arrival_s", 0.0)
+        parts += ["### Equal work: the cost of a step"
+                  + (f" (requests arriving evenly over {arrival:g} s)" if arrival else ""),
+                  "", *rows, ""]
     documents = [b for b in batches if b["scenario"] in DOCUMENTS]
     if documents:
         rows = ["| engine | scenario | concurrency | TTFT p50 s | complete answer p50 / p90 s "
@@ -345,6 +354,9 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
 def report(out_dir: Path) -> str:
     """summary.md and the plots from out_dir/results.jsonl; returns the summary."""
     batches, unique = load_results(out_dir / "results.jsonl")
+    if len({b.get("arrival_s", 0.0) for b in batches}) > 1:
+        raise SystemExit(f"{out_dir}: batches of different --arrival-s in one results "
+                         "file; give each setting its own --out")
     text = summary(batches, unique)
     (out_dir / "summary.md").write_text(text + "\n")
     try:
@@ -375,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256,
                         help="the cap on a document scenario's or a real schema's answer")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arrival-s", type=float, default=0.0,
+                        help="start a batch's requests evenly over this many seconds "
+                        "(default: all at once)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="0: greedy, the same answers wherever the engine is exact (equal "
                         "work between DotLLM with and without forced drafts)")
@@ -407,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(per_server * (len(args.engines) + len(urls)))
     env = dict(item.split("=", 1) for item in args.env)
     args.out.mkdir(parents=True, exist_ok=True)
+    if (args.out / "results.jsonl").exists() and {
+            b.get("arrival_s", 0.0) for b in load_results(args.out / "results.jsonl")[0]
+    } - {args.arrival_s}:
+        parser.error(f"{args.out} holds batches of another --arrival-s: choose another --out")
     with open(args.out / "results.jsonl", "a") as out, tempfile.TemporaryDirectory() as tmp:
         for name, url in urls.items():
             measure(url, name, args, batch_scenarios, unique, out, progress)

@@ -69,7 +69,7 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
         "schema", "schema-compact", "regex", "choice", "unique", "--concurrency", "1", "4",
         "--tokens", "12", "--max-tokens", "200", "--repeats", "1", "--subsets",
         "Github_trivial", "--unique-schemas", "4", "--unique-concurrency", "2",
-        "--out", str(out)])
+        "--arrival-s", "0.2", "--out", str(out)])
     assert code == 0
     batches, unique = serve.load_results(out / "results.jsonl")
     seen = {(b["engine"], b["scenario"], b["concurrency"]) for b in batches}
@@ -78,6 +78,7 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
                          "choice"):
             assert {(engine, scenario, 1), (engine, scenario, 4)} <= seen
     for b in batches:
+        assert b["arrival_s"] == 0.2
         assert len(b["tokens"]) == b["concurrency"] and b["wall_s"] > 0
         assert set(b["status"]) == {"ok"}, b["errors"]
         assert b["engine_itl_s"] > 0
@@ -99,7 +100,8 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
     assert all(r["valid"] for r in ours if r["ended"])
     assert {r["phase"] for r in ours} == {"cold", "warm"}
     summary = (out / "summary.md").read_text()
-    for heading in ("Equal work", "Documents", "Real schemas"):
+    for heading in ("Equal work: the cost of a step (requests arriving evenly over 0.2 s)",
+                    "Documents", "Real schemas"):
         assert heading in summary
     assert "| dotllm | free | 4 |" in summary and "1.00 [1.00-1.00]" in summary
     for name in ("step", "step-ratio", "ttft", "throughput", "unique-ttft", "coverage"):
@@ -110,3 +112,7 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
     assert serve.main(["--report", str(out)]) == 0
     assert (out / "summary.md").read_text() == summary
     assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["kind"] == "batch"
+    # One arrival setting a results file: another is refused before anything is measured.
+    with pytest.raises(SystemExit) as refused:
+        serve.main(["--engines", "dotllm", "--scenarios", "free", "--out", str(out)])
+    assert refused.value.code == 2  # argparse's usage error, not the report's
