@@ -19,6 +19,6 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 model=$(python3 -m bench.full_size_model /tmp/llama-1.3b)
 JSONSCHEMABENCH_DIR=$PWD/.gpu/data python3 -m bench.serve --model "$model" \
     --serve-arg=--load-format=dummy --scenarios free enum-array long-string mix-20 mix-80 \
-    schema schema-compact regex choice unique --concurrency 1 16 64 256 --tokens 128 \
+    schema schema-compact regex choice schema-mix unique --concurrency 1 16 64 256 --tokens 128 \
     --repeats 3 --subsets Glaiveai2K Github_easy --unique-schemas 64 \
     --unique-concurrency 64 --out "$OUT/${NAME:-serve}" "$@" 2> "$OUT/${NAME:-serve}-stderr.log"

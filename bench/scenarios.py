@@ -5,8 +5,11 @@ Equal work (`free`, `enum-array`, `long-string`, `mix-20`, `mix-80`): every requ
 exactly `tokens` decode steps on every engine, so step times and tokens/s compare the same
 work; their ratio to `free` is the cost of the constraint. Documents (`schema`,
 `schema-compact`, `regex`, `choice`): each request runs until its answer is complete (or
-`max_tokens`), the figure is the time to a complete, valid answer. `unique` (real schemas
-from ../shared/data, each once cold then once warm) is driven by bench.serve itself.
+`max_tokens`), the figure is the time to a complete, valid answer. `schema-mix` (a batch
+of real schemas, warm) runs until each answer is complete, then its twin `schema-mix-free`
+runs free requests of exactly the same lengths: the step's cost on real schemas, at equal
+work. `unique` (real schemas from ../shared/data, each once cold then once warm) is driven
+by bench.serve itself.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import cycle, islice
 
 import jsonschema
 
 EQUAL_WORK = ("free", "enum-array", "long-string", "mix-20", "mix-80")
 DOCUMENTS = ("schema", "schema-compact", "regex", "choice")
-SCENARIOS = (*EQUAL_WORK, *DOCUMENTS, "unique")
+SCHEMA_MIX, MATCHED_FREE = "schema-mix", "schema-mix-free"
+SCENARIOS = (*EQUAL_WORK, *DOCUMENTS, SCHEMA_MIX, "unique")
+# Whose step time each is set against: the same server's, same repeat's.
+STEP_COMPARED = (*EQUAL_WORK, SCHEMA_MIX, MATCHED_FREE)
+BASELINES = ("free", MATCHED_FREE)
 
 ENUM_ITEMS = ["alpha", "beta", "gamma", "delta"]
 # A realistic response schema: bounded strings and arrays, so every engine's answer ends.
@@ -49,6 +57,12 @@ class Request:
     body: dict  # fields added to the completion request
     check: Callable[[str], bool] | None = None  # a complete answer's validity
     constrained: bool = True
+    steps: int | None = None  # exactly this many (None: until complete, or max_tokens)
+
+
+def baseline(scenario: str) -> str:
+    """The scenario a step-compared scenario's steps are set against."""
+    return MATCHED_FREE if scenario in (SCHEMA_MIX, MATCHED_FREE) else "free"
 
 
 def schema_check(schema: dict) -> Callable[[str], bool]:
@@ -65,17 +79,30 @@ def schema_check(schema: dict) -> Callable[[str], bool]:
 def _equal(workload: str, tokens: int) -> Request:
     """A request that runs exactly `tokens` steps."""
     if workload == "free":
-        return Request({"ignore_eos": True}, constrained=False)
+        return Request({"ignore_eos": True}, constrained=False, steps=tokens)
     if workload == "enum-array":
         schema = {"type": "array", "items": {"enum": ENUM_ITEMS}, "minItems": tokens}
     else:  # long-string: no token of the vocabulary is 64 characters long
         schema = {"type": "object", "required": ["text"], "properties": {
             "text": {"type": "string", "minLength": 64 * tokens}}}
-    return Request({"structured_outputs": {"json": schema}, "min_tokens": tokens})
+    return Request({"structured_outputs": {"json": schema}, "min_tokens": tokens},
+                   steps=tokens)
+
+
+def schema_mix(schemas: list[dict], concurrency: int) -> list[Request]:
+    """`concurrency` requests over `schemas` in turn, each until its answer is complete."""
+    return [Request({"structured_outputs": {"json": schema}}, schema_check(schema))
+            for schema in islice(cycle(schemas), concurrency)]
+
+
+def matched_free(steps: list[int]) -> list[Request]:
+    """Free requests of exactly these lengths: a schema mix's equal work."""
+    return [Request({"ignore_eos": True}, constrained=False, steps=n) for n in steps]
 
 
 def batch(scenario: str, concurrency: int, tokens: int) -> list[Request]:
-    """The `concurrency` requests of one batch of `scenario` (not `unique`)."""
+    """The `concurrency` requests of one batch of `scenario` (not `unique` nor the schema
+    mix's, which need data)."""
     if scenario.startswith("mix-"):  # a share of the batch constrained, the rest free
         constrained = round(concurrency * int(scenario[4:]) / 100)
         return [_equal("enum-array" if i < constrained else "free", tokens)

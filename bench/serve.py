@@ -44,7 +44,7 @@ import numpy as np
 
 from bench import prometheus, scenarios, servers
 from bench.client import Reply, stream_completion
-from bench.scenarios import DOCUMENTS, EQUAL_WORK
+from bench.scenarios import DOCUMENTS, EQUAL_WORK, STEP_COMPARED
 
 PROMPT = "Reply in JSON:"
 ITL = "vllm:inter_token_latency_seconds"
@@ -117,15 +117,17 @@ def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
 
 async def run_batch(base_url: str, model: str, engine: str, scenario: str, concurrency: int,
                     tokens: int, max_tokens: int, repeat: int, note: str = "",
-                    temperature: float = 1.0, arrival_s: float = 0.0) -> Batch:
-    requests = scenarios.batch(scenario, concurrency, tokens)
-    equal = scenario in EQUAL_WORK
+                    temperature: float = 1.0, arrival_s: float = 0.0,
+                    requests: list[scenarios.Request] | None = None) -> Batch:
+    """One batch: `requests`, or `concurrency` of `scenario`'s."""
+    if requests is None:
+        requests = scenarios.batch(scenario, concurrency, tokens)
     limits = httpx.Limits(max_connections=concurrency + 4)
 
     async def arriving(i: int, request: scenarios.Request) -> Reply:
         await asyncio.sleep(i * arrival_s / concurrency)
         return await stream_completion(client, _payload(
-            model, request.body, tokens if equal else max_tokens, temperature))
+            model, request.body, request.steps or max_tokens, temperature))
 
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
         before = prometheus.samples((await client.get("/metrics")).text)
@@ -134,9 +136,9 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         wall = time.perf_counter() - started
         after = prometheus.samples((await client.get("/metrics")).text)
     errors = [r.error for r in replies if r.error]
-    if equal:
-        errors += [f"ran {r.tokens} steps, not {tokens}" for r in replies
-                   if r.status == "ok" and r.tokens != tokens]
+    errors += [f"ran {reply.tokens} steps, not {r.steps}"
+               for reply, r in zip(replies, requests, strict=True)
+               if r.steps and reply.status == "ok" and reply.tokens != r.steps]
     gaps = [g for r in replies for g in r.gaps_s]
     return Batch(
         engine, scenario, concurrency, repeat, wall,
@@ -180,13 +182,16 @@ async def run_unique(base_url: str, model: str, engine: str, subset: str, sample
     return out
 
 
-async def warm(base_url: str, model: str, batch_scenarios: list[str], tokens: int) -> None:
-    """One request per scenario, then until the compiles they started are over: what a
-    warm server serves."""
+async def warm(base_url: str, model: str, batch_scenarios: list[str], tokens: int,
+               mix: list[scenarios.Request] = ()) -> None:
+    """One request per scenario (each of the schema mix's schemas), then until the compiles
+    they started are over: what a warm server serves."""
     async with httpx.AsyncClient(base_url=base_url, timeout=1800) as client:
         for scenario in batch_scenarios:
-            request = scenarios.batch(scenario, 1, tokens)[0]
-            await stream_completion(client, _payload(model, request.body, tokens))
+            requests = (mix if scenario == scenarios.SCHEMA_MIX
+                        else scenarios.batch(scenario, 1, tokens)[:1])
+            await asyncio.gather(*(stream_completion(client, _payload(model, r.body, tokens))
+                                   for r in requests))
     await servers.compiles_done(base_url)
 
 
@@ -209,23 +214,41 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
             out, progress: Progress, note: str = "") -> None:
     """Every scenario on one server, written to `out` as it comes."""
     model = asyncio.run(servers.served_model(base_url))
-    asyncio.run(warm(base_url, model, batch_scenarios, args.tokens))
+    schemas = []
+    if scenarios.SCHEMA_MIX in batch_scenarios:
+        from bench.jsonschemabench import load
+
+        schemas = [case.schema for case in load(args.mix_subset, args.mix_schemas, args.seed)]
+    asyncio.run(warm(base_url, model, batch_scenarios, args.tokens,
+                     scenarios.schema_mix(schemas, len(schemas))))
     progress(len(batch_scenarios))
+
+    def run(scenario: str, c: int, repeat: int, requests=None) -> Batch:
+        batch = asyncio.run(run_batch(base_url, model, engine, scenario, c, args.tokens,
+                                      args.max_tokens, repeat, note, args.temperature,
+                                      args.arrival_s, requests))
+        out.write(json.dumps(asdict(batch)) + "\n")
+        out.flush()
+        progress(len(batch.tokens))
+        progress.say(f"{engine} {scenario} x{c} #{repeat}: step "
+                     f"{batch.engine_itl_s * 1e3:.2f} ms, TTFT p50 "
+                     f"{_median(batch.ttft_s):.3f} s, {batch.tokens_per_s:,.0f} tok/s, "
+                     f"{batch.steps_without_host:.0%} of steps without the host"
+                     + (f", {len(batch.errors)} errors: {batch.errors[0]}"
+                        if batch.errors else ""))
+        return batch
+
     for c in args.concurrency:
         for repeat in range(args.repeats):
             for scenario in batch_scenarios:
-                batch = asyncio.run(run_batch(base_url, model, engine, scenario, c,
-                                              args.tokens, args.max_tokens, repeat, note,
-                                              args.temperature, args.arrival_s))
-                out.write(json.dumps(asdict(batch)) + "\n")
-                out.flush()
-                progress(c)
-                progress.say(f"{engine} {scenario} x{c} #{repeat}: step "
-                             f"{batch.engine_itl_s * 1e3:.2f} ms, TTFT p50 "
-                             f"{_median(batch.ttft_s):.3f} s, {batch.tokens_per_s:,.0f} tok/s, "
-                             f"{batch.steps_without_host:.0%} of steps without the host"
-                             + (f", {len(batch.errors)} errors: {batch.errors[0]}"
-                                if batch.errors else ""))
+                if scenario != scenarios.SCHEMA_MIX:
+                    run(scenario, c, repeat)
+                    continue
+                mix = run(scenario, c, repeat, scenarios.schema_mix(schemas, c))
+                # Its equal work: free requests as long as its served answers.
+                run(scenarios.MATCHED_FREE, c, repeat, scenarios.matched_free(
+                    [n for n, status in zip(mix.tokens, mix.status, strict=True)
+                     if status == "ok" and n]))
     if unique:
         for subset in args.subsets:
             replies = asyncio.run(run_unique(base_url, model, engine, subset,
@@ -278,13 +301,16 @@ def _requests(batch: dict) -> list[dict]:
 
 def step_ratios(batches: list[dict]) -> dict[tuple, list[float]]:
     """(engine, scenario, concurrency) -> the engine's step over the same server's, same
-    repeat's `free` step, per repeat."""
-    free = {(b["engine"], b["concurrency"], b["repeat"]): b["engine_itl_s"]
-            for b in batches if b["scenario"] == "free"}
+    repeat's baseline step (`free`; a schema mix's own free twin), per repeat."""
+    steps = {(b["engine"], b["scenario"], b["concurrency"], b["repeat"]): b["engine_itl_s"]
+             for b in batches}
     ratios: dict[tuple, list[float]] = {}
     for b in batches:
-        base = free.get((b["engine"], b["concurrency"], b["repeat"]))
-        if b["scenario"] in EQUAL_WORK and base:
+        if b["scenario"] not in STEP_COMPARED:
+            continue
+        base = steps.get((b["engine"], scenarios.baseline(b["scenario"]), b["concurrency"],
+                          b["repeat"]))
+        if base:
             ratios.setdefault((b["engine"], b["scenario"], b["concurrency"]), []).append(
                 b["engine_itl_s"] / base)
     return ratios
@@ -293,10 +319,10 @@ def step_ratios(batches: list[dict]) -> dict[tuple, list[float]]:
 def summary(batches: list[dict], unique: list[dict]) -> str:
     """Markdown tables: medians [min-max] over repeats."""
     parts = []
-    equal = [b for b in batches if b["scenario"] in EQUAL_WORK]
+    equal = [b for b in batches if b["scenario"] in STEP_COMPARED]
     if equal:
         ratios = step_ratios(batches)
-        rows = ["| engine | scenario | concurrency | step ms (engine) | x free "
+        rows = ["| engine | scenario | concurrency | step ms (engine) | x free (or twin) "
                 "| steps without host % | tok/s | TTFT ms (engine) | client ITL p50 / p99 ms "
                 "| errors |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (engine, scenario, c), group in _groups(equal, "engine", "scenario",
@@ -315,7 +341,7 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
         parts += ["### Equal work: the cost of a step"
                   + (f" (requests arriving evenly over {arrival:g} s)" if arrival else ""),
                   "", *rows, ""]
-    documents = [b for b in batches if b["scenario"] in DOCUMENTS]
+    documents = [b for b in batches if b["scenario"] in (*DOCUMENTS, scenarios.SCHEMA_MIX)]
     if documents:
         rows = ["| engine | scenario | concurrency | TTFT p50 s | complete answer p50 / p90 s "
                 "| tokens p50 | ended | valid of ended | refused | note |",
@@ -397,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSONSchemaBench subsets for `unique`")
     parser.add_argument("--unique-schemas", type=int, default=20, help="per subset")
     parser.add_argument("--unique-concurrency", type=int, default=8)
+    parser.add_argument("--mix-subset", default="Glaiveai2K",
+                        help="the JSONSchemaBench subset of `schema-mix`")
+    parser.add_argument("--mix-schemas", type=int, default=64,
+                        help="distinct schemas in `schema-mix` (a batch goes round them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", help="a model directory or Hub id (default: embedded)")
     parser.add_argument("--serve-arg", action="append", default=[],
@@ -417,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.engines and not urls:
         parser.error("nothing to measure: --engines or --url")
     unique = "unique" in args.scenarios
-    per_server = (len(batch_scenarios) + sum(args.concurrency) * args.repeats * len(
-        batch_scenarios) + 2 * unique * args.unique_schemas * len(args.subsets))
+    per_batch = len(batch_scenarios) + (scenarios.SCHEMA_MIX in batch_scenarios)  # its twin
+    per_server = (len(batch_scenarios) + sum(args.concurrency) * args.repeats * per_batch
+                  + 2 * unique * args.unique_schemas * len(args.subsets))
     progress = Progress(per_server * (len(args.engines) + len(urls)))
     env = dict(item.split("=", 1) for item in args.env)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.bar.close()
     print(report(args.out))
     batches, replies = load_results(args.out / "results.jsonl")
-    return 1 if any(b["errors"] and b["scenario"] in EQUAL_WORK for b in batches) else 0
+    return 1 if any(b["errors"] and b["scenario"] in (*EQUAL_WORK, scenarios.MATCHED_FREE)
+                    for b in batches) else 0
 
 
 if __name__ == "__main__":

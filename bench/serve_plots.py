@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 import numpy as np  # noqa: E402
 
-from bench.scenarios import EQUAL_WORK  # noqa: E402
+from bench.scenarios import BASELINES, STEP_COMPARED  # noqa: E402
 
 DPI = 80
 
@@ -68,7 +68,7 @@ def _against_concurrency(batches: list[dict], value, ylabel: str, title: str,
 
 def _throughput(batches: list[dict], path: Path) -> Path | None:
     """tokens/s at equal work at the highest concurrency measured."""
-    equal = [b for b in batches if b["scenario"] in EQUAL_WORK]
+    equal = [b for b in batches if b["scenario"] in STEP_COMPARED]
     if not equal:
         return None
     top = max(b["concurrency"] for b in equal)
@@ -142,14 +142,14 @@ def _coverage(unique: list[dict], path: Path) -> Path | None:
 def plot_all(batches: list[dict], unique: list[dict], ratios: dict[tuple, list[float]],
              out_dir: Path) -> list[Path]:
     """`ratios`: (engine, scenario, concurrency) -> a step over the free step, per repeat."""
-    equal = [b for b in batches if b["scenario"] in EQUAL_WORK]
+    equal = [b for b in batches if b["scenario"] in STEP_COMPARED]
     drawn = [
         _against_concurrency(equal, lambda b: b["engine_itl_s"] * 1e3, "ms per step (vLLM)",
                              "the cost of a decode step at equal work", out_dir / "step.png"),
         _against_concurrency(
             [dict(b, engine_itl_s=statistics.median(ratios[b["engine"], b["scenario"],
                                                             b["concurrency"]]))
-             for b in equal if b["scenario"] != "free" and (b["engine"], b["scenario"],
+             for b in equal if b["scenario"] not in BASELINES and (b["engine"], b["scenario"],
                                                             b["concurrency"]) in ratios],
             lambda b: b["engine_itl_s"], "x the same server's free step",
             "a constrained step over an unconstrained one", out_dir / "step-ratio.png"),

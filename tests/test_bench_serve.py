@@ -49,6 +49,7 @@ def test_every_equal_work_request_runs_the_same_steps():
         batch = scenarios.batch(name, 10, 32)
         assert len(batch) == 10
         for request in batch:
+            assert request.steps == 32
             assert request.body.get("ignore_eos") or request.body.get("min_tokens") == 32
     mix = scenarios.batch("mix-20", 10, 32)
     assert sum(r.constrained for r in mix) == 2
@@ -61,12 +62,39 @@ def test_every_equal_work_request_runs_the_same_steps():
     assert not order.check('{"id":1}') and not order.check("{not json")
 
 
+def test_a_schema_mix_goes_round_its_schemas_and_its_twin_matches_its_lengths():
+    schemas = [{"type": "integer"}, {"type": "string"}]
+    mix = scenarios.schema_mix(schemas, 5)
+    assert [r.body["structured_outputs"]["json"] for r in mix] == [*schemas * 2, schemas[0]]
+    assert mix[0].check("7") and not mix[1].check("7") and mix[1].check('"7"')
+    assert all(r.steps is None and r.constrained for r in mix)  # each until complete
+    twin = scenarios.matched_free([3, 9])
+    assert [(r.steps, r.constrained, r.body) for r in twin] == [
+        (3, False, {"ignore_eos": True}), (9, False, {"ignore_eos": True})]
+    assert scenarios.baseline("schema-mix") == "schema-mix-free"
+    assert scenarios.baseline("enum-array") == "free"
+
+
+def test_a_step_is_set_against_its_own_baseline():
+    def batch(scenario: str, step: float, repeat: int = 0) -> dict:
+        return {"engine": "e", "scenario": scenario, "concurrency": 4, "repeat": repeat,
+                "engine_itl_s": step}
+
+    ratios = serve.step_ratios([
+        batch("free", 2.0), batch("enum-array", 3.0), batch("schema-mix-free", 4.0),
+        batch("schema-mix", 5.0), batch("schema-mix", 6.0, repeat=1)])
+    assert ratios[("e", "enum-array", 4)] == [1.5]
+    assert ratios[("e", "schema-mix", 4)] == [1.25]  # repeat 1 has no twin: no ratio
+    assert ratios[("e", "free", 4)] == ratios[("e", "schema-mix-free", 4)] == [1.0]
+
+
 @pytest.mark.server
 def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_path):
     out = tmp_path / "sitting"
     code = serve.main([
         "--engines", "dotllm", "xgrammar", "--scenarios", "free", "enum-array", "mix-80",
-        "schema", "schema-compact", "regex", "choice", "unique", "--concurrency", "1", "4",
+        "schema", "schema-compact", "regex", "choice", "schema-mix", "unique",
+        "--mix-schemas", "3", "--concurrency", "1", "4",
         "--tokens", "12", "--max-tokens", "200", "--repeats", "1", "--subsets",
         "Github_trivial", "--unique-schemas", "4", "--unique-concurrency", "2",
         "--arrival-s", "0.2", "--out", str(out)])
@@ -75,7 +103,7 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
     seen = {(b["engine"], b["scenario"], b["concurrency"]) for b in batches}
     for engine in ("dotllm", "xgrammar"):
         for scenario in ("free", "enum-array", "mix-80", "schema", "schema-compact", "regex",
-                         "choice"):
+                         "choice", "schema-mix", "schema-mix-free"):
             assert {(engine, scenario, 1), (engine, scenario, 4)} <= seen
     for b in batches:
         assert b["arrival_s"] == 0.2
@@ -86,6 +114,12 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
         if b["scenario"] in scenarios.EQUAL_WORK:
             assert b["tokens"] == [12] * b["concurrency"] and not b["errors"]
             assert b["client_itl_s"][0] <= b["client_itl_s"][2]
+        elif b["scenario"] == "schema-mix-free":  # as long as its mix's answers, no longer
+            mix, = [m for m in batches if m["scenario"] == "schema-mix" and all(
+                m[k] == b[k] for k in ("engine", "concurrency", "repeat"))]
+            assert b["tokens"] == mix["tokens"] and not b["errors"]
+        elif b["scenario"] == "schema-mix":  # real schemas: not every answer ends
+            assert False not in b["valid"], (b["engine"], b["valid"])
         elif b["engine"] == "dotllm" or b["scenario"] != "schema":
             # (stock's free whitespace may fill max_tokens on `schema`: not ended)
             assert all(b["valid"]), (b["engine"], b["scenario"], b["valid"])
@@ -104,6 +138,7 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
                     "Documents", "Real schemas"):
         assert heading in summary
     assert "| dotllm | free | 4 |" in summary and "1.00 [1.00-1.00]" in summary
+    assert "| dotllm | schema-mix-free | 4 |" in summary
     for name in ("step", "step-ratio", "ttft", "throughput", "unique-ttft", "coverage"):
         png = (out / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and 5_000 < len(png) < 300_000, name
