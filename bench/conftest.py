@@ -1,4 +1,4 @@
 """Benchmarks: `pytest bench --benchmark-enable --benchmark-only` times them; the test
 suite runs each once, untimed, so that they keep working."""
 
-from tests.conftest import embedded_model, tokenizer, vocabulary  # noqa: F401  (fixtures)
+from tests.conftest import backend, embedded_model, tokenizer, vocabulary  # noqa: F401  (fixtures)

@@ -1,0 +1,78 @@
+"""The engine core's whole part of a decode step for 256 requests, as it runs with async
+scheduling: `schedule()`, the row plan, and the previous step's `update_from_output` (the
+grammars' accept), for free requests, requests on an index with table rows, and with
+device states. With the model's worker in a process of its own (DotLLM's default on one
+GPU) this is what must fit in a forward pass.
+
+    pytest bench/test_engine_step.py --benchmark-enable --benchmark-only \
+        --benchmark-columns=mean,median,ops
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.structured_output import StructuredOutputManager
+
+from dotllm.compiler.compiled import CompiledIndex
+from dotllm.guide import Guide
+from dotllm.mask_plan import RowPlanner
+from dotllm.tiers import IndexWithFallback
+from dotllm.vllm_ext import row_plans
+from dotllm.vllm_ext.backend import DotllmGrammar
+from dotllm.vllm_ext.compile_overlap import CompileOverlap
+from dotllm.vllm_ext.device_states import DeviceStates
+from tests.test_compile_overlap import _scheduler, make_request
+
+ROWS = 256
+BLOCKS = 12000
+MODES = ("free", "table rows", "device states")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, vocabulary,
+                                      tokenizer, monkeypatch):
+    monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
+                        row_plans._grammar_bitmask(StructuredOutputManager.grammar_bitmask))
+    words = (backend.vocab_size + 31) // 32
+    monkeypatch.setattr(backend, "_planner", RowPlanner(
+        words, 4096, ROWS, blob_words=2**26 if mode == "device states" else 0,
+        state_slots=4 * ROWS))
+    scheduler = _scheduler(True, BLOCKS, embedded_model, backend,
+                           mixins=(CompileOverlap, DeviceStates), max_num_seqs=ROWS,
+                           budget=8192)
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    compiled = CompiledIndex.build("[0-9]+", vocabulary)
+    eos = vocabulary.eos_token_id
+    for i in range(ROWS):
+        request, grammar = make_request(f"r{i}", 20, constrained=mode != "free",
+                                        max_tokens=100_000, compiling=False)
+        if grammar is not None:
+            grammar.set_result(DotllmGrammar(IndexWithFallback(
+                Guide(compiled, eos), lambda: None, lambda outcome: None), eos))
+        scheduler.add_request(request)
+    queue, pending = [], []
+
+    def step():
+        """The engine core's loop with a batch queue of two (vLLM's step_with_batch_queue):
+        a step marked pending accepts the previous step's tokens before its plan."""
+        out = scheduler.schedule()
+        pending.append(out.pending_structured_output_tokens)
+        if queue and out.pending_structured_output_tokens:
+            scheduler.update_from_output(*queue.pop(0))
+        scheduler.get_grammar_bitmask(out)
+        ids = list(out.num_scheduled_tokens)
+        queue.append((out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[[] if scheduler.requests[r].is_prefill_chunk else [digit]
+                               for r in ids])))
+        if len(queue) > 1:
+            scheduler.update_from_output(*queue.pop(0))
+
+    for _ in range(4):  # every request past its prompt, its device state set
+        step()
+    benchmark.group = f"engine-core step, {ROWS} requests in decode"
+    benchmark.pedantic(step, rounds=200, warmup_rounds=5)
+    assert len(queue[-1][0].num_scheduled_tokens) == ROWS
+    # Only table rows wait for the host: the step that samples needs the last accept.
+    assert set(pending[4:]) == {mode == "table rows"}
