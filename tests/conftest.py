@@ -164,18 +164,25 @@ def tokenizer(embedded_model):
     return AutoTokenizer.from_pretrained(embedded_model)
 
 
+_backends: list = []  # the process's one backend, whichever conftest's fixture made it
+
+
 @pytest.fixture(scope="session")
 def backend(tokenizer, vocabulary, tmp_path_factory):
-    """DotLLM's vLLM backend in this process (one per process: its metrics are global)."""
+    """DotLLM's vLLM backend in this process: one per process (its metrics are global),
+    also when bench/'s conftest lists this fixture beside tests/'s."""
     from dotllm.settings import Settings
     from dotllm.vllm_ext.backend import DotllmBackend
 
-    settings = Settings(compile_workers=2, compile_timeout=10,
-                        index_cache_dir=str(tmp_path_factory.mktemp("backend-indexes")))
-    backend = DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
-                            settings=settings)
-    yield backend
-    backend.destroy()
+    made = not _backends
+    if made:
+        settings = Settings(compile_workers=2, compile_timeout=10,
+                            index_cache_dir=str(tmp_path_factory.mktemp("backend-indexes")))
+        _backends.append(DotllmBackend(None, tokenizer=tokenizer, vocab_size=vocabulary.size,
+                                       settings=settings))
+    yield _backends[0]
+    if made:
+        _backends.pop().destroy()
 
 
 def closing_bias(tokenizer, pieces: tuple[str, ...], strength: int) -> dict[str, int]:
