@@ -13,12 +13,13 @@ printf '[vllm.general_plugins]\ndotllm_step_profile = bench.step_profile:install
     > "$info/entry_points.txt"
 nvidia-smi --query-gpu=name --format=csv,noheader
 model=$(python3 -m bench.full_size_model /tmp/llama-1.3b)
-# PYSPY=1: a sampling profile of the first engine core (scheduler and worker: one process
-# at TP 1) from its start to its end, collapsed stacks by thread, from the py-spy wheel
-# carried in gpucarry/wheels (pip download py-spy ... as for the lock's wheels).
+# PYSPY=1: a sampling profile of the first engine core and the worker processes it starts
+# (none with `--serve-arg=--distributed-executor-backend=uni`: the worker runs in its
+# thread) from its start to its end, collapsed stacks by process and thread, from the
+# py-spy wheel carried in gpucarry/wheels (pip download py-spy ... as for the lock's wheels).
 if [ -n "${PYSPY:-}" ]; then
     (until pid=$(pgrep -o -f EngineCore); do sleep 1; done
-     "$site/bin/py-spy" record --nonblocking --threads --format raw --rate 200 -p "$pid" \
+     "$site/bin/py-spy" record --nonblocking --subprocesses --threads --format raw --rate 200 -p "$pid" \
          -o "$OUT/engine-core.pyspy.txt" > "$OUT/py-spy.log" 2>&1) &
 fi
 python3 -m bench.step_profile --model "$model" --engines "$@" --serve-arg=--load-format=dummy \
