@@ -15,13 +15,11 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.structured_output import StructuredOutputManager
 
 from dotllm.compiler.compiled import CompiledIndex
-from dotllm.guide import Guide
 from dotllm.mask_plan import RowPlanner
-from dotllm.tiers import IndexWithFallback
 from dotllm.vllm_ext import row_plans
-from dotllm.vllm_ext.backend import DotllmGrammar
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
 from dotllm.vllm_ext.device_states import DeviceStates
+from tests.conftest import grammar_on_index
 from tests.test_compile_overlap import _scheduler, make_request
 
 ROWS = 256
@@ -48,8 +46,7 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
         request, grammar = make_request(f"r{i}", 20, constrained=mode != "free",
                                         max_tokens=100_000, compiling=False)
         if grammar is not None:
-            grammar.set_result(DotllmGrammar(IndexWithFallback(
-                Guide(compiled, eos), lambda: None, lambda outcome: None), eos))
+            grammar.set_result(grammar_on_index(compiled, eos))
         scheduler.add_request(request)
     queue, pending = [], []
 

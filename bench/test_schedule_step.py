@@ -14,10 +14,8 @@ import pytest
 from vllm.v1.outputs import ModelRunnerOutput
 
 from dotllm.compiler.compiled import CompiledIndex
-from dotllm.guide import Guide
-from dotllm.tiers import IndexWithFallback
-from dotllm.vllm_ext.backend import DotllmGrammar
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
+from tests.conftest import grammar_on_index
 from tests.test_compile_overlap import _scheduler, make_request
 
 ROWS = 256
@@ -36,8 +34,7 @@ def test_schedule_256_constrained_decodes(benchmark, mixins, embedded_model, voc
     eos = vocabulary.eos_token_id
     for i in range(ROWS):
         request, grammar = make_request(f"r{i}", 20, max_tokens=100_000, compiling=False)
-        grammar.set_result(DotllmGrammar(IndexWithFallback(
-            Guide(compiled, eos), lambda: None, lambda outcome: None), eos))
+        grammar.set_result(grammar_on_index(compiled, eos))
         scheduler.add_request(request)
     in_flight = []
 

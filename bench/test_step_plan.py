@@ -15,10 +15,9 @@ import pytest
 
 from dotllm.compiler.compiled import CompiledIndex
 from dotllm.compiler.spec import ConstraintSpec
-from dotllm.guide import Guide
 from dotllm.mask_plan import RowPlanner
-from dotllm.tiers import IndexWithFallback
 from dotllm.vllm_ext.backend import DotllmGrammar
+from tests.conftest import grammar_on_index
 
 ROWS = 256
 SCHEMA = {"type": "object",
@@ -33,10 +32,10 @@ def grammars(vocabulary, tokenizer) -> list[DotllmGrammar]:
     eos = vocabulary.eos_token_id
     out = []
     for i in range(ROWS):
-        guide = IndexWithFallback(Guide(compiled, eos), lambda: None, lambda outcome: None)
+        grammar = grammar_on_index(compiled, eos)
         text = '{"name": "Ada", "tags": ["red", "blue"' if i % 2 else '{"name": "Lo'
-        assert guide.accept_tokens(tokenizer.encode(text, add_special_tokens=False))
-        out.append(DotllmGrammar(guide, eos))
+        assert grammar.accept_tokens(f"r{i}", tokenizer.encode(text, add_special_tokens=False))
+        out.append(grammar)
     return out
 
 

@@ -164,6 +164,17 @@ def tokenizer(embedded_model):
     return AutoTokenizer.from_pretrained(embedded_model)
 
 
+def grammar_on_index(compiled, eos: int):
+    """A DotLLM grammar on a ready index, as the engine core holds one (no llguidance to
+    fall back to)."""
+    from dotllm.guide import Guide
+    from dotllm.tiers import IndexWithFallback
+    from dotllm.vllm_ext.backend import DotllmGrammar
+
+    return DotllmGrammar(IndexWithFallback(Guide(compiled, eos), lambda: None,
+                                           lambda outcome: None), eos)
+
+
 _backends: list = []  # the process's one backend, whichever conftest's fixture made it
 
 

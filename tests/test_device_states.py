@@ -29,7 +29,6 @@ from dotllm.guide import Guide
 from dotllm.kernels import states as device_states
 from dotllm.kernels.arena import DEVICE_STATE, MaskArena
 from dotllm.mask_plan import RowPlanner
-from dotllm.tiers import IndexWithFallback
 from dotllm.vllm_ext import device_states as device_states_patch
 from dotllm.vllm_ext import row_plans
 from dotllm.vllm_ext.backend import DotllmGrammar
@@ -38,6 +37,7 @@ from dotllm.vllm_ext.row_plans import planner_of
 from tests.conftest import (
     check_answer,
     complete_constrained,
+    grammar_on_index,
     run_under_triton_interpreter,
     start_dotllm,
     stop_server,
@@ -240,9 +240,7 @@ def test_a_request_is_not_on_the_device_until_the_host_is_in_step(indexes):
 # --- the scheduler: which steps sample without the host ---
 
 def _grammar(backend, compiled: CompiledIndex) -> DotllmGrammar:
-    eos = backend.vocabulary.eos_token_id
-    return DotllmGrammar(IndexWithFallback(Guide(compiled, eos), lambda: None,
-                                           lambda outcome: None), eos)
+    return grammar_on_index(compiled, backend.vocabulary.eos_token_id)
 
 
 @pytest.fixture
