@@ -285,22 +285,31 @@ def test_a_client_gone_while_its_request_waits_for_a_compile_frees_everything(
         waiting_server):
     """The stream is dropped mid-prefill, its compile still running: the request goes, its
     KV cache with it, and the server serves the next one."""
+    import json
+    import socket
     import time
+    from urllib.parse import urlsplit
 
-    import httpx
     import openai
 
     from dotllm.embedded_model import NAME
 
-    body = {"model": NAME, "prompt": long_prompt(400), "max_tokens": 5, "stream": True,
-            "structured_outputs": {"regex": "[a-z]{420}"}}  # seconds to compile
-    with httpx.Client(base_url=waiting_server.url, timeout=60) as client, \
-            client.stream("POST", "/v1/completions", json=body) as response:
-        assert response.status_code == 200
-        deadline = time.monotonic() + 30
-        while not waiting_server.total("vllm:num_requests_running"):
+    # A raw connection: a stream's response start waits for its first event (stream_errors),
+    # which waits for the compile, so the client leaves before any header arrives.
+    body = json.dumps({"model": NAME, "prompt": long_prompt(400), "max_tokens": 5,
+                       "stream": True, "structured_outputs": {"regex": "[a-z]{420}"}})
+    url = urlsplit(waiting_server.url)
+    name = "dotllm_constraint_prefill_tokens_while_compiling_total"
+    prefilled, sampled = waiting_server.total(name), waiting_server.total(
+        "vllm:generation_tokens_total")
+    with socket.create_connection((url.hostname, url.port), timeout=60) as conn:
+        conn.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      "Content-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        deadline = time.monotonic() + 60
+        while waiting_server.total(name) == prefilled:
             assert time.monotonic() < deadline, "the request never started its prefill"
-            time.sleep(0.1)
+            time.sleep(0.05)
     deadline = time.monotonic() + 30
     while True:
         after = waiting_server.metrics()
@@ -311,6 +320,8 @@ def test_a_client_gone_while_its_request_waits_for_a_compile_frees_everything(
             break
         assert time.monotonic() < deadline, left
         time.sleep(0.2)
+    # it went before its compile ended (~4 s here): it never sampled
+    assert waiting_server.total("vllm:generation_tokens_total") == sampled
     # (its compile may still hold this server's one worker: the next request is a free one)
     client = openai.OpenAI(base_url=waiting_server.base_url, api_key="x", max_retries=0)
     free = client.completions.create(model=NAME, prompt=long_prompt(50), max_tokens=5)
