@@ -16,13 +16,15 @@ from bench import prometheus
 from tests.conftest import DOTLLM, Server, free_port, start_server, stop_server
 
 STOCK_BACKENDS = ("xgrammar", "guidance", "outlines")
-# DotLLM's own variants: the tiers (default), the index tier alone, llguidance alone, the
-# tiers with forced drafts, the tiers with device states.
+# DotLLM's own variants: its defaults, the index tier alone, llguidance alone, forced
+# drafts, device states given (512 MiB: the GPU default, off on CPU) and none (a step's
+# index rows as table rows the host picks, the default before device states).
 DOTLLM_ENGINES = {"dotllm": [],
                   "dotllm-index": ["--dotllm-constraint-engine", "outlines"],
                   "dotllm-llguidance": ["--dotllm-constraint-engine", "llguidance"],
                   "dotllm-drafts": ["--dotllm-forced-drafts", "4"],
-                  "dotllm-device": ["--dotllm-device-states-mib", "512"]}
+                  "dotllm-device": ["--dotllm-device-states-mib", "512"],
+                  "dotllm-rows": ["--dotllm-device-states-mib", "0"]}
 ENGINES = (*DOTLLM_ENGINES, *STOCK_BACKENDS)
 # vLLM's own plugins only: DotLLM's entry point is not even loaded in a stock server.
 STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"

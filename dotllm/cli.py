@@ -151,7 +151,8 @@ def build_serve_parser(on_gpu: bool) -> argparse.ArgumentParser:
     # None means "not given": serve the embedded model instead of vLLM's default, and
     # give the embedded model its tool options.
     parser.set_defaults(model=None, enable_auto_tool_choice=None,
-                        **serve_defaults.option_defaults(on_gpu))
+                        **serve_defaults.option_defaults(on_gpu),
+                        **serve_defaults.dotllm_defaults(on_gpu, os.environ))
     return _one_line_errors(parser)
 
 

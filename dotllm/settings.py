@@ -94,8 +94,9 @@ class Settings:
         "Memory for compiled constraints' transitions in each model worker, on its device, "
         "in MiB: a request on an index then moves from state to state there, from the "
         "token just sampled, and with async scheduling a step's sampling no longer waits "
-        "for the host to accept the last step's tokens (0: off; not with speculative "
-        "decoding).", default=0)
+        "for the host to accept the last step's tokens (default 512 on a GPU, 0: off, the "
+        "default on CPU, where vLLM schedules without async scheduling; not with "
+        "speculative decoding).", default=0)
     forced_drafts: int = _option(
         "Tokens a constrained request's constraint decides next (braces, key names, "
         "separators), proposed as speculative drafts the model verifies in one pass, at "

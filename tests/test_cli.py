@@ -175,6 +175,20 @@ def test_the_executor_on_a_gpu(embedded_model, argv, on_gpu, backend):
     assert args.distributed_executor_backend == backend
 
 
+@pytest.mark.parametrize("argv, env, on_gpu, mib", [
+    ([], None, True, 512),
+    ([], None, False, 0),
+    (["--dotllm-device-states-mib", "0"], None, True, 0),
+    ([], "64", True, 64),
+    (["--dotllm-device-states-mib", "32"], "64", True, 32),
+])
+def test_device_states_default_on_a_gpu(embedded_model, monkeypatch, argv, env, on_gpu, mib):
+    if env is not None:
+        monkeypatch.setenv("DOTLLM_DEVICE_STATES_MIB", env)
+    args = parse(argv, on_gpu)
+    assert cli.dotllm_settings(args).device_states_mib == mib
+
+
 def test_no_model_serves_the_embedded_one_under_its_name(embedded_model):
     args = parse([])
     assert args.model == str(embedded_model)

@@ -27,6 +27,13 @@ def test_one_gpu_runs_its_worker_in_a_process_of_its_own():
     assert backend(on_gpu=False, given=None, world_size=1) is None  # CPU: vLLM's
 
 
+def test_device_states_on_a_gpu_unless_the_user_says():
+    defaults = serve_defaults.dotllm_defaults
+    assert defaults(on_gpu=True, environ={}) == {"dotllm_device_states_mib": 512}
+    assert defaults(on_gpu=True, environ={"DOTLLM_DEVICE_STATES_MIB": "0"}) == {}
+    assert defaults(on_gpu=False, environ={}) == {}
+
+
 def test_looks_like_path():
     assert looks_like_path("/models/x")
     assert looks_like_path("./x")
