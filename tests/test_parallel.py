@@ -24,7 +24,7 @@ from tests.conftest import start_dotllm, stop_server
 pytestmark = pytest.mark.server
 
 SPLITS = [("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "2")]
-LOG_LINE = re.compile(r"pid=(\d+)\).*DotLLM applies grammar bitmasks with its (\w+) kernel")
+LOG_LINE = "DotLLM applies grammar bitmasks with its {kernel} kernel"
 
 
 def _tier_tokens(server) -> dict[str, float]:
@@ -69,10 +69,11 @@ def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None)
             server.wait_for_compiles()
         tiers = _tier_tokens(server)
         assert tiers.get("llguidance", 0) > 0 and tiers.get("index", 0) > 0, tiers
-        masking = {pid for pid, name in LOG_LINE.findall(server.log.read_text())
-                   if name == kernel}
+        # Once a worker process; the workers' lines can interleave in the shared log (a
+        # prefix written, then another worker's line): the message itself is counted.
+        masking = server.log.read_text().count(LOG_LINE.format(kernel=kernel))
         expected = 2 if split[0] == "--tensor-parallel-size" else 1  # the last stage samples
-        assert len(masking) >= expected, server.log_tail(200)
+        assert masking >= expected, server.log_tail(200)
     finally:
         stop_server(server)
 

@@ -423,20 +423,31 @@ def test_a_new_constraint_switches_to_its_index_mid_generation(client, dotllm_se
     """It starts on llguidance at once; the index, compiled meanwhile, takes over.
 
     The constraint's index takes ~1.4 s to build here: still compiling when the first
-    token is sampled (an index ready by then serves the whole request), and the request
-    runs 300 steps whatever the model samples (no end before min_tokens), so the index
-    arrives mid-generation however slow the machine (a long bounded regex raced its own
-    3.7 s compile, and lost on a loaded CI machine). The pattern goes on from states
-    where it may end: the index must take that over from llguidance (see
+    token is sampled (an index ready by then serves the whole request). The request is
+    streamed and could run 2,000 steps (no end before min_tokens): it is read until the
+    hand-over is counted and some tokens after it, then dropped, so the index arrives
+    mid-generation however the compile and the decoding share a loaded machine (a fixed
+    300 steps raced the compile, and lost on a loaded CI machine). The pattern goes on
+    from states where it may end: the index must take that over from llguidance (see
     `outlines_index`)."""
     dotllm_server.wait_for_compiles()  # earlier tests' compiles would delay this one's
     before = dotllm_server.metrics()
+    switched = 'dotllm_constraint_tier_handover_total{outcome="switched"}'
     pattern = "(true|false|[a-z]{80}x)(, (true|false|[a-z]{80}x))*"
-    reply = client.completions.create(
-        model=NAME, prompt="x", max_tokens=300,
-        extra_body={"min_tokens": 300, "structured_outputs": {"regex": pattern}})
-    assert reply.choices[0].finish_reason == "length"
-    assert partial_regex.fullmatch(pattern, reply.choices[0].text, partial=True)
+    text, after_switch = "", None
+    with client.completions.create(
+            model=NAME, prompt="x", max_tokens=2000, stream=True,
+            extra_body={"min_tokens": 2000, "structured_outputs": {"regex": pattern}}
+    ) as stream:
+        for n, chunk in enumerate(stream):
+            text += chunk.choices[0].text
+            if after_switch is None and n % 20 == 19 and (
+                    dotllm_server.metrics().get(switched, 0) > before.get(switched, 0)):
+                after_switch = n
+            if after_switch is not None and n >= after_switch + 40:
+                break  # the client goes: the request ends, its grammar with it
+    assert after_switch is not None, "the index never took over"
+    assert partial_regex.fullmatch(pattern, text, partial=True)
     # Tokens are reported every 256 and when the request's grammar goes, after the reply.
     index_tokens = 'dotllm_constraint_tier_tokens_total{tier="index"}'
     dotllm_server.wait_for_metric(index_tokens, before.get(index_tokens, 0) + 1, 60)
@@ -446,7 +457,7 @@ def test_a_new_constraint_switches_to_its_index_mid_generation(client, dotllm_se
         return after.get(name, 0) - before.get(name, 0)
 
     assert delta('dotllm_constraint_tier_start_total{tier="llguidance"}') == 1
-    assert delta('dotllm_constraint_tier_handover_total{outcome="switched"}') == 1
+    assert delta(switched) == 1
     assert delta("dotllm_constraint_handover_seconds_count") == 1
     assert delta("dotllm_constraint_handover_seconds_sum") > 0
     assert delta('dotllm_constraint_tier_tokens_total{tier="index"}') > 0
