@@ -8,6 +8,7 @@ import re
 from concurrent.futures import Future
 
 import pytest
+import regex as partial_regex
 import torch
 from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -203,6 +204,64 @@ def test_a_request_preempted_while_compiling_prefills_again_and_waits(make_sched
     assert step(scheduler, digit) == {"r1": 1}
 
 
+def waiting_behind_prefill(scheduler, request_id: str, prompt_len: int, **kwargs):
+    """A request whose grammar thread waits for its index behind the prompt's prefill
+    (`prefill_waiter`'s wait, in a thread of its own), added to `scheduler`."""
+    import threading
+    import time
+
+    request, grammar = make_request(request_id, prompt_len, compiling=False, **kwargs)
+    wait = compile_overlap.prefill_waiter(scheduler.structured_output_manager, request)
+    assert wait is not None
+    thread = threading.Thread(target=wait, args=(Future(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not compile_overlap._compiling(request):  # marked by the waiting thread
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    scheduler.add_request(request)
+    return request, grammar, thread
+
+
+def test_a_wait_behind_the_prefill_ends_when_the_sampling_step_is_next(scheduler, backend,
+                                                                       digit):
+    """The tiered engine's wait for an index ends at the step that computes the prompt's
+    last token but one: the next samples, on llguidance if the index is not there."""
+    request, grammar, thread = waiting_behind_prefill(scheduler, "r1", 300)
+    assert step(scheduler, digit) == {"r1": BUDGET}
+    assert step(scheduler, digit) == {"r1": BUDGET}
+    thread.join(0.2)
+    assert thread.is_alive()  # still waiting: prompt left
+    assert step(scheduler, digit) == {"r1": 300 - 1 - 2 * BUDGET}
+    thread.join(10)
+    assert not thread.is_alive()
+    ready(backend, grammar)  # what the grammar thread hands over then
+    assert step(scheduler, digit) == {"r1": 1}
+
+
+@pytest.mark.parametrize("why", ["seeded, on a CPU", "aborted"])
+def test_a_wait_behind_the_prefill_ends_where_there_is_none(scheduler, digit, why):
+    if why == "aborted":
+        request, _, thread = waiting_behind_prefill(scheduler, "r1", 300)
+        step(scheduler, digit)
+        scheduler.finish_requests(["r1"], RequestStatus.FINISHED_ABORTED)
+    else:  # vLLM 0.26's CPU runner cannot take its partial prefill
+        request, _, thread = waiting_behind_prefill(scheduler, "r1", 300, seed=7)
+        assert step(scheduler, digit) == {}
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_only_a_prompt_longer_than_a_step_waits_behind_its_prefill(scheduler,
+                                                                   embedded_model, backend):
+    manager = scheduler.structured_output_manager
+    assert compile_overlap.prefill_waiter(manager, make_request("r1", BUDGET)[0]) is None
+    assert compile_overlap.prefill_waiter(manager, make_request("r2", BUDGET + 1)[0])
+    plain = _scheduler(False, 200, embedded_model, backend, mixins=())  # no overlap here
+    assert compile_overlap.prefill_waiter(plain.structured_output_manager,
+                                          make_request("r3", 300)[0]) is None
+
+
 def test_a_users_own_scheduler_is_left_alone_and_off_means_off(monkeypatch):
     from types import SimpleNamespace
 
@@ -326,3 +385,47 @@ def test_a_client_gone_while_its_request_waits_for_a_compile_frees_everything(
     client = openai.OpenAI(base_url=waiting_server.base_url, api_key="x", max_retries=0)
     free = client.completions.create(model=NAME, prompt=long_prompt(50), max_tokens=5)
     assert free.usage.completion_tokens == 5
+
+
+@pytest.fixture(scope="module")
+def tiered_server(embedded_model, tmp_path_factory):
+    """The default engine, with steps of 256 tokens: a prompt of 2,500 prefills in 10."""
+    from tests.conftest import start_dotllm, stop_server
+
+    server = start_dotllm(tmp_path_factory, extra_args=("--max-num-batched-tokens", "256"))
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.server
+def test_a_long_prompt_waits_for_its_index_behind_its_prefill(tiered_server):
+    """A compile shorter than the prompt's prefill: the request starts on its index, with
+    no llguidance and no hand-over; a longer one: on llguidance when its prefill ends, as
+    a short prompt would at once."""
+    import uuid
+
+    import openai
+
+    from dotllm.embedded_model import NAME
+
+    client = openai.OpenAI(base_url=tiered_server.base_url, api_key="x", max_retries=0)
+    cases = [(f"{uuid.uuid4().hex[:6]}[0-9]{{3}}", "index"),  # ~0.02 s to compile here
+             (f"{uuid.uuid4().hex[:6]}[a-z]{{400}}", "llguidance")]  # ~3 s; prefill ~0.4
+    for pattern, tier in cases:
+        before = tiered_server.metrics()
+        reply = client.completions.create(
+            model=NAME, prompt=long_prompt(500), max_tokens=4,
+            extra_body={"structured_outputs": {"regex": pattern}})
+        assert reply.usage.prompt_tokens > 2000
+        assert partial_regex.fullmatch(pattern, reply.choices[0].text, partial=True)
+        after = tiered_server.metrics()
+        for name, grew in [(f'dotllm_constraint_prefill_waits_total{{outcome="{tier}"}}', 1),
+                           (f'dotllm_constraint_tier_start_total{{tier="{tier}"}}', 1),
+                           ("dotllm_constraint_tier_start_total", 1)]:
+            total = sum(v for k, v in after.items() if k.startswith(name))
+            total -= sum(v for k, v in before.items() if k.startswith(name))
+            assert total == grew, (name, total)
+        # the whole prompt but its last token when the prefill ended first
+        prefilled = "dotllm_constraint_prefill_tokens_while_compiling_total"
+        assert after[prefilled] - before.get(prefilled, 0) > (2000 if tier == "llguidance"
+                                                              else 0)

@@ -75,6 +75,12 @@ class CompileMetrics:
             "dotllm_constraint_prefill_tokens_while_compiling",
             "Prompt tokens computed while the request's constraint was still being made "
             "(--dotllm-compile-overlap): compile time hidden behind prefill.", **kwargs)
+        self.prefill_waits = Counter(
+            "dotllm_constraint_prefill_waits",
+            "Requests of the tiered engine whose prompt was long enough to wait for their "
+            "index behind its prefill, by what served their first token: index (it came in "
+            "time) or llguidance (the prefill ended first; the index took over later).",
+            ["outcome"], **kwargs)
         self.forced_drafts = Counter(
             "dotllm_forced_draft_tokens",
             "Speculative draft tokens proposed from what constraints decide "

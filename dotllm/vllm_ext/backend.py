@@ -207,17 +207,21 @@ class DotllmBackend(StructuredOutputBackend):
                     s.workers, ", ".join(levels))
 
     def compile_spec(self, spec: ConstraintSpec,
-                     on_wait: Callable[[], None] | None = None) -> DotllmGrammar:
+                     on_wait: Callable[[], None] | None = None,
+                     behind_prefill: Callable[[Future], None] | None = None) -> DotllmGrammar:
         """The request's guide (runs in vLLM's grammar thread pool, returns at once unless
-        only the index can serve it, or the engine setting says to wait for it):
+        only the index can serve it, the engine setting says to wait for it, or the
+        prompt's prefill can hide the compile):
 
-        - the index, when it is ready (cached) or arrives within a warm disk lookup;
+        - the index, when it is ready (cached) or arrives within a warm disk lookup, or,
+          with `behind_prefill`, by the end of the prompt's prefill;
         - llguidance alone, for what outlines-core cannot serve (refused, or failed);
         - llguidance first, then the index at a step boundary (`TieredGuide`), while the
           pool compiles it.
 
         `on_wait` is called before it waits for a compile (the request's prompt can
-        prefill meanwhile: compile_overlap).
+        prefill meanwhile: compile_overlap). `behind_prefill(index)` returns when the
+        index is done or the request's sampling step is next, whichever comes first.
         """
         spec.check()
         engine = self.settings.constraint_engine
@@ -230,6 +234,15 @@ class DotllmBackend(StructuredOutputBackend):
                     first = self.llguidance_guide(spec)
                 except ConstraintError as not_llguidance:  # only the index can serve it
                     return self._indexed(index, spec, not_llguidance, on_wait)
+                if behind_prefill is not None:
+                    self.manager.hurry(index)  # its request now waits for it
+                    behind_prefill(index)
+                    in_time = (index.done() and not index.cancelled()
+                               and index.exception() is None)
+                    self.metrics.prefill_waits.labels(
+                        outcome="index" if in_time else "llguidance").inc()
+                    if in_time:
+                        return self._indexed(index, spec)
                 self.metrics.tier_start.labels(tier="llguidance").inc()
                 started = time.monotonic()
                 return self._grammar(TieredGuide(

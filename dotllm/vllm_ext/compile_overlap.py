@@ -19,10 +19,20 @@ unless told to; for those it still runs first). Requests without a constraint ar
 scheduled exactly as before, and so are seeded requests on a CPU: vLLM 0.26's CPU runner
 fails on a seeded request's partial prefill (it rewinds the request's generator offset,
 which a CPU generator does not have).
+
+The tiered engine uses the overlap too: a request whose prompt takes more than one step
+to prefill, and whose index is not ready, waits for it behind that prefill
+(`prefill_waiter`) instead of starting on llguidance at once; when the step that computes
+the last of its prompt but one is scheduled and the index is still compiling, the
+scheduler tells its grammar thread (`_want_grammar`), which starts it on llguidance then,
+the index to take over later. A short prompt would gain nothing: a compile that finishes
+within one step was there at the warm lookup.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from dotllm.settings import Settings
@@ -32,12 +42,42 @@ NAME = "compile_overlap"
 
 
 _MARK = "dotllm_compiling"
+_WANTED = "dotllm_grammar_wanted"  # set when the request's sampling step is next
+_MIXED_IN = "dotllm_compile_overlap"  # on the StructuredOutputManager its scheduler uses
 
 
 def mark(constraint) -> None:
     """Called from the grammar thread of a request (its `StructuredOutputRequest`)
     whose constraint is about to wait for a compile."""
     setattr(constraint, _MARK, True)
+
+
+def prefill_waiter(manager, request) -> Callable[[Future], None] | None:
+    """For the request's grammar thread: a wait for its index that ends when the index
+    is done or the request's sampling step is next; None where the prompt fits in one
+    step, or no scheduler here overlaps (the wait would never be cut short)."""
+    if not getattr(manager, _MIXED_IN, False):
+        return None
+    if request.num_prompt_tokens <= manager.vllm_config.scheduler_config.max_num_batched_tokens:
+        return None
+    constraint = request.structured_output_request
+
+    def wait(index: Future) -> None:
+        wanted = threading.Event()
+        setattr(constraint, _WANTED, wanted)  # before the mark: the scheduler may set it
+        mark(constraint)
+        index.add_done_callback(lambda _: wanted.set())
+        wanted.wait()
+
+    return wait
+
+
+def _want_grammar(request) -> None:
+    """The request's grammar is wanted now (its sampling step is next, or it is gone):
+    a wait behind its prefill ends."""
+    constraint = request.structured_output_request
+    if (wanted := getattr(constraint, _WANTED, None)) is not None:
+        wanted.set()
 
 
 def _compiling(request) -> bool:
@@ -57,6 +97,7 @@ class CompileOverlap:
         self.need_mamba_block_aligned_split = True  # every request passes the cap
         backend = self.structured_output_manager.backend
         self._metrics = getattr(backend, "metrics", None)
+        setattr(self.structured_output_manager, _MIXED_IN, True)
 
     def _may_split(self, request) -> bool:
         return not (self._on_cpu and request.sampling_params is not None
@@ -77,10 +118,11 @@ class CompileOverlap:
         # Let it prefill only while there is prompt to compute: a request capped to no
         # tokens on the waiting path would stop the waiting queue for the step.
         if (request.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
-                and _compiling(request) and self._may_split(request)
-                and self._prompt_left(request) > 0):
-            request.status = RequestStatus.WAITING
-            return True
+                and _compiling(request)):
+            if self._may_split(request) and self._prompt_left(request) > 0:
+                request.status = RequestStatus.WAITING
+                return True
+            _want_grammar(request)  # nothing to prefill: a wait behind it is over
         return super()._try_promote_blocked_waiting_request(request)
 
     def _mamba_block_aligned_split(self, request, num_new_tokens: int,
@@ -108,7 +150,13 @@ class CompileOverlap:
             return 0 if request.status == RequestStatus.RUNNING else capped
         if capped and self._metrics is not None:
             self._metrics.prefill_while_compiling.inc(capped)
+        if done + capped >= request.num_tokens - 1:  # the prompt is in: sampling is next
+            _want_grammar(request)
         return capped
+
+    def _free_request(self, request, delay_free_blocks: bool = False):
+        _want_grammar(request)  # (gone while its grammar thread waited behind its prefill)
+        return super()._free_request(request, delay_free_blocks)
 
 
 def apply(in_launcher: bool) -> bool:

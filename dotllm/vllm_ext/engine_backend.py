@@ -11,7 +11,7 @@ Targets (vLLM 0.26, engine-core process):
   `StructuredOutputsParams` (whitespace pattern included), not vLLM's (type, text) key,
   record why a compile failed for `compile_errors` to tell the client, and mark a
   request whose constraint waits for a compile (`compile_overlap` lets its prompt
-  prefill meanwhile).
+  prefill meanwhile, and a long prompt's request wait for its index behind it).
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def _compiling_whole_params(stock_create):
         constraint = request.structured_output_request
         try:
             spec = spec_from_params(constraint.params)
-            return self.backend.compile_spec(spec, on_wait=lambda: compile_overlap.mark(
-                constraint))
+            return self.backend.compile_spec(
+                spec, on_wait=lambda: compile_overlap.mark(constraint),
+                behind_prefill=compile_overlap.prefill_waiter(self, request))
         except Exception as e:
             logger.warning("request %s: constraint failed: %s", request.request_id, e)
             reason = getattr(e, "reason", None) or getattr(e, "kind", "invalid")
