@@ -7,12 +7,13 @@ before it (issue 14).
 Servers: `waiting` is `dotllm serve --dotllm-constraint-engine outlines` (a request waits
 for its index: the case the overlap is for), `waiting-off` the same with
 --dotllm-compile-overlap off (vLLM's way: the whole request waits), `tiered` DotLLM's
-default (llguidance at once), `xgrammar` stock vLLM. Each repeat, per prompt length: an
-unconstrained request (its TTFT: the prefill and one step), then a request with a regex no
-request used before (`[a-z]{N}`, N new each time: a compile of its own) and a prompt of
-its own (no prefix cache), max_tokens 1. DotLLM's compile time is read from its
-`dotllm_constraint_compile_seconds` around the request. The target: TTFT = max(compile,
-prefill) + one step, not their sum.
+default (llguidance at once, or, for a prompt longer than --max-num-batched-tokens, the
+index if it comes within the prefill: the last column), `xgrammar` stock vLLM. Each
+repeat, per prompt length: an unconstrained request (its TTFT: the prefill and one step),
+then a request with a regex no request used before (`[a-z]{N}`, N new each time: a
+compile of its own) and a prompt of its own (no prefix cache), max_tokens 1. DotLLM's
+compile time is read from its `dotllm_constraint_compile_seconds` around the request.
+The target: TTFT = max(compile, prefill) + one step, not their sum.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SERVERS = {
     "xgrammar": ("xgrammar", []),
 }
 COMPILE = "dotllm_constraint_compile_seconds_sum"
+WAITS = "dotllm_constraint_prefill_waits_total"
 RNG = np.random.default_rng()
 
 
@@ -61,6 +63,16 @@ async def ttft(client: httpx.AsyncClient, model: str, ids: list[int], regex: str
     raise RuntimeError("no token came back")
 
 
+def first_token_on(before: dict[str, float], after: dict[str, float]) -> str | None:
+    """What served the tiered engine's first token when it waited behind the prefill:
+    its index, or llguidance (the prefill ended first); None where it did not wait."""
+    for outcome in ("index", "llguidance"):
+        name = f'{WAITS}{{outcome="{outcome}"}}'
+        if after.get(name, 0) > before.get(name, 0):
+            return outcome
+    return None
+
+
 async def measure(url: str, server: str, lengths: list[int], repeats: int,
                   regex_length: int, out) -> list[dict]:
     rows = []
@@ -79,7 +91,8 @@ async def measure(url: str, server: str, lengths: list[int], repeats: int,
                 compile_s = after.get(COMPILE, 0) - before.get(COMPILE, 0)
                 row = {"server": server, "prompt_tokens": length, "repeat": repeat,
                        "free_ttft_s": free, "ttft_s": constrained,
-                       "compile_s": compile_s if COMPILE in after else None}
+                       "compile_s": compile_s if COMPILE in after else None,
+                       "first_token_on": first_token_on(before, after)}
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -91,7 +104,8 @@ def summary(rows: list[dict]) -> str:
     """Medians [min-max] over repeats; `x max` is TTFT over max(compile, free TTFT), `x sum`
     over compile + free TTFT (1.0: all of the compile hidden / none of it)."""
     lines = ["| server | prompt tokens | free TTFT s | compile s | TTFT s | x max(compile, free) "
-             "| x (compile + free) |", "|---|---|---|---|---|---|---|"]
+             "| x (compile + free) | first token on the index |",
+             "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["server"], r["prompt_tokens"]), []).append(r)
@@ -104,8 +118,15 @@ def summary(rows: list[dict]) -> str:
             f"| {server} | {length} | {serve.spread([r['free_ttft_s'] for r in group])} "
             f"| {serve.spread([r['compile_s'] for r in timed])} "
             f"| {serve.spread([r['ttft_s'] for r in group])} "
-            f"| {serve.spread(over_max)} | {serve.spread(over_sum)} |")
+            f"| {serve.spread(over_max)} | {serve.spread(over_sum)} "
+            f"| {on_index(group)} |")
     return "\n".join(lines)
+
+
+def on_index(group: list[dict]) -> str:
+    """How many of the requests that waited behind their prefill got their index in time."""
+    waited = [r["first_token_on"] for r in group if r.get("first_token_on")]
+    return f"{waited.count('index')} of {len(waited)}" if waited else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

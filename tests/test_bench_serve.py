@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import client, prometheus, scenarios, serve
+from bench import client, overlap, prometheus, scenarios, serve
 
 
 def test_a_histograms_mean_between_two_readings_over_its_label_sets():
@@ -25,6 +25,19 @@ def test_a_histograms_mean_between_two_readings_over_its_label_sets():
     assert math.isnan(prometheus.mean_between(after, after, "vllm:x"))
     assert prometheus.increase(before, after, "vllm:x_count") == 100
     assert prometheus.increase(before, after, "vllm:x") == 0  # not vllm:x_count's samples
+
+
+def test_the_overlap_bench_says_what_served_a_waiting_requests_first_token():
+    waits = 'dotllm_constraint_prefill_waits_total{outcome="%s"}'
+    before = {waits % "index": 2.0, waits % "llguidance": 5.0}
+    assert overlap.first_token_on(before, {**before, waits % "index": 3.0}) == "index"
+    assert overlap.first_token_on(before, {**before, waits % "llguidance": 6.0}) == "llguidance"
+    assert overlap.first_token_on(before, before) is None  # it did not wait (or no DotLLM)
+    rows = [{"server": "tiered", "prompt_tokens": 9000, "repeat": i, "free_ttft_s": 0.5,
+             "ttft_s": 0.6, "compile_s": 0.3, "first_token_on": on}
+            for i, on in enumerate(["index", "llguidance", "index"])]
+    line = overlap.summary(rows).splitlines()[-1]
+    assert line.startswith("| tiered | 9000 |") and line.endswith("| 2 of 3 |")
 
 
 def test_stream_lines_split_at_newlines_only_whatever_the_chunks():
