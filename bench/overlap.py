@@ -8,7 +8,8 @@ Servers: `waiting` is `dotllm serve --dotllm-constraint-engine outlines` (a requ
 for its index: the case the overlap is for), `waiting-off` the same with
 --dotllm-compile-overlap off (vLLM's way: the whole request waits), `tiered` DotLLM's
 default (llguidance at once, or, for a prompt longer than --max-num-batched-tokens, the
-index if it comes within the prefill: the last column), `xgrammar` stock vLLM. Each
+index if it comes within the prefill: the last column; `tiered-off` without the overlap:
+llguidance at once whatever the prompt), `xgrammar` stock vLLM. Each
 repeat, per prompt length: an unconstrained request (its TTFT: the prefill and one step),
 then a request with a regex no request used before (`[a-z]{N}`, N new each time: a
 compile of its own) and a prompt of its own (no prefix cache), max_tokens 1. DotLLM's
@@ -36,6 +37,7 @@ SERVERS = {
     "waiting-off": ("dotllm", ["--dotllm-constraint-engine", "outlines",
                                "--dotllm-compile-overlap", "off"]),
     "tiered": ("dotllm", []),
+    "tiered-off": ("dotllm", ["--dotllm-compile-overlap", "off"]),
     "xgrammar": ("xgrammar", []),
 }
 COMPILE = "dotllm_constraint_compile_seconds_sum"
