@@ -409,6 +409,10 @@ def test_a_long_prompt_waits_for_its_index_behind_its_prefill(tiered_server):
     from dotllm.embedded_model import NAME
 
     client = openai.OpenAI(base_url=tiered_server.base_url, api_key="x", max_retries=0)
+    client.completions.create(  # the compile worker starts (seconds) with its first compile
+        model=NAME, prompt="x", max_tokens=2,
+        extra_body={"structured_outputs": {"regex": "[0-9]{2}"}})
+    tiered_server.wait_for_compiles()
     cases = [(f"{uuid.uuid4().hex[:6]}[0-9]{{3}}", "index"),  # ~0.02 s to compile here
              (f"{uuid.uuid4().hex[:6]}[a-z]{{400}}", "llguidance")]  # ~3 s; prefill ~0.4
     for pattern, tier in cases:

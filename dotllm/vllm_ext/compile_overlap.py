@@ -55,19 +55,22 @@ def mark(constraint) -> None:
 def prefill_waiter(manager, request) -> Callable[[Future], None] | None:
     """For the request's grammar thread: a wait for its index that ends when the index
     is done or the request's sampling step is next; None where the prompt fits in one
-    step, or no scheduler here overlaps (the wait would never be cut short)."""
+    step, or no scheduler here overlaps (the wait would never be cut short). A request
+    the scheduler has not reached within a compile's time limit stops waiting too (its
+    grammar thread is not held for a full queue)."""
     if not getattr(manager, _MIXED_IN, False):
         return None
     if request.num_prompt_tokens <= manager.vllm_config.scheduler_config.max_num_batched_tokens:
         return None
     constraint = request.structured_output_request
+    limit_s = manager.backend.settings.compile_timeout
 
     def wait(index: Future) -> None:
         wanted = threading.Event()
         setattr(constraint, _WANTED, wanted)  # before the mark: the scheduler may set it
         mark(constraint)
         index.add_done_callback(lambda _: wanted.set())
-        wanted.wait()
+        wanted.wait(limit_s)
 
     return wait
 
