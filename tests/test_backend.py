@@ -186,27 +186,26 @@ def _uncompiled_regex() -> str:
     return f"[a-z]{{40}}x{uuid.uuid4().hex[:8]}[0-9]{{30}}"
 
 
+def _prefill_waits(backend, outcome: str) -> float:
+    return backend.metrics.prefill_waits.labels(outcome=outcome)._value.get()
+
+
 def test_a_tiered_request_that_waits_behind_its_prefill_starts_on_its_index(backend):
     """The prompt's prefill outlasted the compile: no llguidance, no hand-over."""
-    def waits(outcome):
-        return backend.metrics.prefill_waits.labels(outcome=outcome)._value.get()
-
-    before = waits("index")
+    before = _prefill_waits(backend, "index")
     waited = []
     grammar = backend.compile_spec(
         ConstraintSpec.regex(_uncompiled_regex()),
         behind_prefill=lambda index: waited.append(index.result(timeout=120)))
     assert waited and grammar.guide.tier == "index"
-    assert waits("index") == before + 1
+    assert _prefill_waits(backend, "index") == before + 1
 
 
 def test_a_prefill_that_ends_first_starts_the_request_on_llguidance(backend):
     """The sampling step came before the index: llguidance serves it, the index takes
     over when it comes, as when the prompt was short."""
-    def waits(outcome):
-        return backend.metrics.prefill_waits.labels(outcome=outcome)._value.get()
-
-    before = waits("llguidance")
+    before = _prefill_waits(backend, "llguidance")
     grammar = backend.compile_spec(ConstraintSpec.regex(_uncompiled_regex()),
                                    behind_prefill=lambda index: None)
-    assert grammar.guide.tier == "llguidance" and waits("llguidance") == before + 1
+    assert grammar.guide.tier == "llguidance"
+    assert _prefill_waits(backend, "llguidance") == before + 1
