@@ -1,8 +1,8 @@
 """The engine core's whole part of a decode step for 256 requests, as it runs with async
 scheduling: `schedule()`, the row plan, and the previous step's `update_from_output` (the
-grammars' accept), for free requests, requests on an index with table rows, and with
-device states. With the model's worker in a process of its own (DotLLM's default on one
-GPU) this is what must fit in a forward pass.
+grammars' accept), with the patches a server has there, for free requests, requests on
+an index with table rows, and with device states. With the model's worker in a process
+of its own (DotLLM's default on one GPU) this is what must fit in a forward pass.
 
     pytest bench/test_engine_step.py --benchmark-enable --benchmark-only \
         --benchmark-columns=mean,median,ops
@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.structured_output import StructuredOutputManager
+from vllm.v1.structured_output.request import StructuredOutputRequest
 
 from dotllm.compiler.compiled import CompiledIndex
 from dotllm.mask_plan import RowPlanner
-from dotllm.vllm_ext import row_plans
+from dotllm.vllm_ext import ready_grammar, row_plans
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
 from dotllm.vllm_ext.device_states import DeviceStates
 from tests.conftest import grammar_on_index
@@ -32,6 +33,9 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
                                       tokenizer, monkeypatch):
     monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
                         row_plans._grammar_bitmask(StructuredOutputManager.grammar_bitmask))
+    check = StructuredOutputRequest._check_grammar_completion  # as a server patches it
+    monkeypatch.setattr(StructuredOutputRequest, "_check_grammar_completion",
+                        ready_grammar._ready_first(check))
     words = (backend.vocab_size + 31) // 32
     monkeypatch.setattr(backend, "_planner", RowPlanner(
         words, 4096, ROWS, blob_words=2**26 if mode == "device states" else 0,

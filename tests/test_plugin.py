@@ -26,6 +26,7 @@ def report():
     from vllm.sampling_params import SamplingParams
     from vllm.v1.core.sched import scheduler
     from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.v1.structured_output.request import StructuredOutputRequest
 
     api = sys.modules.get("vllm.entrypoints.openai.api_server")
     chat = sys.modules.get("vllm.entrypoints.openai.chat_completion.protocol")
@@ -44,7 +45,8 @@ def report():
                getattr(v1_runner, "apply_grammar_bitmask", None),
                getattr(getattr(v2_outputs, "StructuredOutputsWorker", None),
                        "apply_grammar_bitmask", None),
-               scheduler.Scheduler.update_draft_token_ids]
+               scheduler.Scheduler.update_draft_token_ids,
+               StructuredOutputRequest._check_grammar_completion]
     from dotllm.vllm_ext.patching import patches_on
     return {"api_server_loaded": api is not None,
             "patched": [",".join(patches_on(t)) or None for t in targets]}
@@ -84,8 +86,8 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 11}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 11}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 12}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 12}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
@@ -94,7 +96,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
         "api_server_loaded": True,
         "patched": ["server_identity", "request_validation",
                     "unenforced_report,legacy_fields", "engine_backend", None, None,
-                    "compile_errors", "compile_errors", None, None, None],
+                    "compile_errors", "compile_errors", None, None, None, None],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in, and
     # the model runners' bitmask application is DotLLM's.
@@ -102,7 +104,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
         "api_server_loaded": False,
         "patched": [None, "request_validation", None, "engine_backend", "row_plans",
                     "compile_overlap", "compile_errors", None, "mask_kernels",
-                    "mask_kernels", "forced_drafts"],
+                    "mask_kernels", "forced_drafts", "ready_grammar"],
     }
 
 

@@ -21,6 +21,7 @@ from dotllm.vllm_ext import (
     heap_trim,
     legacy_fields,
     mask_kernels,
+    ready_grammar,
     request_validation,
     row_plans,
     server_identity,
@@ -33,8 +34,8 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 # patched something in this process). apply() must be idempotent.
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
-    compile_errors, compile_overlap, device_states, row_plans, mask_kernels, heap_trim,
-    forced_drafts,
+    compile_errors, compile_overlap, device_states, ready_grammar, row_plans, mask_kernels,
+    heap_trim, forced_drafts,
 )
 
 
