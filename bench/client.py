@@ -4,12 +4,15 @@ stream or inside it, is the server's answer to the request, not a failure to mea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+
+CONNECT_ATTEMPTS = 4
 
 
 @dataclass
@@ -22,6 +25,7 @@ class Reply:
     text: str = ""
     gaps_s: list[float] = field(default_factory=list)  # between chunks that carried text
     error: str | None = None
+    retries: int = 0  # connections reset before the response started
 
 
 async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -37,16 +41,34 @@ async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 async def stream_completion(client: httpx.AsyncClient, payload: dict) -> Reply:
-    """POSTs `payload` to /v1/completions with streaming and usage on."""
+    """POSTs `payload` to /v1/completions with streaming and usage on. A connection that
+    breaks before the response starts is tried again (at 256 streams opened at once a
+    local connection is now and then reset before the server reads the request; the
+    request never ran): `Reply.retries` counts them."""
     payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-    started = time.perf_counter()
+    for retries in range(CONNECT_ATTEMPTS):
+        started = time.perf_counter()
+        try:
+            async with client.stream("POST", "/v1/completions", json=payload) as response:
+                reply = await _read(response, started)
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            if retries == CONNECT_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.05 * (retries + 1))
+            continue
+        reply.retries = retries
+        return reply
+    raise AssertionError("unreachable")
+
+
+async def _read(response: httpx.Response, started: float) -> Reply:
+    if response.status_code != 200:
+        body = (await response.aread())[:300].decode(errors="replace")
+        return Reply("400" if response.status_code == 400 else "error",
+                     error=f"{response.status_code}: {body}")
     first = last = None
     reply = Reply("ok")
-    async with client.stream("POST", "/v1/completions", json=payload) as response:
-        if response.status_code != 200:
-            body = (await response.aread())[:300].decode(errors="replace")
-            return Reply("400" if response.status_code == 400 else "error",
-                         error=f"{response.status_code}: {body}")
+    try:
         async for line in sse_lines(response.aiter_text()):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -68,6 +90,9 @@ async def stream_completion(client: httpx.AsyncClient, payload: dict) -> Reply:
                 reply.finish = choice.get("finish_reason") or reply.finish
             if chunk.get("usage"):
                 reply.tokens = chunk["usage"]["completion_tokens"]
+    except httpx.TransportError as e:
+        # The stream broke after it started: the server's answer was cut, a result.
+        return Reply("error", tokens=reply.tokens, error=f"stream cut: {e!r}")
     reply.e2e_s = time.perf_counter() - started
     if first is None:
         return Reply("error", error=f"no text came back (finish_reason {reply.finish})")

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,6 +78,7 @@ class Batch:
     errors: list[str] = field(default_factory=list)
     note: str = ""
     kind: str = "batch"
+    retries: int = 0  # connections reset before a response started, tried again
 
     @property
     def tokens_per_s(self) -> float:
@@ -151,7 +153,7 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         engine_ttft_s=prometheus.mean_between(before, after, TTFT),
         steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
                                   prometheus.increase(before, after, STEPS)),
-        arrival_s=arrival_s, errors=errors, note=note)
+        arrival_s=arrival_s, errors=errors, note=note, retries=sum(r.retries for r in replies))
 
 
 async def run_unique(base_url: str, model: str, engine: str, subset: str, sample: int,
@@ -457,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             b.get("arrival_s", 0.0) for b in load_results(args.out / "results.jsonl")[0]
     } - {args.arrival_s}:
         parser.error(f"{args.out} holds batches of another --arrival-s: choose another --out")
+    failed: list[str] = []
     with open(args.out / "results.jsonl", "a") as out, tempfile.TemporaryDirectory() as tmp:
         for name, url in urls.items():
             measure(url, name, args, batch_scenarios, unique, out, progress)
@@ -473,10 +476,20 @@ def main(argv: list[str] | None = None) -> int:
                                        Path(tempfile.mkdtemp(dir=tmp)), compact=compact)
                 try:
                     measure(server.url, engine, args, chosen, with_unique, out, progress, note)
+                except httpx.TransportError as e:
+                    # The server went away mid-batch: say so, keep its log, go on with the
+                    # next engine (its results so far are written).
+                    failed.append(f"{engine}: {e!r} (log: {server.log.name})")
                 finally:
                     servers.stop_server(server)
+                    (args.out / "logs").mkdir(exist_ok=True)
+                    shutil.copy(server.log, args.out / "logs" / server.log.name)
     progress.bar.close()
     print(report(args.out))
+    for failure in failed:
+        print(f"server failed: {failure}", file=sys.stderr)
+    if failed:
+        return 1
     batches, replies = load_results(args.out / "results.jsonl")
     return 1 if any(b["errors"] and b["scenario"] in (*EQUAL_WORK, scenarios.MATCHED_FREE)
                     for b in batches) else 0
