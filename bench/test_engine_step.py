@@ -20,12 +20,13 @@ from dotllm.mask_plan import RowPlanner
 from dotllm.vllm_ext import ready_grammar, row_plans
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
 from dotllm.vllm_ext.device_states import DeviceStates
-from tests.conftest import grammar_on_index
+from tests.conftest import grammar_on_index, grammar_on_llguidance
 from tests.test_compile_overlap import _scheduler, make_request
 
 ROWS = 256
 BLOCKS = 12000
-MODES = ("free", "table rows", "device states")
+MODES = ("free", "table rows", "device states", "device states, 4 on llguidance")
+ON_LLGUIDANCE = 4
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -38,7 +39,7 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
                         ready_grammar._ready_first(check))
     words = (backend.vocab_size + 31) // 32
     monkeypatch.setattr(backend, "_planner", RowPlanner(
-        words, 4096, ROWS, blob_words=2**26 if mode == "device states" else 0,
+        words, 4096, ROWS, blob_words=2**26 if mode.startswith("device states") else 0,
         state_slots=4 * ROWS))
     scheduler = _scheduler(True, BLOCKS, embedded_model, backend,
                            mixins=(CompileOverlap, DeviceStates), max_num_seqs=ROWS,
@@ -50,15 +51,18 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
         request, grammar = make_request(f"r{i}", 20, constrained=mode != "free",
                                         max_tokens=100_000, compiling=False)
         if grammar is not None:
-            grammar.set_result(grammar_on_index(compiled, eos))
+            grammar.set_result(grammar_on_llguidance(backend, "[0-9]+")
+                               if mode.endswith("llguidance") and i < ON_LLGUIDANCE
+                               else grammar_on_index(compiled, eos))
         scheduler.add_request(request)
-    queue, pending = [], []
+    queue, pending, sizes = [], [], []
 
     def step():
         """The engine core's loop with a batch queue of two (vLLM's step_with_batch_queue):
         a step marked pending accepts the previous step's tokens before its plan."""
         out = scheduler.schedule()
         pending.append(out.pending_structured_output_tokens)
+        sizes.append(len(out.num_scheduled_tokens))
         if queue and out.pending_structured_output_tokens:
             scheduler.update_from_output(*queue.pop(0))
         scheduler.get_grammar_bitmask(out)
@@ -74,6 +78,8 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
         step()
     benchmark.group = f"engine-core step, {ROWS} requests in decode"
     benchmark.pedantic(step, rounds=200, warmup_rounds=5)
-    assert len(queue[-1][0].num_scheduled_tokens) == ROWS
-    # Only table rows wait for the host: the step that samples needs the last accept.
+    # Only table rows wait for the host: the step that samples needs the last accept (the
+    # requests on llguidance sit every other step out instead).
     assert set(pending[4:]) == {mode == "table rows"}
+    assert set(sizes[4:]) == ({ROWS, ROWS - ON_LLGUIDANCE} if mode.endswith("llguidance")
+                              else {ROWS})

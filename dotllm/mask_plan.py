@@ -25,6 +25,11 @@ from dotllm.compiler.mask_table import MaskTable
 from dotllm.kernels import states as device_states
 from dotllm.kernels.arena import DEVICE_STATE, UNCONSTRAINED, RowPlan, direct_slot
 
+# Where at most this share of a step's constrained rows needs the host (an llguidance row,
+# a request the device does not hold), those requests sit every other step out rather
+# than make every step of the batch wait for the host (`device_states`).
+SIT_OUT_SHARE = 0.2
+
 
 class RowPlanner:
     def __init__(self, words: int, table_slots: int, max_rows: int, blob_words: int = 0,
@@ -41,6 +46,8 @@ class RowPlanner:
         self._state_free = list(range(state_slots - 1, -1, -1))
         self._owners: dict[str, tuple[int, int]] = {}  # request id -> (state slot, serial)
         self._pins: Counter[int] = Counter()  # serial -> live device states on it
+        # The last plan had device-state rows and few others that needed the host.
+        self.few_need_host = False
 
     @property
     def device_states(self) -> bool:
@@ -230,6 +237,9 @@ class PlanBuilder:
 
     def finish(self) -> RowPlan:
         p = self._planner
+        held = len(self._device_rows)
+        others = len(self._slots) - held - self._slots.count(UNCONSTRAINED)
+        p.few_need_host = 0 < others <= SIT_OUT_SHARE * held
         plan = RowPlan(p.words, np.array(self._slots, dtype=np.int32),
                        p._direct[:self._direct], self._uploads,
                        blob_uploads=self._blob_uploads)

@@ -175,6 +175,21 @@ def grammar_on_index(compiled, eos: int):
                                            lambda outcome: None), eos)
 
 
+def grammar_on_llguidance(backend, regex: str):
+    """A DotLLM grammar on llguidance alone (a request no index serves)."""
+    import llguidance
+
+    from dotllm.compiler import llguidance_grammar
+    from dotllm.compiler.spec import ConstraintSpec
+    from dotllm.llguidance_guide import LLGuidanceGuide
+    from dotllm.vllm_ext.backend import DotllmGrammar
+
+    grammar = llguidance_grammar.grammar_for(ConstraintSpec.regex(regex))
+    eos = backend.vocabulary.eos_token_id
+    return DotllmGrammar(LLGuidanceGuide(llguidance.LLMatcher(backend._ll_tokenizer, grammar),
+                                         eos), eos)
+
+
 _backends: list = []  # the process's one backend, whichever conftest's fixture made it
 
 

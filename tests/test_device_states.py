@@ -38,6 +38,7 @@ from tests.conftest import (
     check_answer,
     complete_constrained,
     grammar_on_index,
+    grammar_on_llguidance,
     run_under_triton_interpreter,
     start_dotllm,
     stop_server,
@@ -282,10 +283,13 @@ def _request(request_id: str, grammar) -> Request:
 
 
 def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
-           arrivals: dict[int, list[str]]) -> list[bool]:
+           arrivals: dict[int, list[str]], steps: list[list[str]] | None = None
+           ) -> list[bool]:
     """The engine core's loop with a batch queue of two: schedule, plan (unless the step
     is pending), then the previous step's output. `arrivals`: step -> the requests added
-    before it; request r samples `texts[r]`. Returns each step's pending flag."""
+    before it; request r samples `texts[r]`. Returns each step's pending flag; `steps`,
+    if given, gets each step's requests. Without `steps` every row must be a device
+    state's."""
     sampled = dict.fromkeys(texts, 0)
     pending, queue, step = [], [], 0
     while scheduler.has_requests() or queue or any(k >= step for k in arrivals):
@@ -298,8 +302,11 @@ def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
             if queue and out.pending_structured_output_tokens:  # deferred: accept first
                 scheduler.update_from_output(*queue.pop(0))
             plan = scheduler.get_grammar_bitmask(out)
-            assert set(plan.grammar_bitmask.slots.tolist()) == {DEVICE_STATE}
             ids = list(out.num_scheduled_tokens)
+            if steps is None:
+                assert set(plan.grammar_bitmask.slots.tolist()) == {DEVICE_STATE}
+            else:
+                steps.append(ids)
             tokens = []
             for request_id in ids:
                 tokens.append([texts[request_id][sampled[request_id]]])
@@ -344,6 +351,33 @@ def test_a_request_joining_a_held_batch_keeps_its_steps_unpending(
                      {r: _grammar(backend, date) for r in texts}, {0: ["a"], 2: ["b"], 3: ["c"]})
     assert len(pending) >= 8 and not any(pending)
     assert not any(device_planner_holds(async_scheduler, r, date) for r in texts)
+
+
+def test_a_few_requests_the_device_does_not_hold_sit_out_every_other_step(
+        async_scheduler, backend, indexes, tokenizer):
+    """One request on llguidance among six on the device: it samples every other step, in
+    step with the host, and no step waits for the host; alone, its steps wait again."""
+    date = indexes[3]
+    held = "abcdef"
+    texts = {r: _date_digits(tokenizer) for r in held}
+    grammars = {r: _grammar(backend, date) for r in held}
+    texts["z"] = _date_digits(tokenizer)
+    grammars["z"] = z = grammar_on_llguidance(backend, REGEXES[3])
+    accepts: list[bool] = []  # z's, each checked against its host-side llguidance state
+    z.accept_tokens = lambda request_id, tokens, accept=z.accept_tokens: accepts.append(
+        accept(request_id, tokens)) or accepts[-1]
+    before = backend.metrics.steps_sat_out._value.get()
+    steps: list[list[str]] = []
+    pending = _drive(async_scheduler, texts, grammars, {0: [*held, "z"]}, steps)
+    with_z = [i for i, ids in enumerate(steps) if "z" in ids]
+    # Six steps for the six held requests, z in every other one of them, none pending...
+    assert all(set(held) <= set(ids) for ids in steps[:6])
+    assert with_z[:3] == [0, 2, 4] and not any(pending[:6])
+    assert backend.metrics.steps_sat_out._value.get() - before == 3
+    # ...then z alone, every step: those with its last token in flight wait for the host.
+    assert with_z[3:] == [6, 7, 8] and pending[6:] == [False, True, True]
+    assert accepts == [True] * 6
+    assert not any(device_planner_holds(async_scheduler, r, date) for r in held)
 
 
 def device_planner_holds(scheduler, request_id, compiled) -> bool:

@@ -92,6 +92,11 @@ class CompileMetrics:
             "Engine steps with constrained requests, all advanced on the device "
             "(--dotllm-device-states-mib), whose sampling did not wait for the host to "
             "accept the previous step's tokens (stock vLLM defers it).", **kwargs)
+        self.steps_sat_out = Counter(
+            "dotllm_steps_sat_out",
+            "Steps a constrained request the device does not hold sat out, its previous "
+            "token still in flight, so that the rest of its batch (advanced on the device) "
+            "need not wait for the host.", **kwargs)
         self.queue_length = Gauge(
             "dotllm_constraint_pool_queue_length", "Compiles waiting for a pool worker.",
             multiprocess_mode="livesum", **kwargs)
