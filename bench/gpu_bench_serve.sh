@@ -17,8 +17,12 @@ set -euo pipefail
 source bench/gpu_setup.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 model=$(python3 -m bench.full_size_model /tmp/llama-1.3b)
+# The device tool brings back at most 8 files a call: the servers' logs as one file, and
+# no plots (`bench.serve --report DIR` draws them here from results.jsonl).
+out="$OUT/${NAME:-serve}"
+trap 'rm -f "$out"/*.png; [ ! -d "$out/logs" ] || { tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"; }' EXIT
 JSONSCHEMABENCH_DIR=$PWD/.gpu/data python3 -m bench.serve --model "$model" \
     --serve-arg=--load-format=dummy --scenarios free enum-array long-string mix-20 mix-80 \
     schema schema-compact regex choice schema-mix unique --concurrency 1 16 64 256 --tokens 128 \
     --repeats 3 --subsets Glaiveai2K Github_easy --unique-schemas 64 \
-    --unique-concurrency 64 --out "$OUT/${NAME:-serve}" "$@" 2> "$OUT/${NAME:-serve}-stderr.log"
+    --unique-concurrency 64 --out "$out" "$@" 2> "$out-stderr.log"

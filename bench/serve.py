@@ -52,6 +52,7 @@ ITL = "vllm:inter_token_latency_seconds"
 TTFT = "vllm:time_to_first_token_seconds"
 STEPS = "vllm:iteration_tokens_total_count"
 WITHOUT_HOST = "dotllm_steps_sampled_without_host_total"
+SAT_OUT = "dotllm_steps_sat_out_total"
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -74,6 +75,8 @@ class Batch:
     engine_ttft_s: float
     # Share of the engine's steps sampled without waiting for the host (device states).
     steps_without_host: float = float("nan")
+    # Steps requests the device did not hold sat out so that the batch did not wait.
+    steps_sat_out: float = 0.0
     arrival_s: float = 0.0  # the requests started evenly over this window (0: at once)
     errors: list[str] = field(default_factory=list)
     note: str = ""
@@ -153,6 +156,7 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         engine_ttft_s=prometheus.mean_between(before, after, TTFT),
         steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
                                   prometheus.increase(before, after, STEPS)),
+        steps_sat_out=prometheus.increase(before, after, SAT_OUT),
         arrival_s=arrival_s, errors=errors, note=note, retries=sum(r.retries for r in replies))
 
 
@@ -325,8 +329,9 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
     if equal:
         ratios = step_ratios(batches)
         rows = ["| engine | scenario | concurrency | step ms (engine) | x free (or twin) "
-                "| steps without host % | tok/s | TTFT ms (engine) | client ITL p50 / p99 ms "
-                "| errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| steps without host % | steps sat out | tok/s | TTFT ms (engine) "
+                "| client ITL p50 / p99 ms | errors |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for (engine, scenario, c), group in _groups(equal, "engine", "scenario",
                                                      "concurrency").items():
             itl = [b["client_itl_s"] for b in group if b["client_itl_s"]]
@@ -335,6 +340,7 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
                 f"| {spread([b['engine_itl_s'] for b in group], 1e3)} "
                 f"| {spread(ratios.get((engine, scenario, c), []))} "
                 f"| {spread([b.get('steps_without_host', math.nan) for b in group], 100, 0)} "
+                f"| {spread([b.get('steps_sat_out', 0.0) for b in group], digits=0)} "
                 f"| {spread([sum(b['tokens']) / b['wall_s'] for b in group], digits=0)} "
                 f"| {spread([b['engine_ttft_s'] for b in group], 1e3, 1)} "
                 f"| {spread([q[0] for q in itl], 1e3)} / {spread([q[2] for q in itl], 1e3)} "

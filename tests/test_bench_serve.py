@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 
+import httpx
 import pytest
 
 from bench import client, overlap, prometheus, scenarios, serve
@@ -55,6 +56,57 @@ def test_stream_lines_split_at_newlines_only_whatever_the_chunks():
     for size in (1, 5, len(stream)):
         assert asyncio.run(lines(size)) == events[:-1]
     assert json.loads(events[0][6:])["text"] == "a\u2028b\x85c"
+
+
+EVENT = ('data: {"choices": [{"text": "hi", "finish_reason": "stop"}], '
+         '"usage": {"completion_tokens": 1}}\n\n')
+
+
+def _stream_with(handler) -> client.Reply:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler),
+                                     base_url="http://bench") as c:
+            return await client.stream_completion(c, {"prompt": "p"})
+    return asyncio.run(go())
+
+
+def test_a_connection_reset_before_the_response_is_tried_again():
+    # At 256 streams opened at once on the H200 one connection now and then broke before
+    # the server answered (httpx.ReadError), which ended the whole sitting.
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        if len(calls) < 3:
+            raise httpx.ReadError("reset")
+        return httpx.Response(200, text=EVENT + "data: [DONE]\n\n")
+
+    reply = _stream_with(handler)
+    assert (reply.status, reply.text, reply.tokens, reply.retries) == ("ok", "hi", 1, 2)
+
+    def always(request):
+        raise httpx.ConnectError("refused")
+
+    with pytest.raises(httpx.ConnectError):  # a server that is gone ends the batch
+        _stream_with(always)
+
+
+def test_a_stream_cut_after_it_started_is_the_servers_answer():
+    async def cut():
+        yield EVENT.encode()
+        raise httpx.ReadError("gone")
+
+    reply = _stream_with(lambda request: httpx.Response(200, stream=_Stream(cut())))
+    assert reply.status == "error" and "stream cut" in reply.error and reply.retries == 0
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, chunks):
+        self._chunks = chunks
+
+    async def __aiter__(self):
+        async for chunk in self._chunks:
+            yield chunk
 
 
 def test_every_equal_work_request_runs_the_same_steps():
