@@ -20,7 +20,7 @@ from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from bench.jsonschemabench import load
@@ -378,6 +378,22 @@ def test_a_few_requests_the_device_does_not_hold_sit_out_every_other_step(
     assert with_z[3:] == [6, 7, 8] and pending[6:] == [False, True, True]
     assert accepts == [True] * 6
     assert not any(device_planner_holds(async_scheduler, r, date) for r in held)
+
+
+def test_only_a_running_request_sits_out(async_scheduler, backend, indexes):
+    """A preempted request goes back through the waiting queue, where a request given no
+    tokens would stop the queue for the step: it never sits out."""
+    scheduler = async_scheduler
+    for request_id in "abcdef":
+        scheduler.add_request(_request(request_id, _grammar(backend, indexes[3])))
+    z = _request("z", grammar_on_llguidance(backend, REGEXES[3]))
+    scheduler.add_request(z)
+    scheduler.get_grammar_bitmask(scheduler.schedule())  # all in step: six held, z not
+    assert planner_of(scheduler.structured_output_manager).few_need_host
+    assert z.num_output_placeholders == 1  # its first token in flight
+    assert scheduler._mamba_block_aligned_split(z, 1) == 0
+    z.status = RequestStatus.PREEMPTED
+    assert scheduler._mamba_block_aligned_split(z, 1) == 1
 
 
 def device_planner_holds(scheduler, request_id, compiled) -> bool:

@@ -39,16 +39,22 @@ class DeviceStates:
     has a token in flight, and needs only the releases."""
 
     def __init__(self, *args, **kwargs):
+        from vllm.v1.request import RequestStatus
+
         super().__init__(*args, **kwargs)
         self._split_below = self.need_mamba_block_aligned_split  # vLLM's or a mixin's
         self.need_mamba_block_aligned_split = True  # every request passes the cap
+        self._running = RequestStatus.RUNNING
 
     def _mamba_block_aligned_split(self, request, num_new_tokens: int, *args) -> int:
         if self._split_below:
             num_new_tokens = super()._mamba_block_aligned_split(request, num_new_tokens,
                                                                 *args)
+        # A running request only: one resumed from the waiting queue with no tokens
+        # would stop that queue for the step.
         if (num_new_tokens and request.num_output_placeholders  # a token in flight
-                and request.use_structured_output and self._sits_out(request)):
+                and request.status == self._running and request.use_structured_output
+                and self._sits_out(request)):
             return 0
         return num_new_tokens
 
