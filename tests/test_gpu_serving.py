@@ -87,3 +87,44 @@ def test_device_states_sample_without_waiting_for_the_host(runner, embedded_mode
         assert state_rows >= 48 and undeferred > 0, server.log_tail()
     finally:
         stop_server(server)
+
+
+# llguidance serves grammars (outlines-core compiles none): 30 to 40 letters, then EOS.
+LETTERS = 'start: /[a-z]{30,40}/'
+
+
+def test_a_few_requests_on_llguidance_sit_out_instead_of_holding_the_batch(
+        embedded_model, tmp_path_factory):
+    """Device states (the GPU default) with the tiers: a batch of requests on their index
+    and two on llguidance. The two sit out the steps with their last token in flight, so
+    the batch's other steps sample without the host; every answer valid."""
+    env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    server = start_dotllm(tmp_path_factory, env=env)
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        for schema in SCHEMAS:  # compiled first: the batch starts on the index
+            client.completions.create(model=NAME, prompt="warm", max_tokens=80, extra_body={
+                "structured_outputs": {"json": schema}})
+        server.wait_for_metric("dotllm_constraint_compiles_total", len(SCHEMAS))
+
+        def ask(i: int) -> None:
+            if i < 2:
+                reply = client.completions.create(
+                    model=NAME, prompt=f"letters {i}", max_tokens=60, seed=i,
+                    extra_body={"structured_outputs": {"grammar": LETTERS}})
+                assert re.fullmatch("[a-z]{30,40}", reply.choices[0].text)
+                return
+            schema = SCHEMAS[i % len(SCHEMAS)]
+            reply = client.completions.create(
+                model=NAME, prompt=f"request {i}", max_tokens=80, seed=i,
+                extra_body={"structured_outputs": {"json": schema}})
+            assert reply.choices[0].finish_reason == "stop", reply.choices[0].text
+            jsonschema.validate(json.loads(reply.choices[0].text), schema)
+
+        with ThreadPoolExecutor(24) as pool:
+            list(pool.map(ask, range(24)))
+        sat_out = server.total("dotllm_steps_sat_out_total")
+        undeferred = server.total("dotllm_steps_sampled_without_host_total")
+        assert sat_out > 0 and undeferred > 0, server.log_tail()
+    finally:
+        stop_server(server)
