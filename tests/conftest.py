@@ -25,6 +25,7 @@ from bench import prometheus
 REPO = Path(__file__).resolve().parents[1]
 DOTLLM = Path(sys.executable).with_name("dotllm")
 STARTUP_TIMEOUT_S = 300
+EXCEPTION_LINE = re.compile(r"\b[A-Za-z_.]*(?:Error|Exception): .*$")
 SERVER_COMPILE_TIMEOUT_S = 30
 
 
@@ -81,6 +82,13 @@ class Server:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
+    def raised(self) -> str:
+        """Every exception the log names, first seen first: a failed start's root cause is
+        often a worker's, far above the API server's closing traceback."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        found = [m[0] for line in lines if (m := EXCEPTION_LINE.search(line))]
+        return "\n".join(dict.fromkeys(found))
+
 
 def start_server(cmd: list[str], port: int, log: Path, env: dict | None = None) -> Server:
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
@@ -92,7 +100,8 @@ def start_server(cmd: list[str], port: int, log: Path, env: dict | None = None) 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             stop_server(server)
-            pytest.fail(f"server exited with {process.returncode}:\n{server.log_tail()}")
+            pytest.fail(f"server exited with {process.returncode}; raised:\n{server.raised()}"
+                        f"\nlog tail:\n{server.log_tail()}")
         try:
             if requests.get(server.url + "/health", timeout=2).status_code == 200:
                 return server

@@ -9,6 +9,7 @@ the same checks run on them (bench/gpu_parallel.sh); elsewhere that test is skip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from dotllm.embedded_model import NAME
-from tests.conftest import start_dotllm, stop_server
+from tests.conftest import free_port, start_dotllm, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -36,7 +37,8 @@ def _tier_tokens(server) -> dict[str, float]:
     return out
 
 
-def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None) -> None:
+def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None) -> str:
+    """Serve and check every kind of constraint; returns the server's log, once stopped."""
     server = start_dotllm(tmp_path_factory, env=env, extra_args=split)
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0,
@@ -76,6 +78,7 @@ def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None)
         assert masking >= expected, server.log_tail(200)
     finally:
         stop_server(server)
+    return server.log.read_text(errors="replace")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU workers: on a GPU machine "
@@ -83,7 +86,26 @@ def serve_split(split: tuple[str, str], kernel: str, tmp_path_factory, env=None)
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: s[0].strip("-"))
 def test_two_cpu_workers(split, embedded_model, tmp_path_factory):
     # (one NUMA node here: `dotllm serve` has vLLM split the CPUs between the workers)
-    serve_split(split, "torch", tmp_path_factory)
+    # The workers' shared-memory segments are named after their store's port, which
+    # VLLM_PORT makes the first free one from `base`. A dead server's segments under those
+    # names (vLLM leaves them: the cpu_shm patch) must not stop this one, nor may it
+    # leave any.
+    base, group = free_port(), "tp:0" if split[0] == "--tensor-parallel-size" else "pp:0"
+    planted = [f"/dev/shm/{port}-{group}-[0-1]-cpushm_{rank}"
+               for port in range(base, base + 4) for rank in (0, 1)]
+    for path in planted:
+        with open(path, "wb") as f:
+            f.write(b"\x07" * 4096)
+    env = {**os.environ, "VLLM_PORT": str(base)}
+    try:
+        log = serve_split(split, "torch", tmp_path_factory, env=env)
+        port = int(re.search(r"distributed_init_method=tcp://[0-9.]+:([0-9]+)", log)[1])
+        assert base <= port < base + 4, (base, port)  # it met a dead server's segments
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"{port}-")]
+    finally:
+        for path in planted:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ import os
 from dotllm.vllm_ext import (
     compile_errors,
     compile_overlap,
+    cpu_shm,
     device_states,
     engine_backend,
     forced_drafts,
@@ -35,7 +36,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
     compile_errors, compile_overlap, device_states, ready_grammar, row_plans, mask_kernels,
-    heap_trim, forced_drafts,
+    heap_trim, forced_drafts, cpu_shm,
 )
 
 
