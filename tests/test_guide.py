@@ -110,9 +110,11 @@ def test_fill_row_allows_exactly_the_valid_next_tokens(person, tokenizer, vocabu
     guide = Guide(person, vocabulary.eos_token_id)
     row = np.zeros(words_for(vocabulary.size), dtype=np.int32)
     guide.fill_row(row)
-    brace = encode(tokenizer, "{")[0]
+    # `{"n":` is forced: the one token the tokenizer starts it with (`{"`), not `{` alone
+    # (canonical forced runs, test_canonical.py).
+    start, brace = encode(tokenizer, '{"n":1}')[0], encode(tokenizer, "{")[0]
     letter = encode(tokenizer, "a")[0]
-    assert allowed(row, brace) and not allowed(row, letter)
+    assert allowed(row, start) and not allowed(row, brace) and not allowed(row, letter)
     assert not allowed(row, vocabulary.eos_token_id)
     allowed_ids = [t for t in range(vocabulary.size) if allowed(row, t)]
     assert allowed_ids and all(guide.validate_tokens([t]) == [t] for t in allowed_ids)

@@ -25,14 +25,16 @@ import numpy as np
 import outlines_core
 from blake3 import blake3
 
-from dotllm.compiler.forced import ForcedTable
+from dotllm.compiler.canonical import narrow_forced_runs
+from dotllm.compiler.forced import ForcedTable, forced_texts
 from dotllm.compiler.mask_table import MaskTable
 from dotllm.compiler.spec import ConstraintSpec
 from dotllm.compiler.transitions import TransitionTable
 from dotllm.compiler.vocabulary import Vocabulary
 
 _MAGIC = b"DOTLLMIX"
-FORMAT_VERSION = 5  # 4: indexes anchored at the end (outlines_index); 5: forced drafts
+FORMAT_VERSION = 6  # 4: indexes anchored at the end (outlines_index); 5: forced drafts;
+# 6: canonical forced runs
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, meta size, blake3 of the eager part
 _ALIGN = 64
 _DIGEST = 16  # bytes of blake3 kept per block
@@ -112,9 +114,13 @@ class CompiledIndex:
     @classmethod
     def from_index(cls, index: outlines_core.Index, vocabulary: Vocabulary) -> CompiledIndex:
         transitions = TransitionTable.from_index(index)
+        texts = forced_texts(transitions, vocabulary.token_bytes)
+        if (encoder := vocabulary.encoder()) is not None:
+            transitions = narrow_forced_runs(transitions, vocabulary.token_bytes, texts,
+                                             encoder)
         eos = vocabulary.eos_token_id
         return cls(transitions, MaskTable.build(transitions, vocabulary.size, eos),
-                   ForcedTable.build(transitions, vocabulary.token_bytes, eos))
+                   ForcedTable.build(transitions, vocabulary.token_bytes, eos, texts))
 
     @property
     def num_states(self) -> int:

@@ -9,9 +9,10 @@ which go on as `"name": `), so each token's bytes are followed by the forced tex
 state it leads to, within a byte budget. A state that may end (EOS allowed) or whose tokens
 begin with different bytes forces nothing: only those whose tokens share a first byte are
 explored, and most states of an index are the other kind. The tokens proposed for a forced
-text are the longest allowed ones, state by state (what a BPE tokenizer writes for a key
-name or a separator in nearly every case: a draft the model would not write is rejected by
-verification, never forced); a state that can only end drafts EOS.
+text are the longest allowed ones, state by state: where canonical.py narrowed the state,
+the tokenizer's own token, the only one allowed; elsewhere what a BPE tokenizer writes in
+nearly every case (a draft the model would not write is rejected by verification, never
+forced). A state that can only end drafts EOS.
 """
 
 from __future__ import annotations
@@ -43,43 +44,58 @@ class ForcedTable:
 
     @classmethod
     def build(cls, transitions: TransitionTable, token_bytes: Mapping[int, bytes],
-              eos_token_id: int) -> ForcedTable:
+              eos_token_id: int, texts: Mapping[int, bytes] | None = None) -> ForcedTable:
+        """`texts`: `forced_texts(transitions, token_bytes)`, where the caller has them."""
         t = transitions
         n = t.num_states
-        first = np.full(max(token_bytes, default=0) + 2, 256, dtype=np.int16)
-        for token, b in token_bytes.items():
-            first[token] = b[0]
-        counts = np.diff(t.offsets)
-        nonempty = np.flatnonzero(counts)
-        candidate = np.zeros(n, dtype=bool)
-        if len(nonempty):
-            firsts = first[np.minimum(t.tokens, len(first) - 1)]
-            starts = t.offsets[nonempty]
-            low = np.minimum.reduceat(firsts, starts)
-            candidate[nonempty] = (low == np.maximum.reduceat(firsts, starts)) & (low < 256)
-        candidate &= t.finals == 0
+        texts = forced_texts(t, token_bytes) if texts is None else texts
         # A state that can only end (outlines-core lists EOS among its transitions): EOS.
+        counts = np.diff(t.offsets)
         owner = np.repeat(np.arange(n), counts)
         others = np.bincount(owner[t.tokens != eos_token_id], minlength=n)
         ends = (t.finals == 1) & (others == 0)
-        texts = _ForcedText(t, token_bytes, candidate)
         drafts: dict[int, list[int]] = {}
-        for state in np.flatnonzero(candidate | ends):
-            tokens = _spell(t, token_bytes, int(state), texts.of(int(state), MAX_FORCED_BYTES))
+        for state in sorted({*texts, *np.flatnonzero(ends).tolist()}):
+            tokens = _spell(t, token_bytes, state, texts.get(state, b""))
             if len(tokens) < MAX_FORCED_TOKENS:
-                last = int(state)
+                last = state
                 for token in tokens:
                     last = t.next_state(last, token)
                 if ends[last]:
                     tokens.append(eos_token_id)
             if tokens:
-                drafts[int(state)] = tokens
+                drafts[state] = tokens
         offsets = np.zeros(n + 1, dtype=np.int64)
         for state, tokens in drafts.items():
             offsets[state + 1] = len(tokens)
         np.cumsum(offsets, out=offsets)
         flat = [token for state in sorted(drafts) for token in drafts[state]]
         return cls(offsets, np.array(flat, dtype=np.int32))
+
+
+def forced_texts(t: TransitionTable, token_bytes: Mapping[int, bytes]) -> dict[int, bytes]:
+    """Each state whose every continuation begins with the same text -> that text (up to
+    MAX_FORCED_BYTES). A state that may end, or whose tokens begin with different bytes,
+    forces nothing and is left out (most states of an index)."""
+    n = t.num_states
+    first = np.full(max(token_bytes, default=0) + 2, 256, dtype=np.int16)
+    for token, b in token_bytes.items():
+        first[token] = b[0]
+    counts = np.diff(t.offsets)
+    nonempty = np.flatnonzero(counts)
+    candidate = np.zeros(n, dtype=bool)
+    if len(nonempty):
+        firsts = first[np.minimum(t.tokens, len(first) - 1)]
+        starts = t.offsets[nonempty]
+        low = np.minimum.reduceat(firsts, starts)
+        candidate[nonempty] = (low == np.maximum.reduceat(firsts, starts)) & (low < 256)
+    candidate &= t.finals == 0
+    texts = _ForcedText(t, token_bytes, candidate)
+    out = {}
+    for state in np.flatnonzero(candidate).tolist():
+        if text := texts.of(state, MAX_FORCED_BYTES):
+            out[state] = text
+    return out
 
 
 class _ForcedText:

@@ -79,6 +79,7 @@ def _worker_main(conn, limits: PoolLimits) -> None:
         vocabulary: Vocabulary = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):  # the parent went away
         return
+    vocabulary.encoder()  # the tokenizer, loaded before the cap and the first compile
     if limits.max_worker_memory_bytes:
         _cap_address_space(limits.max_worker_memory_bytes)
     conn.send(("ready",))

@@ -16,6 +16,8 @@ from functools import cache
 
 import outlines_core
 
+from dotllm.compiler.canonical import CanonicalEncoder
+
 _SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPM_SPACE = "\u2581"
 
@@ -66,6 +68,9 @@ class Vocabulary:
     size: int  # logits width: token ids are < size
     digest: str  # changes whenever any token's bytes or the EOS id change
     token_bytes: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # A byte-level BPE tokenizer's `tokenizers` JSON: how it splits text, for canonical
+    # forced runs (dotllm.compiler.canonical); None for any other tokenizer.
+    tokenizer_json: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, size: int | None = None) -> Vocabulary:
@@ -77,6 +82,24 @@ class Vocabulary:
         h = hashlib.sha256(f"eos={eos};".encode())
         for b, ids in sorted(grouped.items()):
             h.update(len(b).to_bytes(4, "little") + b + repr(ids).encode())
+        tokenizer_json = None
+        if _is_byte_level(tokenizer):
+            tokenizer_json = tokenizer.backend_tokenizer.to_str()
+            h.update(b"tokenizer=" + tokenizer_json.encode())  # merges and splits matter
         size = size if size is not None else max(len(tokenizer), max(table) + 1, eos + 1)
         return cls(outlines_core.Vocabulary(eos, grouped), eos, size, h.hexdigest()[:32],
-                   table)
+                   table, tokenizer_json)
+
+    def encoder(self) -> CanonicalEncoder | None:
+        """The tokenizer's own encoding where it writes bytes back as given, else None
+        (built once per process and vocabulary)."""
+        if self.tokenizer_json is None:
+            return None
+        if self.digest not in _encoders:
+            encoder = CanonicalEncoder(self.tokenizer_json)
+            _encoders[self.digest] = encoder if encoder.writes_bytes_back(self.token_bytes) \
+                else None
+        return _encoders[self.digest]
+
+
+_encoders: dict[str, CanonicalEncoder | None] = {}
