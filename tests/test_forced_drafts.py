@@ -80,12 +80,16 @@ def test_sampled_answers_with_drafts_are_valid(drafting_server):
                                                seed=100 * i + seed))
 
 
-def test_a_forced_key_takes_fewer_engine_steps_than_tokens(drafting_server):
+@pytest.mark.parametrize("tier", ["llguidance", "index"])
+def test_a_forced_key_takes_fewer_engine_steps_than_tokens(drafting_server, tier):
+    # multipleOf keeps it on llguidance (its fast-forward drafts); on the index the drafts
+    # are the tokenizer's own, its key states allowing nothing else (canonical forced
+    # runs): the random model accepts them too.
+    number = {"type": "integer", "minimum": 0, "maximum": 99}
+    if tier == "llguidance":
+        number["multipleOf"] = 1
     schema = {"type": "object", "properties": {
-        # multipleOf keeps it on llguidance (its fast-forward drafts), as bounds did before
-        # the index took them; on the index the random model spells keys its own way
-        "customer_identification_number": {"type": "integer", "minimum": 0,
-                                           "maximum": 99, "multipleOf": 1},
+        "customer_identification_number": number,
         "shipping_address_confirmation": {"type": "boolean"}},
         "required": ["customer_identification_number", "shipping_address_confirmation"],
         "additionalProperties": False}
@@ -93,11 +97,13 @@ def test_a_forced_key_takes_fewer_engine_steps_than_tokens(drafting_server):
     drafting_server.wait_for_compiles()
     before = drafting_server.total(STEPS)
     generated = drafting_server.total(GENERATED)
+    drafted = drafting_server.total(OURS, tier=tier)
     reply = _client(drafting_server).completions.create(
         model=NAME, prompt="Reply:", max_tokens=80, temperature=0.0,
         extra_body={"structured_outputs": {"json": schema}})
     _settled(drafting_server, GENERATED, generated + reply.usage.completion_tokens - 1)
     steps = drafting_server.total(STEPS) - before
+    assert drafting_server.total(OURS, tier=tier) > drafted, tier  # that tier drafted them
     assert json.loads(reply.choices[0].text).keys() == schema["properties"].keys()
     assert steps * 2 <= reply.usage.completion_tokens, (steps, reply.usage)
 
