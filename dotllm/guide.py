@@ -82,6 +82,18 @@ class Guide:
             return []
         return self._compiled.forced_tokens(self.state)[:limit].tolist()
 
+    def forced_alone(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from here, are each their state's only choice (a model
+        writes them whatever its logits: canonical forced runs)."""
+        state, count = self.state, 0
+        for token in tokens:
+            if self._terminated or not self._compiled.allows_alone(state):
+                break
+            if (state := self._compiled.next_state(state, token)) is None:
+                break
+            count += 1
+        return count
+
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return

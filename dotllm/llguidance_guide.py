@@ -71,6 +71,10 @@ class LLGuidanceGuide:
             return []
         return self._matcher.compute_ff_tokens()[:limit]
 
+    def forced_alone(self, tokens: list[int]) -> int:
+        """Its fast-forward tokens are forced by its grammar: all of them."""
+        return len(tokens)
+
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return

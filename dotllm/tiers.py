@@ -91,6 +91,9 @@ class TieredGuide:
         self._hand_over_if_ready([])  # drafts are asked for at a step boundary too
         return self._current.forced_tokens(limit)
 
+    def forced_alone(self, tokens: list[int]) -> int:
+        return self._current.forced_alone(tokens)
+
     def rollback(self, num_tokens: int) -> None:
         self._current.rollback(num_tokens)
         if self._index is not None and num_tokens > 0:
@@ -203,6 +206,14 @@ class IndexWithFallback:
 
     def forced_tokens(self, limit: int) -> list[int]:
         return self._current.forced_tokens(limit)  # (an eager part: checked on load)
+
+    def forced_alone(self, tokens: list[int]) -> int:
+        if self._on_index():
+            try:
+                return self._current.forced_alone(tokens)
+            except CorruptEntry as e:
+                self._fall_back(e)
+        return self._current.forced_alone(tokens)
 
     def fill_row(self, out: np.ndarray) -> None:
         if self._on_index():

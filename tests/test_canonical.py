@@ -125,3 +125,16 @@ def test_only_byte_level_tokenizers_carry_their_splits(tokenizer, vocabulary):
     other = Vocabulary(vocabulary.inner, vocabulary.eos_token_id, vocabulary.size,
                        "no-tokenizer", vocabulary.token_bytes)
     assert other.encoder() is None
+
+
+def test_drafts_of_a_key_are_forced_alone_up_to_its_last_piece(tokenizer, vocabulary):
+    from dotllm.guide import Guide
+
+    compiled = CompiledIndex.for_spec(ConstraintSpec.json_schema(SCHEMA), vocabulary)
+    guide = Guide(compiled, vocabulary.eos_token_id)
+    drafts = guide.forced_tokens(16)
+    assert [tokenizer.decode([t]) for t in drafts] == ['{"', "name", '":']
+    # `{"` and `name` are their states' only choice; `":` may also be `":"` or `": "`.
+    assert guide.forced_alone(drafts) == 2
+    assert guide.forced_alone(drafts[1:]) == 0  # from the start, `name` is no choice at all
+    assert guide.state == compiled.initial_state  # counting does not move the guide

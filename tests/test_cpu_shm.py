@@ -54,10 +54,15 @@ def _run(ident: str, patched: bool, tmp_path) -> list[dict]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outs = []
-    for rank in ranks:
-        stdout, stderr = rank.communicate(timeout=120)
-        assert rank.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    try:
+        for rank in ranks:
+            stdout, stderr = rank.communicate(timeout=120)
+            assert rank.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for rank in ranks:  # one that failed leaves the other waiting at a barrier
+            rank.kill()
+            rank.wait()
     return outs
 
 

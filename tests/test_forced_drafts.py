@@ -25,6 +25,7 @@ STEPS = "vllm:iteration_tokens_total_count"  # one observation per engine step
 DRAFTED = "vllm:spec_decode_num_draft_tokens_total"
 ACCEPTED = "vllm:spec_decode_num_accepted_tokens_total"
 OURS = "dotllm_forced_draft_tokens_total"
+FORCED = "dotllm_forced_tokens_total"
 GENERATED = "vllm:generation_tokens_total"
 
 
@@ -98,12 +99,14 @@ def test_a_forced_key_takes_fewer_engine_steps_than_tokens(drafting_server, tier
     before = drafting_server.total(STEPS)
     generated = drafting_server.total(GENERATED)
     drafted = drafting_server.total(OURS, tier=tier)
+    alone = drafting_server.total(FORCED, tier=tier)
     reply = _client(drafting_server).completions.create(
         model=NAME, prompt="Reply:", max_tokens=80, temperature=0.0,
         extra_body={"structured_outputs": {"json": schema}})
     _settled(drafting_server, GENERATED, generated + reply.usage.completion_tokens - 1)
     steps = drafting_server.total(STEPS) - before
     assert drafting_server.total(OURS, tier=tier) > drafted, tier  # that tier drafted them
+    assert drafting_server.total(FORCED, tier=tier) > alone, tier  # each its state's only
     assert json.loads(reply.choices[0].text).keys() == schema["properties"].keys()
     assert steps * 2 <= reply.usage.completion_tokens, (steps, reply.usage)
 

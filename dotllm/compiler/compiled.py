@@ -147,6 +147,11 @@ class CompiledIndex:
     def mask_row(self, state: int) -> np.ndarray:
         return self.table.row(state)
 
+    def allows_alone(self, state: int) -> bool:
+        """Whether `state` allows one token and nothing else (not even EOS)."""
+        offsets = self.transitions.offsets
+        return offsets[state + 1] - offsets[state] == 1 and not self.transitions.finals[state]
+
     def forced_tokens(self, state: int) -> np.ndarray:
         """Draft tokens for what the constraint decides from `state` on (often none)."""
         return self.forced.tokens_from(state)

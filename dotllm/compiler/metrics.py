@@ -87,6 +87,11 @@ class CompileMetrics:
             "(--dotllm-forced-drafts), by the engine that decided them; the model verifies "
             "them (vLLM's vllm:spec_decode_num_accepted_tokens counts those it kept).",
             ["tier"], **kwargs)
+        self.forced_tokens = Counter(
+            "dotllm_forced_tokens",
+            "Of the forced draft tokens, those their state allowed alone (the index's "
+            "canonical forced runs; llguidance's fast-forward): any model accepts them.",
+            ["tier"], **kwargs)
         self.steps_not_deferred = Counter(
             "dotllm_steps_sampled_without_host",
             "Engine steps with constrained requests, all advanced on the device "

@@ -116,6 +116,13 @@ class DotllmGrammar(StructuredOutputGrammar):
         except ServerFault:
             return []  # the next accept_tokens meets the same fault and ends the request
 
+    def forced_alone(self, tokens: list[int]) -> int:
+        """How many of the drafts `tokens` are each their state's only choice."""
+        try:
+            return self.guide.forced_alone(tokens)
+        except ServerFault:
+            return 0
+
     def fill_bitmask(self, bitmask: torch.Tensor, batch_index: int) -> None:
         self.fill_row(bitmask[batch_index].numpy())
 

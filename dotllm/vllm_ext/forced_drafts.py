@@ -51,7 +51,7 @@ def _with_forced_drafts(stock):
         stock(self, draft_token_ids)
         limit = self.num_spec_tokens
         manager = self.structured_output_manager
-        counts: dict[str, int] = {}
+        counts: dict[str, list[int]] = {}  # tier -> [drafted, their states' only choice]
         for req_id in draft_token_ids.req_ids:
             request = self.requests.get(req_id)
             if (request is None or request.is_finished() or request.is_prefill_chunk
@@ -67,12 +67,14 @@ def _with_forced_drafts(stock):
             # each is accepted); the constraint's own pass whole, in microseconds.
             if left > 0 and (tokens := grammar.validate_tokens(forced(min(limit, left)))):
                 request.spec_token_ids = tokens
-                tier = grammar.guide.tier
-                counts[tier] = counts.get(tier, 0) + len(tokens)
+                count = counts.setdefault(grammar.guide.tier, [0, 0])
+                count[0] += len(tokens)
+                count[1] += grammar.forced_alone(tokens)
         metrics = getattr(manager.backend, "metrics", None) if manager.backend else None
         if metrics is not None:
-            for tier, n in counts.items():
-                metrics.forced_drafts.labels(tier=tier).inc(n)
+            for tier, (drafted, alone) in counts.items():
+                metrics.forced_drafts.labels(tier=tier).inc(drafted)
+                metrics.forced_tokens.labels(tier=tier).inc(alone)
 
     return update_draft_token_ids
 
