@@ -190,13 +190,18 @@ class IndexWithFallback:
                 self._fall_back(e)
         return self._current.accept_tokens(tokens)
 
-    def validate_tokens(self, tokens: list[int]) -> list[int]:
+    def _guarded(self, method: str, *args):
+        """`method` of the guide in use; a corrupt block of the index met on the way
+        falls back to llguidance, which then answers."""
         if self._on_index():
             try:
-                return self._current.validate_tokens(tokens)
+                return getattr(self._current, method)(*args)
             except CorruptEntry as e:
                 self._fall_back(e)
-        return self._current.validate_tokens(tokens)
+        return getattr(self._current, method)(*args)
+
+    def validate_tokens(self, tokens: list[int]) -> list[int]:
+        return self._guarded("validate_tokens", tokens)
 
     def table_row(self) -> tuple[MaskTable, int] | None:
         return self._current.table_row()
@@ -208,20 +213,10 @@ class IndexWithFallback:
         return self._current.forced_tokens(limit)  # (an eager part: checked on load)
 
     def forced_alone(self, tokens: list[int]) -> int:
-        if self._on_index():
-            try:
-                return self._current.forced_alone(tokens)
-            except CorruptEntry as e:
-                self._fall_back(e)
-        return self._current.forced_alone(tokens)
+        return self._guarded("forced_alone", tokens)
 
     def fill_row(self, out: np.ndarray) -> None:
-        if self._on_index():
-            try:
-                return self._current.fill_row(out)
-            except CorruptEntry as e:
-                self._fall_back(e)
-        return self._current.fill_row(out)
+        self._guarded("fill_row", out)
 
     def matcher_for_mask(self) -> llguidance.LLMatcher | None:
         return self._current.matcher_for_mask()  # None on the index: `fill_row` checks it
