@@ -6,6 +6,7 @@ distribution, all valid), in fewer engine steps; unconstrained requests get no d
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -144,8 +145,11 @@ def test_the_users_own_speculative_method_drafts_the_rest(embedded_model, tmp_pa
     is drafted by its constraint, free text (constrained or not) by the n-gram drafter."""
     ngram = ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, '
              '"prompt_lookup_min": 1}')
-    server = start_dotllm(tmp_path_factory, extra_args=(
-        "--speculative-config", ngram, "--dotllm-forced-drafts", "4"))
+    # A third server beside the module's two, one request at a time: a small KV cache (CI's
+    # machine once had 1.8 GiB left for the default 2).
+    server = start_dotllm(tmp_path_factory, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                          extra_args=("--speculative-config", ngram,
+                                      "--dotllm-forced-drafts", "4"))
     try:
         client = _client(server)
         text = "the quick brown fox jumps over the lazy dog "

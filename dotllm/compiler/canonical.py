@@ -85,25 +85,28 @@ def narrow_forced_runs(t: TransitionTable, token_bytes: Mapping[int, bytes],
             choice[state] = None  # it may merge with what follows the forced text
         elif choice.setdefault(state, nxt) != nxt:
             choice[state] = None
+    # (Per-state arithmetic only: an index may hold tens of millions of transitions.)
     keep = np.ones(len(t.tokens), dtype=bool)
+    counts = np.diff(t.offsets)
     for state, chosen in choice.items():
         lo, hi = int(t.offsets[state]), int(t.offsets[state + 1])
         same = [token_bytes.get(token) == chosen for token in t.tokens[lo:hi].tolist()]
         if chosen is not None and any(same):
             keep[lo:hi] = same
+            counts[state] = sum(same)
     if keep.all():
         return t
-    owner = np.repeat(np.arange(t.num_states), np.diff(t.offsets))
     offsets = np.zeros_like(t.offsets)
-    np.cumsum(np.bincount(owner[keep], minlength=t.num_states), out=offsets[1:])
-    return TransitionTable(t.initial_state, t.finals, offsets, t.tokens[keep].copy(),
-                           t.targets[keep].copy())
+    np.cumsum(counts, out=offsets[1:])
+    return TransitionTable(t.initial_state, t.finals, offsets, t.tokens[keep], t.targets[keep])
 
 
 def _entering_tokens(t: TransitionTable, states: np.ndarray) -> dict[int, list[int]]:
     """For each of `states`, the distinct tokens (by bytes, up to MAX_CONTEXTS + 1) that
     lead into it from another state or itself."""
-    into = np.isin(t.targets, states)
+    wanted = np.zeros(t.num_states, dtype=bool)
+    wanted[states] = True
+    into = wanted[t.targets]
     out: dict[int, list[int]] = {}
     for target, token in zip(t.targets[into].tolist(), t.tokens[into].tolist(), strict=True):
         tokens = out.setdefault(target, [])
