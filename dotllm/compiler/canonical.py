@@ -102,8 +102,8 @@ def narrow_forced_runs(t: TransitionTable, token_bytes: Mapping[int, bytes],
 
 
 def _entering_tokens(t: TransitionTable, states: np.ndarray) -> dict[int, list[int]]:
-    """For each of `states`, the distinct tokens (by bytes, up to MAX_CONTEXTS + 1) that
-    lead into it from another state or itself."""
+    """For each of `states`, the distinct tokens (up to MAX_CONTEXTS + 1) that lead into it
+    from another state or itself."""
     wanted = np.zeros(t.num_states, dtype=bool)
     wanted[states] = True
     into = wanted[t.targets]

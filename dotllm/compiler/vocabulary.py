@@ -66,7 +66,7 @@ class Vocabulary:
     inner: outlines_core.Vocabulary
     eos_token_id: int
     size: int  # logits width: token ids are < size
-    digest: str  # changes whenever any token's bytes or the EOS id change
+    digest: str  # changes whenever any token's bytes, the EOS id or the tokenizer's splits do
     token_bytes: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
     # A byte-level BPE tokenizer's `tokenizers` JSON: how it splits text, for canonical
     # forced runs (dotllm.compiler.canonical); None for any other tokenizer.
