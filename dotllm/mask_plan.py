@@ -29,12 +29,24 @@ from dotllm.kernels.arena import DEVICE_STATE, UNCONSTRAINED, RowPlan, direct_sl
 # a request the device does not hold), those requests sit every other step out rather
 # than make every step of the batch wait for the host (`device_states`).
 SIT_OUT_SHARE = 0.2
+# Bytes of tables and transitions a step sends at most (a table alone may exceed it).
+# What a step carries reaches the workers with it, on the step's critical path, and vLLM's
+# shared-memory broadcast takes 16 MiB a message (VLLM_MQ_MAX_CHUNK_BYTES_MB; more goes
+# over a socket). Without a bound, 64 real schemas arriving warm at once sent ~600 MB
+# in their first step (Github_easy's transitions are up to 345 MB an index) and every
+# request's first token waited ~1.2 s on an H200. A blob goes in pieces over as many
+# steps as it needs; its requests use table rows until it is whole. A blob of more than
+# BLOB_STEPS steps' share is never sent: it would hold back every other index's for as
+# many steps (its requests use table rows, as where the device has no room for it).
+STEP_UPLOAD_BYTES = 8 * 2**20
+BLOB_STEPS = 4
 
 
 class RowPlanner:
     def __init__(self, words: int, table_slots: int, max_rows: int, blob_words: int = 0,
-                 state_slots: int = 0):
+                 state_slots: int = 0, step_upload_bytes: int = STEP_UPLOAD_BYTES):
         self.words = words
+        self.step_upload_bytes = step_upload_bytes
         self.table_slots = table_slots
         self._free = list(range(table_slots - 1, -1, -1))  # pop() hands out the lowest
         self._resident: OrderedDict[int, np.ndarray] = OrderedDict()  # serial -> slots, LRU
@@ -43,6 +55,7 @@ class RowPlanner:
         self.blob_words = blob_words
         self._blob_free: list[tuple[int, int]] = [(0, blob_words)] if blob_words else []
         self._blobs: dict[int, tuple[int, int]] = {}  # serial -> (offset, length)
+        self._unsent: dict[int, tuple[np.ndarray, int]] = {}  # serial -> (blob, words sent)
         self._state_free = list(range(state_slots - 1, -1, -1))
         self._owners: dict[str, tuple[int, int]] = {}  # request id -> (state slot, serial)
         self._pins: Counter[int] = Counter()  # serial -> live device states on it
@@ -83,6 +96,7 @@ class RowPlanner:
         if victim is None:
             return False
         self._free.extend(self._resident.pop(victim)[::-1].tolist())
+        self._unsent.pop(victim, None)
         if (blob := self._blobs.pop(victim, None)) is not None:
             self._blob_free.append(blob)
             self._blob_free.sort()
@@ -109,15 +123,15 @@ class RowPlanner:
         return slots
 
     def _place_blob(self, compiled: CompiledIndex, slots: np.ndarray, in_use: set[int]
-                    ) -> tuple[int, np.ndarray | None] | None:
-        """The offset of the index's blob (and the blob, if it must be uploaded), after
-        evicting what it takes; None if it cannot be there."""
+                    ) -> int | None:
+        """The offset of the index's blob, after evicting what it takes (the blob, built,
+        waits in `_unsent` until every piece of it is sent); None if it cannot be there."""
         serial = compiled.table.serial
         if (placed := self._blobs.get(serial)) is not None:
-            return placed[0], None
+            return placed[0]
         t = compiled.transitions
         need = device_states.HEADER + 2 * t.num_states + 1 + 2 * len(t.tokens)
-        if need > self.blob_words:
+        if need > self.blob_words or need * 4 > BLOB_STEPS * self.step_upload_bytes:
             return None
         try:
             compiled.check_all()  # the device reaches states the host has not checked
@@ -133,9 +147,9 @@ class RowPlanner:
         else:
             self._blob_free[start] = (offset + need, length - need)
         self._blobs[serial] = (offset, need)
-        blob = device_states.blob(t.offsets, t.tokens, t.targets,
-                                  slots[compiled.table.state_rows])
-        return offset, blob
+        self._unsent[serial] = (device_states.blob(t.offsets, t.tokens, t.targets,
+                                                   slots[compiled.table.state_rows]), 0)
+        return offset
 
 
 class PlanBuilder:
@@ -151,6 +165,7 @@ class PlanBuilder:
         self._device_slots: list[int] = []  # ... and their state slots
         self._inits: list[tuple[int, int, int]] = []  # (state slot, blob base, state)
         self._blob_uploads: list[tuple[int, np.ndarray]] = []
+        self._room = planner.step_upload_bytes  # bytes this step may still send
 
     def _add(self, slot: int) -> None:
         self._slots.append(slot)
@@ -166,10 +181,13 @@ class PlanBuilder:
             return None
         slots = planner._resident.get(table.serial)
         if slots is None:
+            if table.rows.nbytes > self._room and self._room < planner.step_upload_bytes:
+                return None  # a later step sends it
             slots = planner._place(table, self._in_use)
             if slots is None:
                 return None
             self._uploads.append((slots, table.rows))
+            self._room = max(0, self._room - table.rows.nbytes)
         else:
             planner._resident.move_to_end(table.serial)
         self._in_use.add(table.serial)
@@ -205,11 +223,10 @@ class PlanBuilder:
             return False
         if (slots := self._table_slots(table)) is None:
             return False
-        if (placed := planner._place_blob(compiled, slots, self._in_use)) is None:
+        if (base := planner._place_blob(compiled, slots, self._in_use)) is None:
             return False
-        base, blob = placed
-        if blob is not None:
-            self._blob_uploads.append((base, blob))
+        if not self._send_blob(table.serial, base):
+            return False
         slot = planner._state_free.pop()
         planner._owners[request_id] = (slot, table.serial)
         planner._pins[table.serial] += 1
@@ -217,6 +234,23 @@ class PlanBuilder:
         self._device_rows.append(len(self._slots))
         self._device_slots.append(slot)
         self._add(DEVICE_STATE)
+        return True
+
+    def _send_blob(self, serial: int, base: int) -> bool:
+        """Sends what this step may of the blob at `base`; whether it is all sent now."""
+        unsent = self._planner._unsent
+        if serial not in unsent:
+            return True
+        blob, sent = unsent[serial]
+        n = min(len(blob) - sent, self._room // blob.itemsize)
+        if n > 0:
+            self._blob_uploads.append((base + sent, blob[sent:sent + n]))
+            self._room -= n * blob.itemsize
+            sent += n
+        if sent < len(blob):
+            unsent[serial] = (blob, sent)
+            return False
+        del unsent[serial]
         return True
 
     @property

@@ -28,7 +28,7 @@ from dotllm.compiler.compiled import CompiledIndex
 from dotllm.guide import Guide
 from dotllm.kernels import states as device_states
 from dotllm.kernels.arena import DEVICE_STATE, MaskArena
-from dotllm.mask_plan import RowPlanner
+from dotllm.mask_plan import BLOB_STEPS, RowPlanner
 from dotllm.vllm_ext import device_states as device_states_patch
 from dotllm.vllm_ext import row_plans
 from dotllm.vllm_ext.backend import DotllmGrammar
@@ -137,19 +137,28 @@ class _Walker:
             self.in_flight = None
 
 
+def _blob_words(compiled: CompiledIndex) -> int:
+    return (device_states.HEADER + 2 * compiled.num_states + 1
+            + 2 * len(compiled.transitions.tokens))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_random_walks_mask_as_the_host_would(device, indexes, vocabulary):
+@pytest.mark.parametrize("budget", ["unbounded", "pieces"])
+def test_random_walks_mask_as_the_host_would(device, budget, indexes, vocabulary):
     """Requests come and go over four indexes through a planner too small for all of
-    them at once (tables evicted and uploaded again, blobs refused, state slots run out):
-    each step every row masks what the request's true state allows, whether the device
-    names it or the host (which then catches up first, as vLLM's deferred step does)."""
+    them at once (tables evicted and uploaded again, blobs refused, state slots run out;
+    with `pieces`, steps that may send less than a blob: tables wait for a later step,
+    blobs go in pieces): each step every row masks what the request's true state allows,
+    whether the device names it or the host (which then catches up first, as vLLM's
+    deferred step does)."""
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     eos, words = vocabulary.eos_token_id, indexes[0].table.rows.shape[1]
     rows_needed = sorted(len(c.table.rows) for c in indexes)
-    blob_needed = sorted(device_states.HEADER + 2 * c.num_states + 1
-                         + 2 * len(c.transitions.tokens) for c in indexes)
+    blob_needed = sorted(_blob_words(c) for c in indexes)
+    upload = 2**40 if budget == "unbounded" else 4 * blob_needed[0] // 3
     planner = RowPlanner(words, table_slots=rows_needed[-1] + rows_needed[-2], max_rows=8,
-                         blob_words=blob_needed[-1] + blob_needed[0], state_slots=5)
+                         blob_words=blob_needed[-1] + blob_needed[0], state_slots=5,
+                         step_upload_bytes=upload)
     arena = MaskArena(torch.device(device), words)
     walkers: list[_Walker] = []
     served = {"device": 0, "host": 0}
@@ -227,6 +236,72 @@ def test_a_table_with_live_device_states_is_never_evicted(indexes):
     assert plan.device_state_row("r2", b, b.initial_state)  # a goes now
     assert len(plan.finish().uploads) == 1
     assert not planner.holds("r1", a.table) and planner.holds("r2", b.table)
+
+
+def test_a_step_sends_a_bounded_share_of_new_tables_and_transitions(indexes):
+    """64 warm requests at once sent every table and blob they needed in their first step
+    (~600 MB on an H200, ~1.2 s before any first token): a step now sends at most
+    `step_upload_bytes`; a table alone may exceed it, a blob goes in pieces, and each
+    request is on the host path (its row with the step) until its own arrive."""
+    a, b = indexes[0], indexes[2]
+    words = a.table.rows.shape[1]
+    # A third of a's table and blob: three steps to send them.
+    budget = 4 * -(-(a.table.rows.nbytes // 4 + _blob_words(a)) // 3)
+    planner = RowPlanner(words, table_slots=4096, max_rows=4, blob_words=10**8,
+                         state_slots=4, step_upload_bytes=budget)
+    pieces, steps = [], 0
+    while True:
+        steps += 1
+        plan = planner.start()
+        held = plan.device_state_row("r1", a, a.initial_state)
+        if not held:
+            plan.table_row(a.table, 0)  # the host path: a's row from its uploaded table
+            plan.table_row(b.table, 1)  # b's table waits: the step has sent its share
+        step = plan.finish()
+        sent = (sum(r.nbytes for _, r in step.uploads)
+                + sum(p.nbytes for _, p in step.blob_uploads))
+        pieces += step.blob_uploads
+        assert sent <= budget and len(step.uploads) == (steps == 1), steps
+        assert step.direct.shape[0] == (not held)  # b's row: its table waits
+        if held:
+            break
+        assert steps < 6
+    assert steps == 3 and step.state_inits is not None  # the state once the blob is whole
+    t = a.transitions
+    whole = device_states.blob(t.offsets, t.tokens, t.targets,
+                               planner._resident[a.table.serial][a.table.state_rows])
+    base = pieces[0][0]
+    assert [o for o, _ in pieces] == [base + sum(len(p) for _, p in pieces[:i])
+                                      for i in range(len(pieces))]
+    assert np.array_equal(np.concatenate([p for _, p in pieces]), whole)
+    # A blob of more than BLOB_STEPS steps' share is never sent: it would hold back
+    # every other index's that long; its requests stay on table rows.
+    huge = RowPlanner(words, table_slots=4096, max_rows=4, blob_words=10**8, state_slots=4,
+                      step_upload_bytes=4 * _blob_words(a) // (BLOB_STEPS + 1))
+    for _ in range(BLOB_STEPS + 2):
+        plan = huge.start()
+        assert not plan.device_state_row("r1", a, a.initial_state)
+        plan.table_row(a.table, 0)
+        assert plan.finish().blob_uploads == []
+    # A table larger than a step's share still goes, alone in its step.
+    small = RowPlanner(words, table_slots=4096, max_rows=4, step_upload_bytes=1)
+    plan = small.start()
+    plan.table_row(a.table, 0)
+    plan.table_row(b.table, 0)
+    step = plan.finish()
+    assert [len(r) for _, r in step.uploads] == [len(a.table.rows)]
+    assert step.direct.shape[0] == 1
+    # An evicted half-sent blob is forgotten, and sent whole when its index is back.
+    planner = RowPlanner(words, table_slots=max(len(a.table.rows), len(b.table.rows)),
+                         max_rows=4, blob_words=10**8, state_slots=4,
+                         step_upload_bytes=budget)
+    plan = planner.start()
+    assert not plan.device_state_row("r1", a, a.initial_state)
+    plan.finish()
+    plan = planner.start()
+    plan.table_row(b.table, 0)  # takes a's slots
+    plan.finish()
+    assert a.table.serial not in planner._unsent and a.table.serial not in planner._blobs
 
 
 def test_a_request_is_not_on_the_device_until_the_host_is_in_step(indexes):
