@@ -26,6 +26,10 @@ class Reply:
     gaps_s: list[float] = field(default_factory=list)  # between chunks that carried text
     error: str | None = None
     retries: int = 0  # connections reset before the response started
+    # The keywords the server said it did not enforce (DotLLM's `unenforced` field on the
+    # finishing chunk, for a non-strict schema it serves relaxed): an invalid answer then
+    # is one the client was told of, not a broken constraint.
+    unenforced: list[str] = field(default_factory=list)
 
 
 async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -88,6 +92,8 @@ async def _read(response: httpx.Response, started: float) -> Reply:
                     last = now
                     reply.text += choice["text"]
                 reply.finish = choice.get("finish_reason") or reply.finish
+                if choice.get("unenforced"):
+                    reply.unenforced = list(choice["unenforced"].get("keywords", []))
             if chunk.get("usage"):
                 reply.tokens = chunk["usage"]["completion_tokens"]
     except httpx.TransportError as e:

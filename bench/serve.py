@@ -82,6 +82,8 @@ class Batch:
     note: str = ""
     kind: str = "batch"
     retries: int = 0  # connections reset before a response started, tried again
+    # Per request: the server named what of its schema it did not enforce (client.Reply).
+    unenforced: list[bool] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,6 +105,7 @@ class UniqueReply:
     valid: bool | None
     error: str | None
     kind: str = "unique"
+    unenforced: bool = False  # the server named what of the schema it did not enforce
 
 
 def _payload(model: str, body: dict, max_tokens: int, temperature: float = 1.0) -> dict:
@@ -157,7 +160,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
                                   prometheus.increase(before, after, STEPS)),
         steps_sat_out=prometheus.increase(before, after, SAT_OUT),
-        arrival_s=arrival_s, errors=errors, note=note, retries=sum(r.retries for r in replies))
+        arrival_s=arrival_s, errors=errors, note=note, retries=sum(r.retries for r in replies),
+        unenforced=[bool(r.unenforced) for r in replies])
 
 
 async def run_unique(base_url: str, model: str, engine: str, subset: str, sample: int,
@@ -178,7 +182,8 @@ async def run_unique(base_url: str, model: str, engine: str, subset: str, sample
         progress(1)
         return UniqueReply(engine, subset, case.id, phase, reply.status, reply.ttft_s,
                            reply.e2e_s, reply.tokens, reply.finish == "stop",
-                           _verdict(reply, request), reply.error)
+                           _verdict(reply, request), reply.error,
+                           unenforced=bool(reply.unenforced))
 
     out = []
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
@@ -301,8 +306,18 @@ def _groups(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 def _requests(batch: dict) -> list[dict]:
     """A batch's per-request fields, a dict per request."""
     fields = ("ttft_s", "e2e_s", "tokens", "status", "valid", "constrained")
-    return [dict(zip(fields, values, strict=True))
-            for values in zip(*(batch[f] for f in fields), strict=True)]
+    # Results written before `unenforced` was recorded lack it.
+    unenforced = batch.get("unenforced") or [False] * len(batch["status"])
+    return [dict(zip(fields, values, strict=True), unenforced=told)
+            for *values, told in zip(*(batch[f] for f in fields), unenforced, strict=True)]
+
+
+def _valid_share(ended: list[dict]) -> str:
+    """Valid answers of those that ended, and how many invalid ones the server had said
+    it might write (the schema's unenforced parts, named in the response)."""
+    told = sum(not r["valid"] and r.get("unenforced", False) for r in ended)
+    return (_share(sum(bool(r["valid"]) for r in ended), len(ended))
+            + (f", {told} invalid as reported" if told else ""))
 
 
 def step_ratios(batches: list[dict]) -> dict[tuple, list[float]]:
@@ -357,14 +372,14 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
         for (engine, scenario, c), group in _groups(documents, "engine", "scenario",
                                                      "concurrency").items():
             served = [r for b in group for r in _requests(b) if r["status"] == "ok"]
-            ended = [r["valid"] for r in served if r["valid"] is not None]
+            ended = [r for r in served if r["valid"] is not None]
             e2e = [r["e2e_s"] for r in served]
             rows.append(
                 f"| {engine} | {scenario} | {c} | {_median([r['ttft_s'] for r in served]):.3f} "
                 f"| {_median(e2e):.3f} / "
                 f"{float(np.quantile(e2e, 0.9)) if e2e else float('nan'):.3f} "
                 f"| {_median([r['tokens'] for r in served]):.0f} "
-                f"| {_share(len(ended), len(served))} | {_share(sum(ended), len(ended))} "
+                f"| {_share(len(ended), len(served))} | {_valid_share(ended)} "
                 f"| {sum(s == '400' for b in group for s in b['status'])} "
                 f"| {group[0]['note']} |")
         parts += ["### Documents: time to a complete answer", "", *rows, ""]
@@ -379,7 +394,7 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
             q = np.quantile(ttft, (0.5, 0.9, 1.0)) if ttft else [float("nan")] * 3
             rows.append(f"| {engine} | {subset} | {phase} | {_share(len(served), len(group))} "
                         f"| {_share(len(ended), len(served))} "
-                        f"| {_share(sum(bool(r['valid']) for r in ended), len(ended))} "
+                        f"| {_valid_share(ended)} "
                         f"| {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} |")
         parts += ["### Real schemas, each once cold then once warm", "", *rows, ""]
     return "\n".join(parts)

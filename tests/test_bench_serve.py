@@ -100,6 +100,22 @@ def test_a_stream_cut_after_it_started_is_the_servers_answer():
     assert reply.status == "error" and "stream cut" in reply.error and reply.retries == 0
 
 
+def test_an_invalid_answer_the_server_said_it_might_write_is_counted_apart():
+    # A non-strict schema served without its unenforced parts (calculate_area's `not: {}`
+    # inside a `oneOf`) may get an invalid answer: DotLLM names the parts on the chunk that
+    # finishes, and the sitting reports such answers apart from a broken constraint's.
+    told = ('data: {"choices": [{"text": "{}", "finish_reason": "stop", "unenforced": '
+            '{"keywords": ["not at /properties/a"], "valid": false}}], '
+            '"usage": {"completion_tokens": 2}}\n\n')
+    reply = _stream_with(lambda request: httpx.Response(200, text=told + "data: [DONE]\n\n"))
+    assert reply.unenforced == ["not at /properties/a"]
+    assert _stream_with(lambda r: httpx.Response(200, text=EVENT)).unenforced == []
+    rows = [{"valid": True, "unenforced": True}, {"valid": False, "unenforced": True},
+            {"valid": False, "unenforced": False}]
+    assert serve._valid_share(rows) == "1/3 (33 %), 1 invalid as reported"
+    assert serve._valid_share(rows[:1]) == "1/1 (100 %)"
+
+
 class _Stream(httpx.AsyncByteStream):
     def __init__(self, chunks):
         self._chunks = chunks
@@ -176,6 +192,8 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
         assert set(b["status"]) == {"ok"}, b["errors"]
         assert b["engine_itl_s"] > 0
         assert all(0 < t < b["wall_s"] for t in b["ttft_s"])
+        assert len(b["unenforced"]) == b["concurrency"]
+        assert b["engine"] == "dotllm" or not any(b["unenforced"])
         if b["scenario"] in scenarios.EQUAL_WORK:
             assert b["tokens"] == [12] * b["concurrency"] and not b["errors"]
             assert b["client_itl_s"][0] <= b["client_itl_s"][2]
