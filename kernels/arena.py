@@ -207,6 +207,28 @@ class MaskArena:
                 self._apply(logits, self._arena, torch.from_numpy(targets), slots_t)
         return len(slots)
 
+    def warm_up(self) -> None:
+        """Masks and advances a one-state index once for each logits and token dtype a
+        runner may hand over, so that compiling the kernels (Triton's JIT: the states'
+        ops took ~1 s on a fresh H200) happens at start, not in the first constrained
+        request's step. What it writes (slot 0, blob offset 0, state slot 0) is written
+        again by any plan before one reads it."""
+        zero = np.zeros(1, dtype=np.int32)
+        one_state = device_states.blob(np.zeros(2, dtype=np.int32), zero[:0], zero[:0], zero)
+        plan = RowPlan(self.words, np.array([DEVICE_STATE], dtype=np.int32),
+                       np.zeros((0, self.words), dtype=np.int32),
+                       [(zero, np.full((1, self.words), -1, dtype=np.int32))],
+                       states=zero, state_inits=(zero, zero, zero),
+                       blob_uploads=[(0, one_state)])
+        for logits_dtype in (torch.float32, torch.bfloat16):
+            for token_dtype in (torch.int32, torch.int64):
+                logits = torch.zeros((1, 32 * self.words), dtype=logits_dtype,
+                                     device=self.device)
+                self.apply(logits, plan, zero)
+                self.advance(torch.zeros((1, 1), dtype=token_dtype, device=self.device))
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
     def _write_states(self, plan: RowPlan,
                       inits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
         """The plan's new blobs and state inits (on the current stream)."""

@@ -530,6 +530,44 @@ def _until_on_the_index(server, constraint: dict, tries: int = 4) -> None:
 
 
 @pytest.mark.server
+def test_the_workers_warm_their_mask_kernels_up_before_serving(device_server):
+    """vLLM's warm-up at start (`_dummy_sampler_run`) makes each worker's arena and runs
+    its ops once: on a GPU compiling the states' Triton ops took ~1 s of the first
+    constrained request's step."""
+    log = device_server.log.read_text(errors="replace")
+    warmed = log.find("DotLLM applies grammar bitmasks")
+    assert 0 <= warmed < log.find("Application startup complete")
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_a_warmed_up_arena_masks_as_a_fresh_one(device, indexes):
+    """What the warm-up wrote (slot 0, blob offset 0, state slot 0) never shows: every
+    plan writes what it reads."""
+    a = indexes[3]
+    words = a.table.rows.shape[1]
+    warmed, fresh = MaskArena(torch.device(device), words), MaskArena(torch.device(device), words)
+    warmed.warm_up()
+    planner = RowPlanner(words, table_slots=256, max_rows=4, blob_words=10**7, state_slots=4)
+    state = a.initial_state
+    for step in range(3):
+        plan = planner.start()
+        assert plan.device_state_row("r1", a, state if step == 0 else None)
+        plan.table_row(a.table, 1)
+        step_plan = plan.finish()
+        token = int(a.transitions.tokens_from(state)[0])
+        results = []
+        for arena in (warmed, fresh):
+            logits = random_logits(3, words * 32, torch.float32, device,
+                                   torch.Generator().manual_seed(step))
+            arena.apply(logits, step_plan, np.array([2, 0], dtype=np.int32))
+            arena.advance(torch.tensor([[0], [0], [token]], dtype=torch.int64, device=device))
+            results.append(logits.cpu())
+        assert torch.equal(results[0], results[1]), step
+        assert torch.isinf(results[0][2]).sum() > 0  # masked by the state's row
+        state = a.transitions.next_state(state, token)
+
+
+@pytest.mark.server
 def test_served_answers_are_those_of_the_host_path(dotllm_server, device_server):
     """Greedy, one request at a time. Cold (llguidance first, then the hand-over, at a
     moment that depends on the compile): valid. On the index from the first token: token

@@ -16,7 +16,9 @@ a device state's).
 Rows named by a device state (--dotllm-device-states-mib) move their state by the token
 sampled right after sampling, so sampling is wrapped too: V1's `GPUModelRunner._sample`
 and V2's `GPUModelRunner.sample` (vllm/v1/worker/gpu/model_runner.py) hand the sampled
-token ids to the arena that masked the step.
+token ids to the arena that masked the step. And both runners' `_dummy_sampler_run`
+(vLLM's warm-up at start) warm the arena's kernels up: the device states' Triton ops
+compiled in the first constrained step otherwise (~1 s on a fresh H200).
 """
 
 from __future__ import annotations
@@ -149,6 +151,19 @@ def _v2_sample(stock):
     return sample
 
 
+def _warm_up(runner: str):
+    def wrap(stock):
+        def _dummy_sampler_run(self, *args, **kwargs):
+            out = stock(self, *args, **kwargs)
+            words = (self.model_config.get_vocab_size() + 31) // 32
+            _arena(torch.device(self.device), words, runner).warm_up()
+            return out
+
+        return _dummy_sampler_run
+
+    return wrap
+
+
 def apply(in_launcher: bool) -> bool:
     if in_launcher:
         return False
@@ -161,4 +176,8 @@ def apply(in_launcher: bool) -> bool:
     if Settings.from_environ().device_states_mib > 0:
         replace_attribute(gpu_model_runner.GPUModelRunner, "_sample", _v1_sample, NAME)
         replace_attribute(v2_model_runner.GPUModelRunner, "sample", _v2_sample, NAME)
+        replace_attribute(gpu_model_runner.GPUModelRunner, "_dummy_sampler_run",
+                          _warm_up("V1"), NAME)
+        replace_attribute(v2_model_runner.GPUModelRunner, "_dummy_sampler_run",
+                          _warm_up("V2"), NAME)
     return True
