@@ -3,6 +3,8 @@ tested on both in tests/test_guide.py."""
 
 from __future__ import annotations
 
+import json
+
 import llguidance
 import numpy as np
 import pytest
@@ -166,3 +168,35 @@ def test_a_steps_masks_in_one_parallel_call_are_each_guides_own(make, tokenizer,
     alone = np.zeros(words, dtype=np.int32)
     guides[0].fill_row(alone)
     assert np.array_equal(one[0], alone)
+
+
+def test_its_fast_forward_tokens_are_each_its_masks_only_token(make, tokenizer, vocabulary):
+    """`forced_alone` counts every fast-forward token as its state's only choice
+    (`dotllm_forced_tokens_total{tier="llguidance"}`): at each token of real documents as
+    the tokenizer writes them, each fast-forward token is the one its mask allows."""
+    from bench.jsonschemabench import DATA_DIR, in_schema_order, load
+
+    if not DATA_DIR.is_dir():
+        pytest.skip("../shared/data not present")
+    words = (vocabulary.size + 31) // 32
+    drafted = 0
+    for case in load("Glaiveai2K", sample=6, seed=3):
+        document = next((t["data"] for t in case.tests if t["valid"]), None)
+        if document is None:
+            continue
+        text = json.dumps(in_schema_order(document, case.schema), ensure_ascii=False)
+        guide = make(ConstraintSpec.json_schema(case.schema))
+        for token in [*encode(tokenizer, text), None]:
+            drafts = guide.forced_tokens(16)
+            for draft in drafts:
+                row = np.zeros(words, dtype=np.int32)
+                guide.fill_row(row)
+                allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+                assert allowed.tolist() == [draft], (case.id, text, tokenizer.decode(drafts))
+                assert guide.accept_tokens([draft])
+            guide.rollback(len(drafts))
+            assert guide.forced_alone(drafts) == len(drafts)
+            drafted += len(drafts)
+            if token is None or not guide.accept_tokens([token]):
+                break
+    assert drafted >= 100, drafted
