@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                             args.repeats, args.regex_length, out))
             finally:
                 servers.stop_server(server)
+                # Kept beside the results: a server that died says why only there.
+                shutil.copy(server.log, args.out.parent / f"{args.out.stem}-{name}.log")
     print(summary(rows))
     return 0
 
