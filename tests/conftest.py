@@ -73,8 +73,10 @@ class Server:
         return prometheus.compiling(self.metrics())
 
     def wait_for_compiles(self, timeout_s: float = 120) -> None:
+        """Until every compile started has ended and its index is written to disk."""
         deadline = time.monotonic() + timeout_s
-        while self.compiling():
+        while self.compiling() or self.metrics().get(
+                "dotllm_constraint_cache_pending_write_bytes", 0):
             if time.monotonic() > deadline:
                 pytest.fail(f"compiles still running after {timeout_s} s")
             time.sleep(0.5)

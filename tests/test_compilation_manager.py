@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import threading
 import time
 
 import psutil
 import pytest
 
+from dotllm.compiler import pool as compile_pool
 from dotllm.compiler.cache import IndexCache
+from dotllm.compiler.compiled import CompiledIndex
 from dotllm.compiler.manager import CompilationManager
 from dotllm.compiler.pool import CompileFailed, CompilePool, PoolLimits
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
@@ -72,6 +75,7 @@ def test_restart_serves_from_disk_with_zero_compiles(make_manager):
     first = make_manager()
     first.get(QUICK).result(timeout=120)
     assert first.stats["compiles"] == 1
+    first.shutdown()  # a stop waits for the disk write behind the compile
     restarted = make_manager()
     restarted.get(QUICK).result(timeout=120)
     assert restarted.stats["compiles"] == 0 and restarted.stats["hit_disk"] == 1
@@ -173,6 +177,31 @@ def test_remembered_failures_expire(vocabulary, tmp_path):
         assert manager.stats["compiles"] == 2
     finally:
         manager.shutdown()
+
+
+def test_a_compiled_index_comes_back_as_a_mapped_file(make_manager, vocabulary):
+    """Not hundreds of reads of the connection, each waiting for the GIL behind the
+    engine's step loop: the worker's in-memory file, mapped, holding the compile's bytes."""
+    manager = make_manager()
+    spec = ConstraintSpec.regex("[a-z]{30}")
+    result = manager.pool.submit(spec).result(timeout=120)
+    assert isinstance(result.data, mmap.mmap)
+    assert result.data[:] == CompiledIndex.for_spec(spec, vocabulary).to_bytes()
+    item = manager.get(spec).result(timeout=120)  # compiled again, kept, written behind
+    assert manager.cache.flush(10)
+    restarted = IndexCache(disk_dir=manager.cache.disk.directory)
+    assert restarted.get(manager.key_for(spec))[0].num_states == item.num_states
+
+
+def test_without_an_in_memory_file_the_bytes_come_through_the_connection(monkeypatch):
+    data = b"compiled" * 1000
+    fd = compile_pool.in_memory_file(data)
+    assert compile_pool.mapped_file(fd, len(data))[:] == data
+
+    def no_memfd(*args):
+        raise OSError("no memfd here")
+    monkeypatch.setattr(compile_pool.os, "memfd_create", no_memfd)
+    assert compile_pool.in_memory_file(data) is None  # the worker sends `data` itself
 
 
 def test_index_over_the_size_budget_is_refused(make_manager):

@@ -26,6 +26,7 @@ from dotllm.compiler.vocabulary import Vocabulary
 logger = logging.getLogger(__name__)
 
 _MAX_REMEMBERED = 4096  # failures and compile times kept, most recent first
+_FLUSH_AT_SHUTDOWN_S = 10.0  # a clean stop waits this long for the disk and remote writes
 
 
 class IndexFuture(Future):
@@ -178,6 +179,7 @@ class CompilationManager:
 
     def _sample_cache_bytes(self) -> None:
         self.metrics.cache_bytes.labels(level="memory").set(self.cache.memory.nbytes)
+        self.metrics.pending_write_bytes.set(self.cache.pending_write_bytes)
         if self.cache.disk is not None:
             self.metrics.cache_bytes.labels(level="disk").set(self.cache.disk.nbytes)
 
@@ -191,6 +193,8 @@ class CompilationManager:
             return
         if event == "hit":
             self.metrics.cache_hits.labels(level=level).inc()
+            self._sample_cache_bytes()
+        elif event == "stored":
             self._sample_cache_bytes()
         elif event == "corrupt":
             self.metrics.corrupt_entries.labels(level=level).inc()
@@ -206,6 +210,8 @@ class CompilationManager:
     def shutdown(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown()
+        if not self.cache.flush(_FLUSH_AT_SHUTDOWN_S):  # what was compiled stays compiled
+            logger.warning("index cache: writes still pending at shutdown were dropped")
 
 
 def _remember(bounded: OrderedDict, key: str, value) -> None:

@@ -67,6 +67,11 @@ class CompileMetrics:
             "--dotllm-index-cache-memory-mib), disk (--dotllm-index-cache-disk-mib; the "
             "directory as this server last saw it).", ["level"],
             multiprocess_mode="livesum", **kwargs)
+        self.pending_write_bytes = Gauge(
+            "dotllm_constraint_cache_pending_write_bytes",
+            "Bytes of compiled constraints in use from memory and still being written to "
+            "the disk and remote levels, behind the requests that wait for them.",
+            multiprocess_mode="livesum", **kwargs)
         self.handover_seconds = Histogram(
             "dotllm_constraint_handover_seconds",
             "Time requests ran on llguidance before moving to their compiled index.",
