@@ -136,6 +136,19 @@ def test_a_worker_killed_while_idle_is_no_ones_fault(make_manager, new_worker):
     assert manager.stats["failed_crash"] == 0
 
 
+def test_workers_start_with_the_pool_not_with_the_first_compile(make_manager, new_worker):
+    """A worker takes seconds to start: a fresh server's first schema waited for it."""
+    manager = make_manager(workers=1)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(ValueError):  # none yet
+            worker = new_worker()
+            break
+        assert time.monotonic() < deadline, "no compile worker started with the pool"
+        time.sleep(0.05)
+    assert worker.is_running() and manager.stats["compiles"] == 0
+
+
 def test_a_worker_killed_as_it_starts_leaves_the_pool_serving(make_manager):
     """Killed before it had read what it starts with (an OOM kill at the wrong moment): the
     pool thread starting it once waited for good on a pipe it held both ends of."""

@@ -278,6 +278,12 @@ class CompilePool:
     def _serve(self) -> None:
         slot = _Slot()  # this thread's worker
         try:
+            # Started with the pool, not by the first compile: a worker takes seconds to
+            # start (2-3 s on 2 cores), which the first schema of a fresh server waited for.
+            try:
+                slot.worker = self._start_worker()
+            except Exception as e:  # the first compile starts one again, or says why not
+                logger.warning("a compile worker did not start with the pool: %s", e)
             while (job := self._jobs.get()) is not None:
                 spec, future = job
                 if not future.set_running_or_notify_cancel():
