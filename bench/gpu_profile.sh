@@ -25,3 +25,8 @@ fi
 python3 -m bench.step_profile --model "$model" --engines "$@" --serve-arg=--load-format=dummy \
     --out "$OUT/step-profile-$(IFS=-; echo "$*").json" 2> "$OUT/step-profile-stderr.log" \
     | grep -v '^{'
+# The raw stacks run past what a device call brings back (2026-12-06): compressed.
+if [ -n "${PYSPY:-}" ]; then
+    wait
+    gzip -f "$OUT/engine-core.pyspy.txt" 2>/dev/null || true
+fi

@@ -53,3 +53,10 @@ def test_v1_rows_follow_batch_order_and_speculative_offsets():
 def test_v2_rows_follow_cu_num_logits():
     batch = SimpleNamespace(req_ids=["a", "b", "c"], cu_num_logits_np=np.array([0, 1, 4, 5]))
     assert mask_kernels.v2_rows(batch, ["c", "b"]) == [4, 1, 2, 3]
+    assert mask_kernels.v2_rows(batch, []) == []
+    one_each = SimpleNamespace(req_ids=["a", "b", "c"], cu_num_logits_np=np.arange(6))
+    assert mask_kernels.v2_rows(one_each, ["c", "a"]) == [2, 0]
+    # A request with no logits row (a prefill chunk) beside one with drafts.
+    mixed = SimpleNamespace(req_ids=["a", "b", "c", "d"],
+                            cu_num_logits_np=np.array([0, 1, 1, 3, 4, 9]))
+    assert mask_kernels.v2_rows(mixed, ["d", "c", "a"]) == [3, 1, 2, 0]
