@@ -39,14 +39,14 @@ def grammars(vocabulary, tokenizer) -> list[DotllmGrammar]:
     return out
 
 
-def _planner(vocabulary, device_states: bool) -> RowPlanner:
+def row_planner(vocabulary, device_states: bool) -> RowPlanner:
     words = (vocabulary.size + 31) // 32
     return RowPlanner(words, 4096, ROWS, blob_words=2**26 if device_states else 0,
                       state_slots=4 * ROWS)
 
 
 def test_plan_of_table_rows(benchmark, grammars, vocabulary):
-    planner = _planner(vocabulary, False)
+    planner = row_planner(vocabulary, False)
 
     def step():
         plan = planner.start()
@@ -61,7 +61,7 @@ def test_plan_of_table_rows(benchmark, grammars, vocabulary):
 
 
 def test_plan_of_device_state_rows(benchmark, grammars, vocabulary):
-    planner = _planner(vocabulary, True)
+    planner = row_planner(vocabulary, True)
     ids = [f"r{i}" for i in range(ROWS)]
     first = planner.start()
     for request_id, grammar in zip(ids, grammars, strict=True):

@@ -1,0 +1,72 @@
+"""The model worker's part of a constrained step for 256 requests on an index: what
+`sample_tokens` pays for DotLLM's mask (issue 12; 0.40 ms a step with table rows, 0.54 ms
+with device states, on an H100 host in a served step, bench/RESULTS.md).
+
+    pytest bench/test_worker_mask.py --benchmark-enable --benchmark-only \
+        --benchmark-columns=median,ops [--benchmark-cprofile=tottime]
+    # on the GPU machine after `source bench/gpu_setup.sh` (the CUDA kernel built)
+
+The plans are the engine core's (bench/test_step_plan.py's grammars); each round is one
+step's `mask_kernels` call as vLLM's V2 runner makes it (the logits rows found, the rows
+masked, the device states moved by the tokens sampled). On CUDA the GPU is synchronized
+before each round, not in it, so a round's time is the host's: launches return at once.
+On the CPU (CI, benchmarks disabled) it checks that the masked logits are the plans'.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from bench.test_step_plan import ROWS, grammars, row_planner  # noqa: F401 (a fixture)
+from dotllm.vllm_ext import mask_kernels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _plans(on_index, vocabulary, device_states: bool):
+    """The first step's plan (uploads, state inits) and a steady step's."""
+    planner = row_planner(vocabulary, device_states)
+    ids = [f"r{i}" for i in range(ROWS)]
+    plans = []
+    for first in (True, False):
+        plan = planner.start()
+        for request_id, grammar in zip(ids, on_index, strict=True):
+            if device_states:
+                assert grammar.add_state_row(plan, request_id, first)
+            else:
+                grammar.add_row(plan)
+        plans.append(plan.finish())
+    return plans, ids
+
+
+@pytest.mark.parametrize("device_states", [False, True], ids=["table rows", "device states"])
+def test_worker_mask_step(benchmark, grammars, vocabulary, device_states):  # noqa: F811
+    (first, steady), ids = _plans(grammars, vocabulary, device_states)
+    vocab = vocabulary.size
+    batch = SimpleNamespace(req_ids=ids, cu_num_logits_np=np.arange(ROWS + 1, dtype=np.int32))
+    logits = torch.randn(ROWS, vocab, device=DEVICE, dtype=torch.float32)
+    sampled = torch.zeros((ROWS, 1), dtype=torch.int64, device=DEVICE)
+
+    def step(plan):
+        targets = mask_kernels.v2_rows(batch, ids)
+        mask_kernels.apply_rows(logits, plan, None, targets, "V2")
+        mask_kernels.advance_states(sampled)  # no move: token 0 is not allowed here
+
+    step(first)
+    rows = np.zeros((ROWS, first.words), dtype=np.int32)
+    for grammar, row in zip(grammars, rows, strict=True):
+        grammar.fill_row(row)
+    bits = (torch.from_numpy(rows).unsqueeze(-1) >> torch.arange(32)) & 1
+    assert torch.equal(logits.isneginf().cpu(), bits.flatten(1)[:, :vocab] == 0)
+
+    def synchronized():
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return (steady,), {}
+
+    benchmark.group = f"worker mask step, {ROWS} index rows, V={vocab}, {DEVICE.type}"
+    benchmark.pedantic(step, setup=synchronized, rounds=200, warmup_rounds=5)
