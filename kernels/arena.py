@@ -279,15 +279,19 @@ class MaskArena:
                 rows_on_device = _tensor(rows).to(self.device)
                 self._arena.index_copy_(
                     0, torch.from_numpy(upload_slots).to(self.device).long(), rows_on_device)
-            self._arena[self._table_rows:self._table_rows + n].copy_(
-                self._host_direct[:n], non_blocking=True)
+            # Each op skipped when it has nothing to do: the worker's Python per step is
+            # on the step's critical path (issue 12), ~10 us a torch call from Python.
+            if n:
+                self._arena[self._table_rows:self._table_rows + n].copy_(
+                    self._host_direct[:n], non_blocking=True)
             self._device_index[:, :max(count, k)].copy_(self._host_index[:, :max(count, k)],
                                                         non_blocking=True)
-            self._write_states(plan, tuple(self._device_index[5:8, :k]))
+            self._write_states(plan, tuple(self._device_index[5:8, :k]) if k else None)
             self._copied.record(self._stream)
         compute.wait_event(self._copied)
-        self._resolve(self._device_index[1, :count], self._device_index[2, :m],
-                      self._device_index[3, :m], self._device_index[4, :m])
+        if m:
+            self._resolve(self._device_index[1, :count], self._device_index[2, :m],
+                          self._device_index[3, :m], self._device_index[4, :m])
         if count:
             self._apply(logits, self._arena, self._device_index[0, :count],
                         self._device_index[1, :count])
