@@ -115,12 +115,19 @@ def start_server(cmd: list[str], port: int, log: Path, env: dict | None = None) 
 
 
 def stop_server(server: Server) -> None:
-    """Stop the server and every process it started (engine core, workers)."""
+    """Stop the server and every process it started (engine core, workers). What outlives
+    the server a while (multiprocessing's resource tracker, which ignores SIGTERM and
+    unlinks the shared memory vLLM's message queues leave once their users are gone) is
+    given 10 s before it is killed: killed first, it left 400 MB of segments in /dev/shm."""
     if server.process.poll() is None:
         os.killpg(server.process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.process.wait(timeout=60)
+    deadline = time.monotonic() + 10
     with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < deadline:
+            os.killpg(server.process.pid, 0)  # ProcessLookupError: the group is gone
+            time.sleep(0.1)
         os.killpg(server.process.pid, signal.SIGKILL)
 
 
