@@ -11,9 +11,10 @@
   a load balancer compile each schema once between them.
 
 A compiled entry goes to memory at once and to the disk and remote levels behind the
-request that waits for it, on one writer thread: a 40 MB index took ~1 s more to its
-first token on a GPU host than its compile, as long as its fsync (2026-12-06). Until
-written it stays readable here even if memory evicts it; `flush` waits for the writes.
+request that waits for it, on one writer thread: the write (a 40 MB index's fsync, 40-120
+ms on this project's CPU; a remote store's upload, seconds) is not the request's to wait
+for. Until written it stays readable here even if memory evicts it; `flush` waits for
+the writes.
 
 Entries are `CompiledIndex.to_bytes()`; one that fails its checksum or is truncated is
 logged, deleted and reported as a miss, so it is recompiled rather than served; one
