@@ -60,3 +60,22 @@ def test_v2_rows_follow_cu_num_logits():
     mixed = SimpleNamespace(req_ids=["a", "b", "c", "d"],
                             cu_num_logits_np=np.array([0, 1, 1, 3, 4, 9]))
     assert mask_kernels.v2_rows(mixed, ["d", "c", "a"]) == [3, 1, 2, 0]
+
+
+def test_the_warm_up_runs_inside_and_outside_inference_mode():
+    """V1 calls `_dummy_sampler_run` in its profile run (inference mode) and again from the
+    worker's warm-up (not): the arena made in the first is written in the second. Failed
+    on an H100 (2026-12-06) with "Inplace update to inference tensor outside
+    InferenceMode" before the arena's warm-up ran under inference mode itself."""
+
+    @torch.inference_mode()
+    def stock(self, hidden_states):
+        return hidden_states
+
+    runner = SimpleNamespace(device="cpu", model_config=SimpleNamespace(
+        get_vocab_size=lambda: 32 * 61))  # a width no other test's arena has
+    warm_up = mask_kernels._warm_up("V1")(stock)
+    with torch.inference_mode():
+        warm_up(runner, None)
+    warm_up(runner, None)
+    mask_kernels._arena.cache_clear()

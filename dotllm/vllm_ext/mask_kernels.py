@@ -161,7 +161,11 @@ def _warm_up(runner: str):
         def _dummy_sampler_run(self, *args, **kwargs):
             out = stock(self, *args, **kwargs)
             words = (self.model_config.get_vocab_size() + 31) // 32
-            _arena(torch.device(self.device), words, runner).warm_up()
+            # The stock method is decorated, this wrapper is not: V1 calls it once inside
+            # inference mode (its profile run) and once outside (the worker's warm-up), and
+            # the arena's tensors made in the first must not be written outside it.
+            with torch.inference_mode():
+                _arena(torch.device(self.device), words, runner).warm_up()
             return out
 
         return _dummy_sampler_run
