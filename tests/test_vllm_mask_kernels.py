@@ -56,6 +56,9 @@ def test_v2_rows_follow_cu_num_logits():
     assert mask_kernels.v2_rows(batch, []) == []
     one_each = SimpleNamespace(req_ids=["a", "b", "c"], cu_num_logits_np=np.arange(6))
     assert mask_kernels.v2_rows(one_each, ["c", "a"]) == [2, 0]
+    assert mask_kernels.v2_rows(one_each, ["a", "b", "c"]) == [0, 1, 2]  # all, in order
+    assert mask_kernels.v2_rows(one_each, ["b", "a", "c"]) == [1, 0, 2]
+    assert mask_kernels.v2_rows(batch, ["a", "b", "c"]) == [0, 1, 2, 3, 4]
     # A request with no logits row (a prefill chunk) beside one with drafts.
     mixed = SimpleNamespace(req_ids=["a", "b", "c", "d"],
                             cu_num_logits_np=np.array([0, 1, 1, 3, 4, 9]))

@@ -106,13 +106,17 @@ def v1_rows(scheduler_output, grammar_output, input_batch) -> tuple[list[int], l
 
 def v2_rows(input_batch, grammar_req_ids: list[str]) -> list[int]:
     """Logits rows for the bitmask rows, as vLLM 0.26's V2 `StructuredOutputsWorker` maps them
-    (in the worker's step: 256 requests ~29 us here, ~51 us as a loop over ranges)."""
+    (in the worker's step, 256 requests on this CPU: ~8 us when every request is
+    constrained and in batch order, ~20 us through the dict, ~51 us as a loop over ranges)."""
     req_ids = input_batch.req_ids
-    index = dict(zip(req_ids, range(len(req_ids)), strict=True))
-    rows = [index[req_id] for req_id in grammar_req_ids]
     cu = input_batch.cu_num_logits_np[:len(req_ids) + 1]
     counts = np.diff(cu)
-    if not rows or (counts == 1).all():  # a logits row a request: request i's is row i
+    one_each = (counts == 1).all()  # a logits row a request: request i's is row i
+    if one_each and grammar_req_ids == req_ids:  # all constrained, in order: no dict
+        return list(range(len(req_ids)))
+    index = dict(zip(req_ids, range(len(req_ids)), strict=True))
+    rows = [index[req_id] for req_id in grammar_req_ids]
+    if not rows or one_each:
         return rows
     rows = np.asarray(rows, dtype=np.int64)
     starts, counts = cu[rows], counts[rows]
