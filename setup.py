@@ -24,11 +24,10 @@ def cuda_extensions() -> tuple[list, dict]:
     targets_known = torch.cuda.is_available() or "TORCH_CUDA_ARCH_LIST" in os.environ
     if mode != "1" and not (has_nvcc and targets_known):
         return [], {}
-    ext = CUDAExtension(
-        "dotllm._bitmask_cuda", ["csrc/bitmask.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
-    )
-    return [ext], {"build_ext": BuildExtension}
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]}
+    exts = [CUDAExtension(f"dotllm._{op}_cuda", [f"csrc/{op}.cu"], extra_compile_args=flags)
+            for op in ("bitmask", "states")]
+    return exts, {"build_ext": BuildExtension}
 
 
 extensions, cmdclass = cuda_extensions()

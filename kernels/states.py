@@ -19,8 +19,9 @@ indexed by a state slot the engine core hands out (dotllm.mask_plan). A token th
 does not allow (only possible where all logits were masked) leaves the state as it is:
 the host's accept rejects that token and ends the request.
 
-Implementations, one module each: `triton` (CUDA; also under TRITON_INTERPRET=1) and
-`torch` (CPU, and anywhere).
+Implementations, one module each: `cuda` (csrc/states.cu, an optional compiled
+extension), `triton` (CUDA; also under TRITON_INTERPRET=1) and `torch` (CPU, and
+anywhere).
 """
 
 from __future__ import annotations
@@ -50,15 +51,27 @@ def blob(offsets: np.ndarray, tokens: np.ndarray, targets: np.ndarray,
     return out
 
 
+def implementations(device: torch.device) -> list[str]:
+    """Names of the implementations that run on `device`, the one to use first."""
+    if device.type == "cuda":
+        names = ["cuda", "triton", "torch"]
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        names = ["triton", "torch"]
+    else:
+        names = ["torch"]
+    return [name for name in names if _module(name) is not None]
+
+
 def implementation(device: torch.device) -> ModuleType:
     """The module with `resolve` and `advance` for `device`."""
-    triton = device.type == "cuda" or (device.type == "cpu"
-                                       and os.environ.get("TRITON_INTERPRET") == "1")
-    name = "dotllm.kernels.triton_states" if triton else "dotllm.kernels.torch_states"
+    return _module(implementations(device)[0])
+
+
+def _module(name: str) -> ModuleType | None:
     try:
-        return importlib.import_module(name)
-    except ImportError:  # no Triton here
-        return importlib.import_module("dotllm.kernels.torch_states")
+        return importlib.import_module(f"dotllm.kernels.{name}_states")
+    except ImportError:  # no extension built, no Triton here
+        return None
 
 
 def search_steps(vocab_size: int) -> int:

@@ -9,6 +9,7 @@ same on CUDA.
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -72,13 +73,34 @@ def test_triton_ops_under_the_interpreter():
     run_under_triton_interpreter(__file__, "triton-interpreter")
 
 
-@pytest.mark.parametrize("device", _devices())
-def test_ops_move_and_resolve_states_as_the_transition_table(device, indexes):
+def _implementations():
+    """(implementation, device) for every implementation a device runs."""
+    if INTERPRETING:
+        return [pytest.param("triton", "cpu", id="triton-interpreter")]
+    return [pytest.param("torch", "cpu", id="torch-cpu"),
+            *(pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu)
+              for name in ("cuda", "triton", "torch"))]
+
+
+def test_the_first_implementation_a_device_runs_is_the_one_used():
+    names = device_states.implementations(torch.device("cpu"))
+    assert names == (["triton", "torch"] if INTERPRETING else ["torch"])
+    assert device_states.implementation(torch.device("cpu")).__name__.endswith(names[0] + "_states")
+
+
+@pytest.mark.gpu
+def test_cuda_uses_the_extension_where_it_is_built():
+    pytest.importorskip("dotllm._states_cuda")
+    assert device_states.implementations(torch.device("cuda"))[0] == "cuda"
+
+
+@pytest.mark.parametrize(("name", "device"), _implementations())
+def test_ops_move_and_resolve_states_as_the_transition_table(name, device, indexes):
     """Several blobs in one buffer at odd offsets; tokens allowed and not (a token a state
     does not allow leaves it as it is)."""
-    impl = device_states.implementation(torch.device(device))
-    assert impl.__name__.endswith("triton_states" if INTERPRETING or device == "cuda"
-                                  else "torch_states")
+    if name not in device_states.implementations(torch.device(device)):
+        pytest.skip(f"no {name} implementation here")
+    impl = importlib.import_module(f"dotllm.kernels.{name}_states")
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     parts, bases, offset = [np.zeros(3, np.int32)], [], 3
     for compiled in indexes:
@@ -114,11 +136,13 @@ def test_ops_move_and_resolve_states_as_the_transition_table(device, indexes):
     got = out.cpu().numpy()[positions.cpu().numpy()]
     assert got.tolist() == [int(bases[w][1][s]) for w, s in zip(which, state, strict=True)]
     rows = torch.from_numpy(rng.permutation(n).astype(np.int32))
-    sampled = torch.zeros((n, 2), dtype=torch.int64)
-    sampled[rows.long(), 0] = torch.tensor(tokens)
-    impl.advance(buffer, base_t, state_t, k, sampled.to(device), rows.to(device),
-                 device_states.search_steps(indexes[0].table.rows.shape[1] * 32))
-    assert state_t.cpu()[slot_of].tolist() == expected
+    for token_dtype in (torch.int64, torch.int32):  # vLLM's runners hand over either
+        sampled = torch.zeros((n, 2), dtype=token_dtype)
+        sampled[rows.long(), 0] = torch.tensor(tokens, dtype=token_dtype)
+        moved = state_t.clone()
+        impl.advance(buffer, base_t, moved, k, sampled.to(device), rows.to(device),
+                     device_states.search_steps(indexes[0].table.rows.shape[1] * 32))
+        assert moved.cpu()[slot_of].tolist() == expected, token_dtype
 
 
 class _Walker:
