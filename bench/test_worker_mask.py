@@ -6,15 +6,18 @@ with device states, on an H100 host in a served step, bench/RESULTS.md).
         --benchmark-columns=median,ops [--benchmark-cprofile=tottime]
     # on the GPU machine after `source bench/gpu_setup.sh` (the CUDA kernel built)
 
-The plans are the engine core's (bench/test_step_plan.py's grammars); each round is one
-step's `mask_kernels` call as vLLM's V2 runner makes it (the logits rows found, the rows
-masked, the device states moved by the tokens sampled). On CUDA the GPU is synchronized
+Device states run with each implementation of their ops the device has (on CUDA the
+extension's, csrc/states.cu, and Triton's). The plans are the engine core's
+(bench/test_step_plan.py's grammars); each round is one step's `mask_kernels` call as
+vLLM's V2 runner makes it (the logits rows found, the rows masked, the device states
+moved by the tokens sampled). On CUDA the GPU is synchronized
 before each round, not in it, so a round's time is the host's: launches return at once.
 On the CPU (CI, benchmarks disabled) it checks that the masked logits are the plans'.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +25,7 @@ import pytest
 import torch
 
 from bench.test_step_plan import ROWS, grammars, row_planner  # noqa: F401 (a fixture)
+from dotllm.kernels import states
 from dotllm.vllm_ext import mask_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,8 +47,20 @@ def _plans(on_index, vocabulary, device_states: bool):
     return plans, ids
 
 
-@pytest.mark.parametrize("device_states", [False, True], ids=["table rows", "device states"])
-def test_worker_mask_step(benchmark, grammars, vocabulary, device_states):  # noqa: F811
+def _variants():
+    """Table rows, and device states by each implementation of their ops here."""
+    return [pytest.param(None, id="table rows"),
+            *(pytest.param(name, id=f"device states, {name}")
+              for name in states.implementations(DEVICE))]
+
+
+@pytest.mark.parametrize("states_ops", _variants())
+def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, monkeypatch):  # noqa: F811
+    if states_ops is not None:
+        ops = importlib.import_module(f"dotllm.kernels.{states_ops}_states")
+        monkeypatch.setattr(states, "implementation", lambda _: ops)
+    mask_kernels._arena.cache_clear()  # a new arena, with these ops
+    device_states = states_ops is not None
     (first, steady), ids = _plans(grammars, vocabulary, device_states)
     vocab = vocabulary.size
     batch = SimpleNamespace(req_ids=ids, cu_num_logits_np=np.arange(ROWS + 1, dtype=np.int32))
