@@ -2,7 +2,7 @@
 # DotLLM's CUDA kernel built in place, and what `pip install -e .` would register (the
 # vLLM plugin, the `dotllm` command) without pip (no network, no build isolation).
 source bench/gpu_site.sh
-TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace -j 2 > "$OUT/build.log" 2>&1 \
+TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
     || { tail -30 "$OUT/build.log"; exit 1; }
 info=$site/dotllm-0.1.0.dist-info
 mkdir -p "$info"
