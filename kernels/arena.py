@@ -202,7 +202,8 @@ class MaskArena:
             self._write_states(plan, None if inits is None else
                                tuple(torch.from_numpy(a) for a in inits))
             slots_t = torch.from_numpy(slots)
-            self._resolve(slots_t, *(torch.from_numpy(a) for a in device_rows))
+            if len(on_device):
+                self._resolve(slots_t, *(torch.from_numpy(a) for a in device_rows))
             if len(slots):
                 self._apply(logits, self._arena, torch.from_numpy(targets), slots_t)
         return len(slots)
@@ -242,10 +243,9 @@ class MaskArena:
     def _resolve(self, slots: torch.Tensor, positions: torch.Tensor, state_slots: torch.Tensor,
                  rows: torch.Tensor) -> None:
         """Device-state rows' slots into `slots`; remembered for `advance`."""
-        if len(positions):
-            self._states_impl.resolve(self._blobs, self._bases, self._states, state_slots,
-                                      slots, positions)
-            self._to_advance = (state_slots, rows)
+        self._states_impl.resolve(self._blobs, self._bases, self._states, state_slots,
+                                  slots, positions)
+        self._to_advance = (state_slots, rows)
 
     def advance(self, sampled: torch.Tensor) -> None:
         """After sampling the last step applied: each device state moves by its row's token
