@@ -82,6 +82,18 @@ void resolve(torch::Tensor buffer, torch::Tensor bases, torch::Tensor states,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename Token>
+void launch_advance(const torch::Tensor& buffer, const torch::Tensor& bases,
+                    const torch::Tensor& states, const torch::Tensor& state_slots,
+                    const torch::Tensor& sampled, const torch::Tensor& logit_rows) {
+  const int64_t rows = state_slots.numel();
+  advance_kernel<Token><<<blocks(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      buffer.data_ptr<int32_t>(), bases.data_ptr<int32_t>(), states.data_ptr<int32_t>(),
+      state_slots.data_ptr<int32_t>(), sampled.data_ptr<Token>(), sampled.stride(0),
+      logit_rows.data_ptr<int32_t>(), rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void advance(torch::Tensor buffer, torch::Tensor bases, torch::Tensor states,
              torch::Tensor state_slots, torch::Tensor sampled, torch::Tensor logit_rows) {
   for (const auto* t : {&buffer, &bases, &states, &state_slots, &logit_rows}) {
@@ -93,25 +105,13 @@ void advance(torch::Tensor buffer, torch::Tensor bases, torch::Tensor states,
   const int64_t rows = state_slots.numel();
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(buffer.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int32_t* b = buffer.data_ptr<int32_t>();
   switch (sampled.scalar_type()) {
-    case at::kInt:
-      advance_kernel<int32_t><<<blocks(rows), kThreads, 0, stream>>>(
-          b, bases.data_ptr<int32_t>(), states.data_ptr<int32_t>(),
-          state_slots.data_ptr<int32_t>(), sampled.data_ptr<int32_t>(), sampled.stride(0),
-          logit_rows.data_ptr<int32_t>(), rows);
-      break;
-    case at::kLong:
-      advance_kernel<int64_t><<<blocks(rows), kThreads, 0, stream>>>(
-          b, bases.data_ptr<int32_t>(), states.data_ptr<int32_t>(),
-          state_slots.data_ptr<int32_t>(), sampled.data_ptr<int64_t>(), sampled.stride(0),
-          logit_rows.data_ptr<int32_t>(), rows);
-      break;
-    default:
-      TORCH_CHECK(false, "sampled token ids must be int32 or int64");
+    case at::kInt: return launch_advance<int32_t>(buffer, bases, states, state_slots, sampled,
+                                                  logit_rows);
+    case at::kLong: return launch_advance<int64_t>(buffer, bases, states, state_slots, sampled,
+                                                   logit_rows);
+    default: TORCH_CHECK(false, "sampled token ids must be int32 or int64");
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
