@@ -306,6 +306,33 @@ def test_what_no_engine_enforces_is_named_with_where_it_is():
     assert "does not compile grammar" in ConstraintSpec.grammar('start: "a"').outlines_refusal()
 
 
+def test_a_schemas_outlines_refusal_is_rewritten_once_and_remembered(monkeypatch):
+    """Every request on a schema asks (API server, engine); the rewriting it takes ran for
+    each, warm index or not. Remembered by key, least recently used out first."""
+    from dotllm.compiler import outlines_schema
+    from dotllm.compiler import spec as spec_module
+
+    calls = []
+    normalize = outlines_schema.normalize  # once a rewriting, at its start
+    monkeypatch.setattr(outlines_schema, "normalize",
+                        lambda schema: calls.append(1) or normalize(schema))
+    monkeypatch.setattr(spec_module, "REFUSALS_KEPT", 2)
+    monkeypatch.setattr(spec_module, "_refusals", type(spec_module._refusals)())
+    served = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    refused = {"properties": {"age": {"minimum": 0}}}
+    for _ in range(3):  # a new spec object each time, as each request makes
+        assert ConstraintSpec.json_schema(served).outlines_refusal() is None
+        assert "minimum at /properties/age" in ConstraintSpec.json_schema(
+            refused).outlines_refusal()
+    assert len(calls) == 2
+    # A different layout is another key, with the same answer.
+    assert ConstraintSpec.json_schema(served, whitespace_pattern="").outlines_refusal() is None
+    assert len(calls) == 3
+    assert len(spec_module._refusals) == 2  # the oldest (`served`, default layout) went
+    assert ConstraintSpec.json_schema(served).outlines_refusal() is None
+    assert len(calls) == 4
+
+
 def test_check_never_builds_the_regex(monkeypatch):
     """A small schema can expand to a regex of many megabytes; the API server only checks."""
     from dotllm.compiler import spec as spec_module
