@@ -17,7 +17,6 @@ On the CPU (CI, benchmarks disabled) it checks that the masked logits are the pl
 
 from __future__ import annotations
 
-import importlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -57,7 +56,7 @@ def _variants():
 @pytest.mark.parametrize("states_ops", _variants())
 def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, monkeypatch):  # noqa: F811
     if states_ops is not None:
-        ops = importlib.import_module(f"dotllm.kernels.{states_ops}_states")
+        ops = states.named(states_ops)
         monkeypatch.setattr(states, "implementation", lambda _: ops)
     mask_kernels._arena.cache_clear()  # a new arena, with these ops
     device_states = states_ops is not None

@@ -59,15 +59,17 @@ def implementations(device: torch.device) -> list[str]:
         names = ["triton", "torch"]
     else:
         names = ["torch"]
-    return [name for name in names if _module(name) is not None]
+    return [name for name in names if named(name) is not None]
 
 
 def implementation(device: torch.device) -> ModuleType:
     """The module with `resolve` and `advance` for `device`."""
-    return _module(implementations(device)[0])
+    return named(implementations(device)[0])
 
 
-def _module(name: str) -> ModuleType | None:
+def named(name: str) -> ModuleType | None:
+    """The implementation `name` ("cuda", "triton", "torch"); None where it does not
+    import here."""
     try:
         return importlib.import_module(f"dotllm.kernels.{name}_states")
     except ImportError:  # no extension built, no Triton here

@@ -9,7 +9,6 @@ same on CUDA.
 
 from __future__ import annotations
 
-import importlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -100,7 +99,7 @@ def test_ops_move_and_resolve_states_as_the_transition_table(name, device, index
     does not allow leaves it as it is)."""
     if name not in device_states.implementations(torch.device(device)):
         pytest.skip(f"no {name} implementation here")
-    impl = importlib.import_module(f"dotllm.kernels.{name}_states")
+    impl = device_states.named(name)
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     parts, bases, offset = [np.zeros(3, np.int32)], [], 3
     for compiled in indexes:
