@@ -18,7 +18,8 @@ API server); client-side TTFT, ITL and time to a complete answer are kept per re
 A batch's requests start at once, or with --arrival-s S evenly over S seconds: newcomers
 then join a running batch every few steps, as in a server's steady state.
 `unique` sends --unique-schemas real schemas of each --subsets once cold, then (its
-compiles over) once warm, --unique-concurrency at a time: TTFT, served, ended, valid.
+compiles over) once warm, --unique-concurrency at a time: TTFT, served, ended, valid;
+one subset after another, or with --unique-together all in one batch.
 Stock vLLM 0.26 honours disable_any_whitespace only server-wide: `schema-compact` runs on a
 second start of a stock engine with it set (said in the results' `note`).
 
@@ -164,12 +165,13 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         unenforced=[bool(r.unenforced) for r in replies])
 
 
-async def run_unique(base_url: str, model: str, engine: str, subset: str, sample: int,
+async def run_unique(base_url: str, model: str, engine: str, subsets: list[str], sample: int,
                      concurrency: int, max_tokens: int, seed: int, progress,
                      temperature: float = 1.0) -> list[UniqueReply]:
+    """`sample` schemas of each of `subsets`, all in one batch, cold then warm."""
     from bench.jsonschemabench import load
 
-    cases = load(subset, sample, seed)
+    cases = [case for subset in subsets for case in load(subset, sample, seed)]
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
 
@@ -180,7 +182,7 @@ async def run_unique(base_url: str, model: str, engine: str, subset: str, sample
             reply = await stream_completion(
                 client, _payload(model, request.body, max_tokens, temperature))
         progress(1)
-        return UniqueReply(engine, subset, case.id, phase, reply.status, reply.ttft_s,
+        return UniqueReply(engine, case.subset, case.id, phase, reply.status, reply.ttft_s,
                            reply.e2e_s, reply.tokens, reply.finish == "stop",
                            _verdict(reply, request), reply.error,
                            unenforced=bool(reply.unenforced))
@@ -261,8 +263,9 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
                     [n for n, status in zip(mix.tokens, mix.status, strict=True)
                      if status == "ok" and n]))
     if unique:
-        for subset in args.subsets:
-            replies = asyncio.run(run_unique(base_url, model, engine, subset,
+        batches = [args.subsets] if args.unique_together else [[s] for s in args.subsets]
+        for subsets in batches:
+            replies = asyncio.run(run_unique(base_url, model, engine, subsets,
                                              args.unique_schemas, args.unique_concurrency,
                                              args.max_tokens, args.seed, progress,
                                              args.temperature))
@@ -446,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSONSchemaBench subsets for `unique`")
     parser.add_argument("--unique-schemas", type=int, default=20, help="per subset")
     parser.add_argument("--unique-concurrency", type=int, default=8)
+    parser.add_argument("--unique-together", action="store_true",
+                        help="every subset's schemas in one batch (issue 14's 128 at once), "
+                             "not one subset after another")
     parser.add_argument("--mix-subset", default="Glaiveai2K",
                         help="the JSONSchemaBench subset of `schema-mix`")
     parser.add_argument("--mix-schemas", type=int, default=64,

@@ -177,7 +177,8 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
         "schema", "schema-compact", "regex", "choice", "schema-mix", "unique",
         "--mix-schemas", "3", "--concurrency", "1", "4",
         "--tokens", "12", "--max-tokens", "200", "--repeats", "1", "--subsets",
-        "Github_trivial", "--unique-schemas", "4", "--unique-concurrency", "2",
+        "Github_trivial", "Glaiveai2K", "--unique-schemas", "2", "--unique-together",
+        "--unique-concurrency", "3",
         "--arrival-s", "0.2", "--out", str(out)])
     assert code == 0
     batches, unique = serve.load_results(out / "results.jsonl")
@@ -210,8 +211,10 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
     assert {b["note"] for b in compact if b["engine"] == "xgrammar"} == {
         "stock: disable_any_whitespace server-wide"}
     assert {b["note"] for b in compact if b["engine"] == "dotllm"} == {""}
-    # Real schemas: 4 each cold then warm, per engine; DotLLM serves and ends them validly.
-    assert len(unique) == 2 * 2 * 4
+    # Real schemas: 2 of each subset in one batch, cold then warm, per engine; DotLLM serves
+    # and ends them validly.
+    assert len(unique) == 2 * 2 * 2 * 2
+    assert {r["subset"] for r in unique} == {"Github_trivial", "Glaiveai2K"}
     ours = [r for r in unique if r["engine"] == "dotllm"]
     assert all(r["status"] == "ok" for r in ours), [r["error"] for r in ours]
     assert all(r["valid"] for r in ours if r["ended"])
