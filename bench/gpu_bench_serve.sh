@@ -21,7 +21,10 @@ model=$(python3 -m bench.full_size_model /tmp/llama-1.3b)
 # no plots (`bench.serve --report DIR` draws them here from results.jsonl).
 out="$OUT/${NAME:-serve}"
 trap 'rm -f "$out"/*.png; [ ! -d "$out/logs" ] || { tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"; }' EXIT
-JSONSCHEMABENCH_DIR=$PWD/.gpu/data python3 -m bench.serve --model "$model" \
+# Stopped (bench.serve stops its server, the trap still packs the logs) before the device
+# call's own limit kills everything and brings nothing back: BENCH_TIMEOUT_S.
+JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "${BENCH_TIMEOUT_S:-520}" \
+    python3 -m bench.serve --model "$model" \
     --serve-arg=--load-format=dummy --scenarios free enum-array long-string mix-20 mix-80 \
     schema schema-compact regex choice schema-mix unique --concurrency 1 16 64 256 --tokens 128 \
     --repeats 3 --subsets Glaiveai2K Github_easy --unique-schemas 64 \

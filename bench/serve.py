@@ -34,6 +34,7 @@ import asyncio
 import json
 import math
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -166,16 +167,17 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
 
 
 async def run_unique(base_url: str, model: str, engine: str, subsets: list[str], sample: int,
-                     concurrency: int, max_tokens: int, seed: int, progress,
+                     concurrency: int, max_tokens: int, seed: int, progress, phase: str,
                      temperature: float = 1.0) -> list[UniqueReply]:
-    """`sample` schemas of each of `subsets`, all in one batch, cold then warm."""
+    """`sample` schemas of each of `subsets`, all in one batch; then until the compiles
+    they started are over (what a warm server serves)."""
     from bench.jsonschemabench import load
 
     cases = [case for subset in subsets for case in load(subset, sample, seed)]
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
 
-    async def one(client, case, phase) -> UniqueReply:
+    async def one(client, case) -> UniqueReply:
         request = scenarios.Request({"structured_outputs": {"json": case.schema}},
                                     scenarios.schema_check(case.schema))
         async with gate:
@@ -187,11 +189,9 @@ async def run_unique(base_url: str, model: str, engine: str, subsets: list[str],
                            _verdict(reply, request), reply.error,
                            unenforced=bool(reply.unenforced))
 
-    out = []
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
-        for phase in ("cold", "warm"):
-            out += await asyncio.gather(*(one(client, case, phase) for case in cases))
-            await servers.compiles_done(base_url)
+        out = await asyncio.gather(*(one(client, case) for case in cases))
+    await servers.compiles_done(base_url)
     return out
 
 
@@ -265,13 +265,14 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
     if unique:
         batches = [args.subsets] if args.unique_together else [[s] for s in args.subsets]
         for subsets in batches:
-            replies = asyncio.run(run_unique(base_url, model, engine, subsets,
-                                             args.unique_schemas, args.unique_concurrency,
-                                             args.max_tokens, args.seed, progress,
-                                             args.temperature))
-            for reply in replies:
-                out.write(json.dumps(asdict(reply)) + "\n")
-            out.flush()
+            for phase in ("cold", "warm"):  # each written as it ends
+                replies = asyncio.run(run_unique(base_url, model, engine, subsets,
+                                                 args.unique_schemas, args.unique_concurrency,
+                                                 args.max_tokens, args.seed, progress, phase,
+                                                 args.temperature))
+                for reply in replies:
+                    out.write(json.dumps(asdict(reply)) + "\n")
+                out.flush()
 
 
 # -- report -----------------------------------------------------------------------------
@@ -424,6 +425,12 @@ def report(out_dir: Path) -> str:
 
 # -- command line -----------------------------------------------------------------------
 
+def _stopped(signum, frame):
+    """A stop from outside (`timeout`, a device call's limit) ends as Ctrl-C does: the
+    server stopped, its log kept, every batch that ended already written."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", nargs="*", choices=servers.ENGINES, default=["dotllm"],
@@ -487,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     } - {args.arrival_s}:
         parser.error(f"{args.out} holds batches of another --arrival-s: choose another --out")
     failed: list[str] = []
+    signal.signal(signal.SIGTERM, _stopped)
     with open(args.out / "results.jsonl", "a") as out, tempfile.TemporaryDirectory() as tmp:
         for name, url in urls.items():
             measure(url, name, args, batch_scenarios, unique, out, progress)
