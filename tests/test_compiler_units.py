@@ -324,6 +324,11 @@ def test_a_schemas_outlines_refusal_is_rewritten_once_and_remembered(monkeypatch
         assert ConstraintSpec.json_schema(served).outlines_refusal() is None
         assert "minimum at /properties/age" in ConstraintSpec.json_schema(
             refused).outlines_refusal()
+        # The relaxation's question (the API server asks both) is the same answer.
+        assert ConstraintSpec.json_schema(served).outlines_refusal_error() is None
+        error = ConstraintSpec.json_schema(refused).outlines_refusal_error()
+        assert (error.keyword, error.pointer) == ("minimum", "/properties/age")
+        assert error.__traceback__ is None
     assert len(calls) == 2
     # A different layout is another key, with the same answer.
     assert ConstraintSpec.json_schema(served, whitespace_pattern="").outlines_refusal() is None

@@ -114,7 +114,7 @@ def _json_value(value, what: str, limits: Limits):
 # JSON schemas' `outlines_refusal` by spec key, least recently used out first: digests and
 # short texts, a few hundred KiB at most.
 REFUSALS_KEPT = 4096
-_refusals: OrderedDict[str, str | None] = OrderedDict()
+_refusals: OrderedDict[str, outlines_schema.NotForOutlines | None] = OrderedDict()
 _refusals_lock = threading.Lock()
 _UNKNOWN = object()
 
@@ -239,34 +239,40 @@ class ConstraintSpec:
                               self.whitespace_pattern)
 
     def outlines_refusal_error(self) -> outlines_schema.NotForOutlines | None:
-        """Where outlines-core's rewriting of a JSON schema stopped, if it did."""
-        refusal = self._outlines_schema if self.kind in _JSON_KINDS else None
-        return refusal if isinstance(refusal, outlines_schema.NotForOutlines) else None
+        """Where outlines-core's rewriting of a JSON schema stopped, if it did.
 
-    def outlines_refusal(self) -> str | None:
-        """Why outlines-core cannot serve this constraint, known without compiling; None
-        if it may (the compile still decides). Such constraints go to llguidance.
-
-        A JSON schema's answer is remembered by its key: it takes the schema's whole
-        rewriting (~3.6 ms for a Glaiveai2K schema on the CI machine's CPU), which every
-        request paid on the engine's grammar thread, warm index or not, and requests
+        Remembered by the spec's key: it takes the schema's whole rewriting (~0.4 ms for a
+        Glaiveai2K schema on the CI machine's CPU, ~3.6 ms under a profiler), which every
+        request paid on the engine's grammar thread, warm index or not, and twice in the
+        API server (its relaxation and its validation each make their own spec); requests
         arriving together wait on each other there."""
-        if self.kind in _NOT_FOR_OUTLINES:
-            return _NOT_FOR_OUTLINES[self.kind]
         if self.kind not in _JSON_KINDS:
             return None
         with _refusals_lock:
             if (known := _refusals.get(self.key, _UNKNOWN)) is not _UNKNOWN:
                 _refusals.move_to_end(self.key)
                 return known
-        refusal = None
-        if isinstance(rewritten := self._outlines_schema, outlines_schema.NotForOutlines):
-            refusal = f"outlines-core cannot enforce the JSON schema exactly: {rewritten}"
+        refusal = self._outlines_schema
+        if isinstance(refusal, outlines_schema.NotForOutlines):
+            # A copy never raised: no traceback holding the rewriting's frames.
+            refusal = outlines_schema.NotForOutlines(str(refusal), refusal.keyword,
+                                                     refusal.pointer)
+        else:
+            refusal = None
         with _refusals_lock:
             _refusals[self.key] = refusal
             while len(_refusals) > REFUSALS_KEPT:
                 _refusals.popitem(last=False)
         return refusal
+
+    def outlines_refusal(self) -> str | None:
+        """Why outlines-core cannot serve this constraint, known without compiling; None
+        if it may (the compile still decides). Such constraints go to llguidance."""
+        if self.kind in _NOT_FOR_OUTLINES:
+            return _NOT_FOR_OUTLINES[self.kind]
+        if (refusal := self.outlines_refusal_error()) is None:
+            return None
+        return f"outlines-core cannot enforce the JSON schema exactly: {refusal}"
 
     @property
     def outlines_refusal_reason(self) -> str:
