@@ -111,8 +111,8 @@ def _json_value(value, what: str, limits: Limits):
     return value
 
 
-# JSON schemas' `outlines_refusal` by spec key, least recently used out first: digests and
-# short texts, a few hundred KiB at most.
+# JSON schemas' `outlines_refusal_error` (the error, or None) by spec key, least recently
+# used out first: digests and short texts, a few hundred KiB at most.
 REFUSALS_KEPT = 4096
 _refusals: OrderedDict[str, outlines_schema.NotForOutlines | None] = OrderedDict()
 _refusals_lock = threading.Lock()
@@ -242,10 +242,10 @@ class ConstraintSpec:
         """Where outlines-core's rewriting of a JSON schema stopped, if it did.
 
         Remembered by the spec's key: it takes the schema's whole rewriting (~0.4 ms for a
-        Glaiveai2K schema on the CI machine's CPU, ~3.6 ms under a profiler), which every
-        request paid on the engine's grammar thread, warm index or not, and twice in the
-        API server (its relaxation and its validation each make their own spec); requests
-        arriving together wait on each other there."""
+        Glaiveai2K schema on the CI machine's CPU), which every request paid on the
+        engine's grammar thread, warm index or not, and twice in the API server (its
+        relaxation and its validation each make their own spec); requests arriving
+        together wait on each other there."""
         if self.kind not in _JSON_KINDS:
             return None
         with _refusals_lock:
