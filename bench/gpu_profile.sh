@@ -22,9 +22,12 @@ if [ -n "${PYSPY:-}" ]; then
      "$site/bin/py-spy" record --nonblocking --subprocesses --threads --format raw --rate 200 -p "$pid" \
          -o "$OUT/engine-core.pyspy.txt" > "$OUT/py-spy.log" 2>&1) &
 fi
-python3 -m bench.step_profile --model "$model" --engines "$@" --serve-arg=--load-format=dummy \
-    --out "$OUT/step-profile-$(IFS=-; echo "$*").json" 2> "$OUT/step-profile-stderr.log" \
-    | grep -v '^{'
+# Each repeat's line is kept as it ends (a device call's limit brings back what is under
+# $OUT, not a killed process's summary); PROFILE_TIMEOUT_S stops it before that limit.
+name=$(IFS=-; echo "$*")
+timeout "${PROFILE_TIMEOUT_S:-540}" python3 -m bench.step_profile --model "$model" \
+    --engines "$@" --serve-arg=--load-format=dummy --out "$OUT/step-profile-$name.json" \
+    2> "$OUT/step-profile-stderr.log" | tee "$OUT/step-profile-$name.jsonl" | grep -v '^{' || true
 # The raw stacks run past what a device call brings back (2026-12-06): compressed.
 if [ -n "${PYSPY:-}" ]; then
     wait

@@ -61,6 +61,9 @@ class RowPlanner:
         self._pins: Counter[int] = Counter()  # serial -> live device states on it
         # The last plan had device-state rows and few others that needed the host.
         self.few_need_host = False
+        # The requests whose rows the last plan named by device states: the device moves
+        # them by the tokens that step samples (`moved_on_device`).
+        self._last_on_device: frozenset[str] = frozenset()
 
     @property
     def device_states(self) -> bool:
@@ -73,6 +76,14 @@ class RowPlanner:
         """Whether the device holds the request's state on `table` (its live state)."""
         owner = self._owners.get(request_id)
         return owner is not None and owner[1] == table.serial
+
+    def moved_on_device(self, request_ids) -> set[str]:
+        """Those of `request_ids` the last plan named by a device state the device still
+        holds: the token that step samples moves them on the device, and they stay on
+        their index (it was checked whole before it went there: no corrupt block sends
+        them to llguidance). A set operation, not a call a request: the scheduler asks
+        for its whole batch every step."""
+        return self._last_on_device & request_ids & self._owners.keys()
 
     def release(self, request_id: str) -> None:
         """The request's device state is no longer wanted (it ended, or left the index)."""
@@ -162,7 +173,8 @@ class PlanBuilder:
         self._uploads: list[tuple[np.ndarray, np.ndarray]] = []
         self._in_use: set[int] = set()
         self._device_rows: list[int] = []  # rows named by a device state ...
-        self._device_slots: list[int] = []  # ... and their state slots
+        self._device_slots: list[int] = []  # ... their state slots ...
+        self._device_requests: list[str] = []  # ... and their requests
         self._inits: list[tuple[int, int, int]] = []  # (state slot, blob base, state)
         self._blob_uploads: list[tuple[int, np.ndarray]] = []
         self._room = planner.step_upload_bytes  # bytes this step may still send
@@ -216,6 +228,7 @@ class PlanBuilder:
             if owner[1] == table.serial:  # the common case: its table is pinned there
                 self._device_rows.append(len(self._slots))
                 self._device_slots.append(owner[0])
+                self._device_requests.append(request_id)
                 self._slots.append(DEVICE_STATE)
                 return True
             planner.release(request_id)  # it moved to another index
@@ -233,6 +246,7 @@ class PlanBuilder:
         self._inits.append((slot, base, state))
         self._device_rows.append(len(self._slots))
         self._device_slots.append(slot)
+        self._device_requests.append(request_id)
         self._add(DEVICE_STATE)
         return True
 
@@ -274,6 +288,7 @@ class PlanBuilder:
         held = len(self._device_rows)
         others = len(self._slots) - held - self._slots.count(UNCONSTRAINED)
         p.few_need_host = 0 < others <= SIT_OUT_SHARE * held
+        p._last_on_device = frozenset(self._device_requests)
         plan = RowPlan(p.words, np.array(self._slots, dtype=np.int32),
                        p._direct[:self._direct], self._uploads,
                        blob_uploads=self._blob_uploads)

@@ -157,6 +157,33 @@ def test_a_constraint_not_waiting_for_a_compile_is_held_as_in_vllm(scheduler, ba
     assert step(scheduler, digit) == {"r1": 100}
 
 
+def test_the_cap_is_asked_of_every_request_only_where_a_request_has_no_output(
+        scheduler, digit):
+    """A batch all in decode is spared the cap's call a request (RequestCap); a request
+    waiting, or still in its prompt, turns it back on, and it still holds that prompt
+    short of the step that samples."""
+    calls = []
+    split = type(scheduler)._mamba_block_aligned_split
+    scheduler._mamba_block_aligned_split = lambda request, *args: (
+        calls.append(request.request_id) or split(scheduler, request, *args))
+    decoding, _ = make_request("r1", 20, constrained=False, max_tokens=50)
+    scheduler.add_request(decoding)
+    step(scheduler, digit)  # its prompt, and its first token
+    step(scheduler, digit)
+    assert decoding.num_output_tokens == 2 and not scheduler.need_mamba_block_aligned_split
+    calls.clear()
+    step(scheduler, digit)
+    assert calls == []
+    compiling, _ = make_request("r2", 300)
+    scheduler.add_request(compiling)
+    assert step(scheduler, digit) == {"r1": 1, "r2": BUDGET - 1}
+    assert scheduler.need_mamba_block_aligned_split and calls == ["r1", "r2"]
+    while compiling.num_computed_tokens < 299:
+        assert step(scheduler, digit).get("r2", 0) <= 299 - BUDGET + 1
+    assert step(scheduler, digit) == {"r1": 1}  # r2's last token waits for its grammar
+    assert scheduler.need_mamba_block_aligned_split
+
+
 def test_a_pending_request_with_no_prompt_left_does_not_hold_up_the_queue(scheduler, digit):
     short, _ = make_request("r1", 1)  # nothing to prefill before its last token
     free, _ = make_request("r2", 20, constrained=False)

@@ -336,6 +336,27 @@ def test_a_request_is_not_on_the_device_until_the_host_is_in_step(indexes):
     assert plan.finish().blob_uploads == [] and not planner.holds("r1", a.table)
 
 
+def test_the_last_plans_device_states_are_those_moved_on_the_device(indexes):
+    """What the scheduler asks of its whole batch each step, as one set operation:
+    requests the last plan named by a device state the device still holds."""
+    a = indexes[1]
+    planner = RowPlanner(a.table.rows.shape[1], table_slots=len(a.table.rows), max_rows=4,
+                         blob_words=10**8, state_slots=4)
+    plan = planner.start()
+    assert plan.device_state_row("r1", a, a.initial_state)
+    assert plan.device_state_row("r2", a, a.initial_state)
+    plan.table_row(a.table, 0)  # r3: on the host
+    plan.finish()
+    batch = {"r1": 1, "r2": 1, "r3": 1, "r4": 1}.keys()
+    assert planner.moved_on_device(batch) == {"r1", "r2"}
+    planner.release("r2")  # (ended, or preempted)
+    assert planner.moved_on_device(batch) == {"r1"}
+    plan = planner.start()
+    plan.table_row(a.table, 0)  # a plan without r1 (it sat the step out)
+    plan.finish()
+    assert planner.moved_on_device(batch) == set() and planner.holds("r1", a.table)
+
+
 # --- the scheduler: which steps sample without the host ---
 
 def _grammar(backend, compiled: CompiledIndex) -> DotllmGrammar:

@@ -37,6 +37,7 @@ from concurrent.futures import Future
 
 from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import mixing_into_scheduler, replace_attribute
+from dotllm.vllm_ext.request_cap import RequestCap
 
 NAME = "compile_overlap"
 
@@ -90,14 +91,12 @@ def _compiling(request) -> bool:
             and isinstance(constraint._grammar, Future) and not constraint._grammar.done())
 
 
-class CompileOverlap:
+class CompileOverlap(RequestCap):
     """Mixed in before vLLM's `Scheduler` or `AsyncScheduler`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._on_cpu = self.vllm_config.device_config.device_type == "cpu"
-        self._mamba_split = self.need_mamba_block_aligned_split
-        self.need_mamba_block_aligned_split = True  # every request passes the cap
         backend = self.structured_output_manager.backend
         self._metrics = getattr(backend, "metrics", None)
         setattr(self.structured_output_manager, _MIXED_IN, True)
@@ -128,13 +127,18 @@ class CompileOverlap:
             _want_grammar(request)  # nothing to prefill: a wait behind it is over
         return super()._try_promote_blocked_waiting_request(request)
 
+    def _cap_wanted(self) -> bool:
+        # Only a request that has no output yet may be capped: one waiting, or one still
+        # in its prompt (a batch all in decode is spared a call a request).
+        return bool(super()._cap_wanted() or self.waiting or self.skipped_waiting
+                    or any(not r.num_output_tokens for r in self.running))
+
     def _mamba_block_aligned_split(self, request, num_new_tokens: int,
                                    num_new_local_computed_tokens: int = 0,
                                    num_external_computed_tokens: int = 0) -> int:
-        if self._mamba_split:
-            num_new_tokens = super()._mamba_block_aligned_split(
-                request, num_new_tokens, num_new_local_computed_tokens,
-                num_external_computed_tokens)
+        num_new_tokens = super()._mamba_block_aligned_split(
+            request, num_new_tokens, num_new_local_computed_tokens,
+            num_external_computed_tokens)
         constraint = request.structured_output_request
         # A request that has output had its grammar (the common case: a decode step).
         if constraint is None or request.num_output_tokens:

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import mixing_into_scheduler, replace_attribute
+from dotllm.vllm_ext.request_cap import RequestCap
 from dotllm.vllm_ext.row_plans import planner_of
 
 NAME = "device_states"
 
 
-class DeviceStates:
+class DeviceStates(RequestCap):
     """Mixed in before vLLM's `Scheduler` or `AsyncScheduler`; the synchronous one never
     has a token in flight, and needs only the releases."""
 
@@ -42,14 +43,14 @@ class DeviceStates:
         from vllm.v1.request import RequestStatus
 
         super().__init__(*args, **kwargs)
-        self._split_below = self.need_mamba_block_aligned_split  # vLLM's or a mixin's
-        self.need_mamba_block_aligned_split = True  # every request passes the cap
         self._running = RequestStatus.RUNNING
 
+    def _cap_wanted(self) -> bool:
+        planner = self._planner()  # (requests sit out only after a plan with few of them)
+        return (planner is not None and planner.few_need_host) or super()._cap_wanted()
+
     def _mamba_block_aligned_split(self, request, num_new_tokens: int, *args) -> int:
-        if self._split_below:
-            num_new_tokens = super()._mamba_block_aligned_split(request, num_new_tokens,
-                                                                *args)
+        num_new_tokens = super()._mamba_block_aligned_split(request, num_new_tokens, *args)
         # A running request only: one resumed from the waiting queue with no tokens
         # would stop that queue for the step.
         if (num_new_tokens and request.num_output_placeholders  # a token in flight
@@ -96,7 +97,9 @@ class DeviceStates:
         planner = self._planner()
         if planner is None or not planner.device_states:
             return
-        for req_id in scheduler_output.num_scheduled_tokens:
+        scheduled = scheduler_output.num_scheduled_tokens.keys()
+        # Those the device moves need nothing from the host: only the others are looked at.
+        for req_id in scheduled - planner.moved_on_device(scheduled):
             request = self.requests[req_id]
             # After this step's own placeholder: one more is a token in flight.
             if (not request.use_structured_output or request.is_prefill_chunk
