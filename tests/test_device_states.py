@@ -174,7 +174,8 @@ def test_random_walks_mask_as_the_host_would(device, budget, indexes, vocabulary
     blobs go in pieces): each step every row masks what the request's true state allows,
     whether the device names it or the host (which then catches up first, as vLLM's
     deferred step does)."""
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")  # in every failure's message
+    rng = random.Random(seed)
     eos, words = vocabulary.eos_token_id, indexes[0].table.rows.shape[1]
     rows_needed = sorted(len(c.table.rows) for c in indexes)
     blob_needed = sorted(_blob_words(c) for c in indexes)
@@ -212,7 +213,7 @@ def test_random_walks_mask_as_the_host_would(device, budget, indexes, vocabulary
         expected = (reference(logits, masks, torch.from_numpy(targets), None) if walkers
                     else logits.double().cpu())
         arena.apply(logits, step_plan, targets)
-        assert torch.equal(logits.double().cpu(), expected), step
+        assert torch.equal(logits.double().cpu(), expected), (seed, step)
         sampled = torch.full((batch, 1), -1, dtype=torch.int32)
         ended = []
         for w, row in zip(walkers, targets, strict=True):
@@ -231,7 +232,9 @@ def test_random_walks_mask_as_the_host_would(device, budget, indexes, vocabulary
         for w in ended:
             walkers.remove(w)
             planner.release(w.name)
-    assert served["device"] > 100 and served["host"] > 10, served
+    # Both paths taken (the device's share varies with the seed: 74-239 of ~850 rows
+    # over seeds 30-36 with `pieces`).
+    assert served["device"] > 30 and served["host"] > 10, (seed, served)
 
 
 def test_a_table_with_live_device_states_is_never_evicted(indexes):
