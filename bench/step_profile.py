@@ -14,6 +14,13 @@ $DOTLLM_STEP_PROFILE_DIR/<pid>.json twice a second; the driver reads them before
 after each equal-work batch of bench.serve and reports each phase per step (one
 `schedule` call is one step). What the step loop spends outside the phases (mostly
 waiting for the GPU's result) is the loop's time less theirs.
+
+With each process's totals go where the OS ran it: the CPU its main thread was on at
+each write, and its involuntary context switches (other work took its CPU). On an H100
+host every phase of a batch ran up to 3x slower in some repeats than in others, all
+together (bench/RESULTS.md): the report says, per batch, which CPUs the engine core and
+the worker ran on, whether they shared a physical core, and how often they were
+preempted.
 """
 
 from __future__ import annotations
@@ -97,11 +104,18 @@ def _wrap_loaded() -> None:
 
 
 def _write_forever(directory: Path) -> None:
+    import psutil
+
     path = directory / f"{os.getpid()}.json"
+    me = psutil.Process()
+    cpus: dict[int, int] = {}  # CPU -> writes that found the main thread there
     while True:
         time.sleep(0.5)
+        cpu = me.cpu_num()
+        cpus[cpu] = cpus.get(cpu, 0) + 1
         with _lock:
-            text = json.dumps(_totals)
+            text = json.dumps({"phases": _totals, "cpus": cpus,
+                               "involuntary_switches": me.num_ctx_switches().involuntary})
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -118,25 +132,54 @@ def install() -> None:
                      name="step-profile").start()
 
 
-def read_totals(directory: Path) -> dict[str, list[float]]:
+def read_processes(directory: Path) -> dict[str, dict]:
+    """What each process last wrote, by pid."""
+    return {path.stem: json.loads(path.read_text()) for path in directory.glob("*.json")}
+
+
+def totals(processes: dict[str, dict]) -> dict[str, list[float]]:
     """Every process's totals, summed by phase."""
     out: dict[str, list[float]] = {}
-    for path in directory.glob("*.json"):
-        for phase, (calls, seconds) in json.loads(path.read_text()).items():
+    for written in processes.values():
+        for phase, (calls, seconds) in written["phases"].items():
             entry = out.setdefault(phase, [0, 0.0])
             entry[0] += calls
             entry[1] += seconds
     return out
 
 
-def per_step(before: dict, after: dict) -> dict[str, float]:
-    """Milliseconds per step of each phase between two reads."""
+def _siblings(cpu: int) -> str:
+    """The CPUs sharing `cpu`'s physical core (Linux's thread_siblings_list)."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    return path.read_text().strip() if path.exists() else str(cpu)
+
+
+def placement(before: dict[str, dict], after: dict[str, dict], steps: int) -> dict[str, dict]:
+    """Per process of the batch (the engine core: it schedules; a worker: it runs the
+    model), the CPUs its main thread was seen on, as `cpu (its core's siblings)`, and its
+    involuntary context switches per step."""
+    out = {}
+    for pid, now in sorted(after.items()):
+        was = before.get(pid, {"cpus": {}, "involuntary_switches": 0})
+        phases = now["phases"]
+        name = ("engine core" if "schedule" in phases
+                else "worker" if any(p.startswith("execute_model") for p in phases) else pid)
+        seen = {int(c): n - was["cpus"].get(c, 0) for c, n in now["cpus"].items()}
+        switches = now["involuntary_switches"] - was["involuntary_switches"]
+        out[f"{name} {pid}"] = {
+            "cpus": [f"{c} ({_siblings(c)})" for c, n in sorted(seen.items()) if n > 0],
+            "involuntary_switches_per_step": switches / steps if steps else math.nan}
+    return out
+
+
+def per_step(before: dict, after: dict) -> tuple[dict[str, float], int]:
+    """Milliseconds per step of each phase between two reads, and the steps."""
     delta = {p: (after[p][0] - before.get(p, [0, 0])[0], after[p][1] - before.get(p, [0, 0])[1])
              for p in after}
     steps = delta.get("schedule", (0, 0))[0]
     if not steps:
-        return {}
-    return {p: seconds * 1e3 / steps for p, (_, seconds) in sorted(delta.items())}
+        return {}, 0
+    return {p: seconds * 1e3 / steps for p, (_, seconds) in sorted(delta.items())}, steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,16 +210,18 @@ def main(argv: list[str] | None = None) -> int:
                 for repeat in range(args.repeats):
                     for workload in args.workloads:
                         time.sleep(1.0)  # the totals files catch up
-                        before = read_totals(profile_dir)
+                        before = read_processes(profile_dir)
                         batch = asyncio.run(serve.run_batch(
                             server.url, model, engine, workload, args.concurrency,
                             args.tokens, args.tokens, repeat))
                         time.sleep(1.0)
-                        phases = per_step(before, read_totals(profile_dir))
+                        after = read_processes(profile_dir)
+                        phases, steps = per_step(totals(before), totals(after))
                         results.append({"engine": engine, "workload": workload,
                                         "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
                                         "errors": len(batch.errors), "phases_ms": phases,
-                                        "steps_without_host": batch.steps_without_host})
+                                        "steps_without_host": batch.steps_without_host,
+                                        "placement": placement(before, after, steps)})
                         print(json.dumps(results[-1]), flush=True)
             finally:
                 servers.stop_server(server)
@@ -200,6 +245,14 @@ def table(results: list[dict]) -> str:
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(
             f"{last[c]['phases_ms'].get(phase, 0):.2f}" for c in columns) + " |")
+    for process in ("engine core", "worker"):
+        where = [{k: v for k, v in last[c].get("placement", {}).items()
+                  if k.startswith(process)} for c in columns]
+        lines.append(f"| {process}: CPUs (its core's) | " + " | ".join(
+            "; ".join(", ".join(p["cpus"]) for p in w.values()) for w in where) + " |")
+        lines.append(f"| {process}: preempted a step | " + " | ".join(
+            "; ".join(f"{p['involuntary_switches_per_step']:.2f}" for p in w.values())
+            for w in where) + " |")
     return "\n".join(lines)
 
 
