@@ -126,7 +126,14 @@ def test_sampling_keeps_the_distribution_of_answers(dotllm_server, drafting_serv
     """A forced prefix (drafted, verified by rejection sampling), then a free choice: the
     answers' distribution is the same with drafts as without (two-sample chi-square)."""
     regex = "The verdict of the committee is: (alpha|beta|gamma|delta|epsilon)"
+    for server in (dotllm_server, drafting_server):
+        # Both on the index: the tiers tokenize the forced prefix differently (the index
+        # allows only the tokenizer's own tokens there, llguidance any), and the model's
+        # choice after it depends on those tokens. A cold batch is handed over midway.
+        complete_constrained(server, {"regex": regex}, 0.0)
+        server.wait_for_compiles()
     counts = []
+    before = {name: drafting_server.total(name) for name in (FORCED, ACCEPTED, GENERATED)}
     for server in (dotllm_server, drafting_server):
         reply = _client(server).completions.create(
             model=NAME, prompt="Verdict:", max_tokens=30, temperature=1.0, n=300, seed=7,
@@ -138,6 +145,13 @@ def test_sampling_keeps_the_distribution_of_answers(dotllm_server, drafting_serv
     table = [[c.get(w, 0) for w in words] for c in counts]
     assert len(words) > 1, table  # a distribution to compare, not one answer
     assert chi2_contingency(table).pvalue > 1e-3, (words, table)
+    # A draft its state allowed alone has probability 1 under the mask: every one is
+    # accepted, sampled or not (on vLLM's CPU platform most were rejected, their
+    # temperature uninitialized memory, before the cpu_spec_expand patch).
+    _settled(drafting_server, GENERATED, before[GENERATED] + reply.usage.completion_tokens - 1)
+    alone = drafting_server.total(FORCED) - before[FORCED]
+    accepted = _settled(drafting_server, ACCEPTED, before[ACCEPTED] + alone - 1)
+    assert alone > 300 and accepted - before[ACCEPTED] >= alone, (alone, accepted, before)
 
 
 def test_the_users_own_speculative_method_drafts_the_rest(embedded_model, tmp_path_factory):

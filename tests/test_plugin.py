@@ -23,6 +23,7 @@ if os.environ.get("PROBE_AS_LAUNCHER") and "DOTLLM_SERVE" not in os.environ:
 load_general_plugins()
 
 CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator"
+REJECTION_SAMPLER = "vllm.v1.sample.rejection_sampler"
 
 def report():
     from vllm.config.scheduler import SchedulerConfig
@@ -51,7 +52,8 @@ def report():
                scheduler.Scheduler.update_draft_token_ids,
                StructuredOutputRequest._check_grammar_completion,
                getattr(getattr(sys.modules.get(CPU_COMMUNICATOR), "_CPUSHMDistributed", None),
-                       "_init_cpu_shm", None)]
+                       "_init_cpu_shm", None),
+               getattr(sys.modules.get(REJECTION_SAMPLER), "expand_batch_to_tokens", None)]
     from dotllm.vllm_ext.patching import patches_on
     return {"api_server_loaded": api is not None,
             "patched": [",".join(patches_on(t)) or None for t in targets]}
@@ -91,8 +93,8 @@ def test_entry_point_is_registered():
 
 def test_plain_vllm_process_stays_stock(tmp_path):
     out = probe(active=False, tmp_path=tmp_path)
-    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 13}
-    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 13}
+    assert out["main"] == {"api_server_loaded": False, "patched": [None] * 14}
+    assert out["child"] == {"api_server_loaded": False, "patched": [None] * 14}
 
 
 def test_dotllm_patches_each_process_for_its_role(tmp_path):
@@ -101,7 +103,7 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
         "api_server_loaded": True,
         "patched": ["server_identity", "request_validation",
                     "unenforced_report,legacy_fields", "engine_backend", None, None,
-                    "compile_errors", "compile_errors", None, None, None, None, None],
+                    "compile_errors", "compile_errors", None, None, None, None, None, None],
     }
     # Engine-core and worker processes are children: no API-server code is pulled in, and
     # the model runners' bitmask application is DotLLM's.
@@ -110,7 +112,8 @@ def test_dotllm_patches_each_process_for_its_role(tmp_path):
         "patched": [None, "request_validation", None, "engine_backend", "row_plans",
                     "compile_overlap", "compile_errors", None, "mask_kernels",
                     "mask_kernels", "forced_drafts", "ready_grammar",
-                    None if torch.cuda.is_available() else "cpu_shm"],  # CPU workers only
+                    *([None, None] if torch.cuda.is_available()  # CPU workers only
+                      else ["cpu_shm", "cpu_spec_expand"])],
     }
 
 

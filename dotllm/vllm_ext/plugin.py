@@ -16,6 +16,7 @@ from dotllm.vllm_ext import (
     compile_errors,
     compile_overlap,
     cpu_shm,
+    cpu_spec_expand,
     device_states,
     engine_backend,
     forced_drafts,
@@ -36,7 +37,7 @@ ACTIVE_ENV = "DOTLLM_SERVE"
 PATCHES = (
     server_identity, request_validation, legacy_fields, unenforced_report, engine_backend,
     compile_errors, compile_overlap, device_states, ready_grammar, row_plans, mask_kernels,
-    heap_trim, forced_drafts, cpu_shm,
+    heap_trim, forced_drafts, cpu_shm, cpu_spec_expand,
 )
 
 
