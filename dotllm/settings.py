@@ -67,7 +67,8 @@ class Settings:
         "Longest `regex` constraint, in characters; longer is a 400.",
         default=Limits.regex_chars)
     index_cache_memory_mib: int = _option(
-        "Memory for compiled constraints kept ready, in MiB (least recently used go).",
+        "Memory for compiled constraints kept ready, in MiB (large and seldom used go "
+        "first).",
         default=1024)
     index_cache_disk_mib: int = _option(
         "Disk for compiled constraints, in MiB (least recently used go; 0: unbounded).",

@@ -1,4 +1,4 @@
-"""IndexCache: memory LRU -> disk -> remote (fsspec), atomic writes behind the caller,
+"""IndexCache: memory -> disk -> remote (fsspec), atomic writes behind the caller,
 corruption handling."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from dotllm.compiler.cache import DiskStore, IndexCache, MemoryLRU, cache_key
+from dotllm.compiler.cache import DiskStore, IndexCache, MemoryCache, cache_key
 from dotllm.compiler.compiled import CompiledIndex, CorruptEntry
 from dotllm.compiler.pool import in_memory_file, mapped_file
 
@@ -17,7 +17,8 @@ from dotllm.compiler.pool import in_memory_file, mapped_file
 def items(vocabulary):
     def build(regex):
         return CompiledIndex.build(regex, vocabulary)
-    return {"a": build("[0-9]{1,3}"), "b": build("yes|no"), "c": build("[a-c]{2}")}
+    return {"a": build("[0-9]{1,3}"), "b": build("yes|no"), "c": build("[a-c]{2}"),
+            "large": build("[a-z]{1,8}")}  # 14x "a"
 
 
 def put_through(cache: IndexCache, key: str, item: CompiledIndex) -> IndexCache:
@@ -33,15 +34,45 @@ def test_key_depends_on_vocabulary_and_spec():
     assert cache_key("v1", "s1") == cache_key("v1", "s1")
 
 
-def test_memory_lru_is_bounded_in_bytes(items):
-    lru = MemoryLRU(max_bytes=sum(item.nbytes for item in items.values()) - 1)
-    lru.put("a", items["a"])
-    lru.put("b", items["b"])
-    assert lru.get("a") is items["a"]  # now most recent
-    lru.put("c", items["c"])
-    assert lru.get("b") is None and lru.get("a") is items["a"] and lru.get("c") is items["c"]
-    assert lru.nbytes <= lru.max_bytes
-    MemoryLRU(max_bytes=10).put("a", items["a"])  # larger than the whole cache: skipped
+def test_memory_is_bounded_in_bytes_least_recently_used_first_among_equals(items):
+    item = items["b"]  # one size: recency decides
+    memory = MemoryCache(max_bytes=2 * item.nbytes)
+    memory.put("x", item)
+    memory.put("y", item)
+    assert memory.get("x") is item  # now the more recent, and used twice
+    memory.put("z", item)
+    assert memory.get("y") is None and memory.get("x") is item and memory.get("z") is item
+    assert memory.nbytes == 2 * item.nbytes <= memory.max_bytes
+    MemoryCache(max_bytes=10).put("a", item)  # larger than the whole cache: skipped
+
+
+def test_memory_keeps_the_small_ones_of_a_set_in_use_larger_than_it(items):
+    """Requests cycling through more indexes than fit (the warm batch of 128 schemas):
+    an LRU misses every one; this keeps all the small ones and lets the large one go."""
+    small, large = items["a"], items["large"]
+    memory = MemoryCache(max_bytes=8 * small.nbytes + large.nbytes - 1)
+    keys = {f"s{i}": small for i in range(8)} | {"large": large}
+    hits = []
+    for _ in range(3):
+        for key, item in keys.items():
+            if memory.get(key) is None:
+                memory.put(key, item)
+            else:
+                hits.append(key)
+    assert sorted(hits) == sorted(f"s{i}" for i in range(8) for _ in range(2))
+    assert memory.nbytes <= memory.max_bytes
+
+
+def test_an_index_used_often_stays_though_large(items):
+    small, large = items["a"], items["large"]
+    memory = MemoryCache(max_bytes=large.nbytes + small.nbytes)
+    memory.put("large", large)
+    for _ in range(large.nbytes // small.nbytes + 1):  # its hits a MiB outweigh a small's
+        assert memory.get("large") is large
+    memory.put("s0", small)
+    memory.put("s1", small)  # one of the three must go: a small one
+    assert memory.get("large") is large
+    assert (memory.get("s0") is None) != (memory.get("s1") is None)
 
 
 def test_disk_survives_a_restart(tmp_path, items):
@@ -203,15 +234,15 @@ def test_a_put_returns_before_its_disk_write_and_the_entry_reads_meanwhile(tmp_p
     cache = IndexCache(memory_bytes=one_fits, disk_dir=tmp_path,
                        on_event=lambda e, lvl: events.append((e, lvl)))
     cache.disk = SlowDisk(tmp_path)
-    cache.put("a", items["a"])  # would wait for let_through if written here
+    cache.put("b", items["b"])  # would wait for let_through if written here
     assert not cache.flush(0.05) and not list(tmp_path.rglob("*.idx"))
-    cache.put("b", items["b"])  # memory holds one of them: "a" is evicted there
-    assert cache.memory.get("a") is None
-    assert cache.get_from_memory("a") is items["a"]  # not written yet, still served
+    cache.put("a", items["a"])  # memory holds one of them: the larger "b" goes there
+    assert cache.memory.get("b") is None
+    assert cache.get_from_memory("b") is items["b"]  # not written yet, still served
     cache.disk.let_through.set()
     assert cache.flush(10)
     assert events.count(("stored", "disk")) == 2
-    assert IndexCache(disk_dir=tmp_path).get("a")[1] == "disk"
+    assert IndexCache(disk_dir=tmp_path).get("b")[1] == "disk"
     assert cache.disk.writers == [WRITER] * 2
 
 
