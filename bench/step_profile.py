@@ -20,7 +20,10 @@ each write, and its involuntary context switches (other work took its CPU). On a
 host every phase of a batch ran up to 3x slower in some repeats than in others, all
 together (bench/RESULTS.md): the report says, per batch, which CPUs the engine core and
 the worker ran on, whether they shared a physical core, and how often they were
-preempted.
+preempted. `--pin alternate` runs each workload twice a repeat on the same server: as the
+OS places it, then with the engine core's and the worker's main threads each alone on a
+physical core of its own (every other thread of the server, the API server's included,
+kept off those two cores), to see whether placement is what moves a batch's speed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import functools
 import importlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -172,6 +176,45 @@ def placement(before: dict[str, dict], after: dict[str, dict], steps: int) -> di
     return out
 
 
+@functools.cache
+def _physical_cores() -> list[list[int]]:
+    """The CPUs this process may use (before any pinning), grouped by physical core."""
+    cores: dict[str, list[int]] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        cores.setdefault(_siblings(cpu), []).append(cpu)
+    return list(cores.values())
+
+
+def pin(server_pid: int, processes: dict[str, dict], on: bool) -> dict[str, list[int]]:
+    """With `on`, the engine core's and the worker's main threads each on a physical core
+    of its own and every other thread of the server's processes and of this one (the
+    load) off both; else every thread anywhere. Returns the main threads' CPUs."""
+    import psutil
+
+    cores = _physical_cores()
+    everywhere = [c for core in cores for c in core]
+    mains = {pid: ("engine core" if "schedule" in written["phases"] else "worker")
+             for pid, written in processes.items()
+             if "schedule" in written["phases"]
+             or any(p.startswith("execute_model") for p in written["phases"])}
+    owned = {}
+    if on:
+        if len(cores) < len(mains) + 1:
+            raise SystemExit(f"--pin: {len(cores)} physical cores, {len(mains) + 1} needed")
+        for pid, core in zip(sorted(mains), cores[-len(mains):], strict=True):
+            owned[int(pid)] = core[:1]
+        rest = [c for core in cores[:-len(mains)] for c in core]
+    root = psutil.Process(server_pid)
+    for process in [root, *root.children(recursive=True), psutil.Process()]:
+        try:
+            for thread in process.threads():
+                cpus = owned.get(thread.id, rest) if on else everywhere
+                os.sched_setaffinity(thread.id, cpus)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return {f"{mains[str(pid)]} {pid}": cpus for pid, cpus in owned.items()}
+
+
 def per_step(before: dict, after: dict) -> tuple[dict[str, float], int]:
     """Milliseconds per step of each phase between two reads, and the steps."""
     delta = {p: (after[p][0] - before.get(p, [0, 0])[0], after[p][1] - before.get(p, [0, 0])[1])
@@ -195,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model")
     parser.add_argument("--serve-arg", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("step-profile.json"))
+    parser.add_argument("--pin", choices=("off", "alternate"), default="off",
+                        help="alternate: each workload as placed, then pinned (module doc)")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 model = asyncio.run(servers.served_model(server.url))
                 asyncio.run(serve.warm(server.url, model, args.workloads, args.tokens))
-                for repeat in range(args.repeats):
-                    for workload in args.workloads:
+                for repeat, workload in itertools.product(range(args.repeats), args.workloads):
+                    # Alternate which goes first, so neither always follows the other.
+                    pinnings = {"off": (False,), "alternate": (False, True)}[args.pin]
+                    for pinned in pinnings[::-1] if repeat % 2 else pinnings:
+                        if args.pin != "off":
+                            pin(server.process.pid, read_processes(profile_dir), pinned)
                         time.sleep(1.0)  # the totals files catch up
                         before = read_processes(profile_dir)
                         batch = asyncio.run(serve.run_batch(
@@ -217,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(1.0)
                         after = read_processes(profile_dir)
                         phases, steps = per_step(totals(before), totals(after))
-                        results.append({"engine": engine, "workload": workload,
+                        results.append({"engine": engine + ("-pinned" if pinned else ""),
+                                        "workload": workload,
                                         "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
                                         "errors": len(batch.errors), "phases_ms": phases,
                                         "steps_without_host": batch.steps_without_host,
