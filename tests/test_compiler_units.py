@@ -12,6 +12,7 @@ import torch
 
 from dotllm.compiler.compiled import CompiledIndex, CorruptEntry, outlines_index
 from dotllm.compiler.mask_table import MaskTable, pack_tokens, words_for
+from dotllm.compiler.memo import Memo
 from dotllm.compiler.spec import ConstraintError, ConstraintKind, ConstraintSpec
 from dotllm.compiler.transitions import TransitionTable
 from dotllm.compiler.vocabulary import Vocabulary, token_bytes
@@ -316,8 +317,7 @@ def test_a_schemas_outlines_refusal_is_rewritten_once_and_remembered(monkeypatch
     normalize = outlines_schema.normalize  # once a rewriting, at its start
     monkeypatch.setattr(outlines_schema, "normalize",
                         lambda schema: calls.append(1) or normalize(schema))
-    monkeypatch.setattr(spec_module, "REFUSALS_KEPT", 2)
-    monkeypatch.setattr(spec_module, "_refusals", type(spec_module._refusals)())
+    monkeypatch.setattr(spec_module, "_refusals", Memo(2))
     served = {"type": "object", "properties": {"n": {"type": "integer"}}}
     refused = {"properties": {"age": {"minimum": 0}}}
     for _ in range(3):  # a new spec object each time, as each request makes

@@ -12,8 +12,6 @@ import enum
 import hashlib
 import json
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,6 +20,7 @@ from outlines_core.json_schema import build_regex_from_schema
 from dotllm.compiler import ecma_regex, enforcement, integer_range, outlines_schema
 from dotllm.compiler.errors import ConstraintError
 from dotllm.compiler.limits import Limits
+from dotllm.compiler.memo import MISSING, Memo
 
 DEFAULT_LIMITS = Limits()
 
@@ -111,12 +110,10 @@ def _json_value(value, what: str, limits: Limits):
     return value
 
 
-# JSON schemas' `outlines_refusal_error` (the error, or None) by spec key, least recently
-# used out first: digests and short texts, a few hundred KiB at most.
+# JSON schemas' `outlines_refusal_error` (the error, or None) by spec key: digests and
+# short texts, a few hundred KiB at most.
 REFUSALS_KEPT = 4096
-_refusals: OrderedDict[str, outlines_schema.NotForOutlines | None] = OrderedDict()
-_refusals_lock = threading.Lock()
-_UNKNOWN = object()
+_refusals = Memo(REFUSALS_KEPT)
 
 
 @dataclass(frozen=True)
@@ -248,10 +245,8 @@ class ConstraintSpec:
         together wait on each other there."""
         if self.kind not in _JSON_KINDS:
             return None
-        with _refusals_lock:
-            if (known := _refusals.get(self.key, _UNKNOWN)) is not _UNKNOWN:
-                _refusals.move_to_end(self.key)
-                return known
+        if (known := _refusals.get(self.key)) is not MISSING:
+            return known
         refusal = self._outlines_schema
         if isinstance(refusal, outlines_schema.NotForOutlines):
             # A copy never raised: no traceback holding the rewriting's frames.
@@ -259,10 +254,7 @@ class ConstraintSpec:
                                                      refusal.pointer)
         else:
             refusal = None
-        with _refusals_lock:
-            _refusals[self.key] = refusal
-            while len(_refusals) > REFUSALS_KEPT:
-                _refusals.popitem(last=False)
+        _refusals.put(self.key, refusal)
         return refusal
 
     def outlines_refusal(self) -> str | None:

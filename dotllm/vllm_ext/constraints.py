@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import TypeVar
+
 from dotllm.compiler.limits import Limits
+from dotllm.compiler.memo import MISSING, Memo
 from dotllm.compiler.spec import ConstraintError, ConstraintSpec
 from dotllm.settings import Settings
+
+T = TypeVar("T")
+# What the API server found of a request's constraint, by what it was made from (and the
+# settings it was checked under): bounded by the keys' text, the values about as much.
+CHECKED_TEXT_BYTES = 16 * 2**20
+_checked = Memo(CHECKED_TEXT_BYTES)
 
 
 def spec_from_params(params, limits: Limits | None = None) -> ConstraintSpec:
@@ -27,3 +39,28 @@ def spec_from_params(params, limits: Limits | None = None) -> ConstraintSpec:
     if params.structural_tag is not None:
         return ConstraintSpec.structural_tag(params.structural_tag, limits)
     raise ConstraintError("no structured output constraint given")
+
+
+def params_text(params) -> str:
+    """Every public field of the params, as text: equal for requests that ask the same."""
+    return json.dumps([getattr(params, f.name) for f in dataclasses.fields(params)
+                       if not f.name.startswith("_")], default=str)
+
+
+def checked(question: str, params, settings: Settings, answer: Callable[[], T]) -> T:
+    """`answer()` (its value, or the ConstraintError it raised), the first time a question
+    is asked of equal params under equal settings; remembered after (dotllm.compiler.memo),
+    so a request repeating an earlier one pays a key's serialization instead of the
+    schema's checks."""
+    text = params_text(params)
+    key = (question, text, settings)
+    if (known := _checked.get(key)) is MISSING:
+        try:
+            known = (True, answer())
+        except ConstraintError as e:
+            known = (False, (str(e), e.reason))
+        _checked.put(key, known, cost=len(text))
+    ok, value = known
+    if not ok:
+        raise ConstraintError(*value)  # a new one each time: no traceback kept
+    return value

@@ -21,28 +21,37 @@ NAME = "request_validation"
 
 
 def _validate_structured_outputs(self, model_config, structured_outputs_config, tokenizer):
-    from dotllm.compiler import llguidance_grammar
     from dotllm.compiler.metrics import count_refusal
     from dotllm.compiler.spec import ConstraintError
     from dotllm.settings import Settings
-    from dotllm.vllm_ext.constraints import spec_from_params
+    from dotllm.vllm_ext.constraints import checked
 
     if structured_outputs_config is None or self.structured_outputs is None:
         return
     if tokenizer is None:
         raise ValueError("structured outputs need a tokenizer (not with --skip-tokenizer-init)")
-    engine = Settings.from_environ().constraint_engine
+    settings = Settings.from_environ()
     try:
-        spec = spec_from_params(self.structured_outputs)
-        spec.check()
-        refusal, _ = llguidance_grammar.outlines_refusal(spec, engine)
-        if refusal is not None and engine == "outlines":
-            raise ConstraintError(refusal)
-        if refusal is not None:
-            llguidance_grammar.check(spec, refusal)
+        checked("valid", self.structured_outputs, settings,
+                lambda: _check(self.structured_outputs, settings))
     except ConstraintError as e:
         count_refusal(e.reason)
         raise ValueError(f"Invalid structured output: {e}") from None
+
+
+def _check(params, settings) -> None:
+    """ConstraintError if DotLLM cannot serve the constraint under these settings."""
+    from dotllm.compiler import llguidance_grammar
+    from dotllm.compiler.spec import ConstraintError
+    from dotllm.vllm_ext.constraints import spec_from_params
+
+    spec = spec_from_params(params, settings.limits)
+    spec.check()
+    refusal, _ = llguidance_grammar.outlines_refusal(spec, settings.constraint_engine)
+    if refusal is not None and settings.constraint_engine == "outlines":
+        raise ConstraintError(refusal)
+    if refusal is not None:
+        llguidance_grammar.check(spec, refusal)
 
 
 def _structural_tag_checker(stock):

@@ -61,12 +61,16 @@ def serve_params(params, strict: bool):
     from dotllm.compiler import relaxation
     from dotllm.compiler.metrics import count_refusal
     from dotllm.compiler.spec import ConstraintError
-    from dotllm.vllm_ext.constraints import spec_from_params
+    from dotllm.settings import Settings
+    from dotllm.vllm_ext.constraints import checked, spec_from_params
 
     if params is None or params.json is None:
         return params, None
+    settings = Settings.from_environ()
     try:
-        served = relaxation.serve(spec_from_params(params), strict)
+        served = checked("served strictly" if strict else "served", params, settings,
+                         lambda: relaxation.serve(spec_from_params(params, settings.limits),
+                                                  strict))
     except ConstraintError as e:
         count_refusal(e.reason)
         raise ValueError(f"Invalid structured output: {e}") from None
