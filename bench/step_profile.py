@@ -21,7 +21,8 @@ each write, and its involuntary context switches (other work took its CPU). On a
 host every phase of a batch ran up to 3x slower in some repeats than in others, all
 together (bench/RESULTS.md): the report says, per batch, which CPUs the engine core and
 the worker ran on, whether they shared a physical core, and how often they were
-preempted. `--pin alternate` runs each workload twice a repeat on the same server: as the
+preempted, and the time the hypervisor took those CPUs for something else (steal, in a
+VM). `--pin alternate` runs each workload twice a repeat on the same server: as the
 OS places it, then with the engine core's and the worker's main threads each alone on a
 physical core of its own (every other thread of the server, the API server's included,
 kept off those two cores), to see whether placement is what moves a batch's speed.
@@ -186,6 +187,26 @@ def placement(before: dict[str, dict], after: dict[str, dict], steps: int) -> di
 
 
 @functools.cache
+def cpu_steal() -> dict[str, int]:
+    """Per CPU, the time (USER_HZ ticks) the hypervisor ran something else on it: /proc/stat's
+    steal column, 0 where there is none (no VM)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name != "cpu" and len(ticks) > 7:
+            out[name[3:]] = int(ticks[7])
+    return out
+
+
+def steal_ms_per_step(before: dict[str, int], after: dict[str, int], cpus: list[str],
+                      steps: int) -> float:
+    """Milliseconds of steal a step on `cpus` (as `placement` names them: "14 (14)")."""
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks = sum(after.get(c, 0) - before.get(c, 0) for c in {c.split()[0] for c in cpus})
+    return ticks * 1e3 / hz / steps if steps else math.nan
+
+
+@functools.cache
 def _physical_cores() -> list[list[int]]:
     """The CPUs this process may use (before any pinning), grouped by physical core."""
     cores: dict[str, list[int]] = {}
@@ -271,19 +292,23 @@ def main(argv: list[str] | None = None) -> int:
                         if args.pin != "off":
                             pin(server.process.pid, read_processes(profile_dir), pinned)
                         time.sleep(1.0)  # the totals files catch up
-                        before = read_processes(profile_dir)
+                        before, steal_before = read_processes(profile_dir), cpu_steal()
                         batch = asyncio.run(serve.run_batch(
                             server.url, model, engine, workload, args.concurrency,
                             args.tokens, args.tokens, repeat))
                         time.sleep(1.0)
-                        after = read_processes(profile_dir)
+                        after, steal_after = read_processes(profile_dir), cpu_steal()
                         phases, steps = per_step(totals(before), totals(after))
+                        where = placement(before, after, steps)
+                        for process in where.values():
+                            process["steal_ms_per_step"] = steal_ms_per_step(
+                                steal_before, steal_after, process["cpus"], steps)
                         results.append({"engine": engine + ("-pinned" if pinned else ""),
                                         "workload": workload,
                                         "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
                                         "errors": len(batch.errors), "phases_ms": phases,
                                         "steps_without_host": batch.steps_without_host,
-                                        "placement": placement(before, after, steps)})
+                                        "placement": where})
                         print(json.dumps(results[-1]), flush=True)
             finally:
                 servers.stop_server(server)
@@ -314,6 +339,9 @@ def table(results: list[dict]) -> str:
             "; ".join(", ".join(p["cpus"]) for p in w.values()) for w in where) + " |")
         lines.append(f"| {process}: preempted a step | " + " | ".join(
             "; ".join(f"{p['involuntary_switches_per_step']:.2f}" for p in w.values())
+            for w in where) + " |")
+        lines.append(f"| {process}: its CPUs' steal, ms a step | " + " | ".join(
+            "; ".join(f"{p.get('steal_ms_per_step', math.nan):.2f}" for p in w.values())
             for w in where) + " |")
     return "\n".join(lines)
 
