@@ -14,7 +14,8 @@ from dotllm.settings import Settings
 
 T = TypeVar("T")
 # What the API server found of a request's constraint, by what it was made from (and the
-# settings it was checked under): bounded by the keys' text, the values about as much.
+# settings it was checked under), bounded by the keys' text: the answers are None or a 400's
+# message, but for the few schemas served relaxed (their `relaxation.Served`).
 CHECKED_TEXT_BYTES = 16 * 2**20
 _checked = Memo(CHECKED_TEXT_BYTES)
 

@@ -67,14 +67,17 @@ def serve_params(params, strict: bool):
     if params is None or params.json is None:
         return params, None
     settings = Settings.from_environ()
+
+    def answer():
+        served = relaxation.serve(spec_from_params(params, settings.limits), strict)
+        return served if served.unenforced else None  # (the memo keeps no schema then)
+
     try:
-        served = checked("served strictly" if strict else "served", params, settings,
-                         lambda: relaxation.serve(spec_from_params(params, settings.limits),
-                                                  strict))
+        served = checked("served strictly" if strict else "served", params, settings, answer)
     except ConstraintError as e:
         count_refusal(e.reason)
         raise ValueError(f"Invalid structured output: {e}") from None
-    if not served.unenforced:
+    if served is None:
         return params, None
     return replace(params, json=served.spec.schema), served
 
