@@ -186,7 +186,6 @@ def placement(before: dict[str, dict], after: dict[str, dict], steps: int) -> di
     return out
 
 
-@functools.cache
 def cpu_steal() -> dict[str, int]:
     """Per CPU, the time (USER_HZ ticks) the hypervisor ran something else on it: /proc/stat's
     steal column, 0 where there is none (no VM)."""
