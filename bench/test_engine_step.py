@@ -17,7 +17,7 @@ from vllm.v1.structured_output.request import StructuredOutputRequest
 
 from dotllm.compiler.compiled import CompiledIndex
 from dotllm.mask_plan import RowPlanner
-from dotllm.vllm_ext import ready_grammar, row_plans
+from dotllm.vllm_ext import device_states, ready_grammar, row_plans
 from dotllm.vllm_ext.compile_overlap import CompileOverlap
 from dotllm.vllm_ext.device_states import DeviceStates
 from tests.conftest import grammar_on_index, grammar_on_llguidance
@@ -34,6 +34,8 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
                                       tokenizer, monkeypatch):
     monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
                         row_plans._grammar_bitmask(StructuredOutputManager.grammar_bitmask))
+    monkeypatch.setattr(StructuredOutputManager, "should_advance",
+                        device_states._should_advance(StructuredOutputManager.should_advance))
     check = StructuredOutputRequest._check_grammar_completion  # as a server patches it
     monkeypatch.setattr(StructuredOutputRequest, "_check_grammar_completion",
                         ready_grammar._ready_first(check))

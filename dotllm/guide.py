@@ -43,17 +43,20 @@ class Guide:
 
     def _walk(self, tokens: list[int]) -> tuple[list[int], bool]:
         """States after each token of the longest acceptable prefix, and whether it ends in EOS."""
-        states: list[int] = []
         if self._terminated:
-            return states, True
-        state = self.state
-        for token in tokens:
-            if (state := self._next(state, token)) is None:
-                break
-            states.append(state)
-            if token == self._eos:
-                return states, True
-        return states, False
+            return [], True
+        try:
+            end = tokens.index(self._eos)
+        except ValueError:
+            end = len(tokens)
+        states = self._compiled.walk(self.state, tokens[:end] if end < len(tokens) else tokens)
+        if len(states) < end or end == len(tokens):
+            return states, False
+        last = states[-1] if states else self.state
+        if not self._compiled.is_final(last):
+            return states, False
+        states.append(last)  # EOS stays where it is accepted, and ends the walk
+        return states, True
 
     def accept_tokens(self, tokens: list[int]) -> bool:
         """Advance through all of `tokens`, or through none of them and return False."""

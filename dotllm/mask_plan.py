@@ -57,13 +57,18 @@ class RowPlanner:
         self._blobs: dict[int, tuple[int, int]] = {}  # serial -> (offset, length)
         self._unsent: dict[int, tuple[np.ndarray, int]] = {}  # serial -> (blob, words sent)
         self._state_free = list(range(state_slots - 1, -1, -1))
-        self._owners: dict[str, tuple[int, int]] = {}  # request id -> (state slot, serial)
+        self.owners: dict[str, tuple[int, int]] = {}  # request id -> (state slot, serial)
         self._pins: Counter[int] = Counter()  # serial -> live device states on it
         # The last plan had device-state rows and few others that needed the host.
         self.few_need_host = False
         # The requests whose rows the last plan named by device states: the device moves
         # them by the tokens that step samples (`moved_on_device`).
         self._last_on_device: frozenset[str] = frozenset()
+        # The last plan named every row by a device state the device held already, and
+        # sent nothing else: the next step's plan for the same requests is the same, unless
+        # `changes` moved since (a device state set or released, a table evicted).
+        self.last_plan_on_device = False
+        self.changes = 0
 
     @property
     def device_states(self) -> bool:
@@ -74,7 +79,7 @@ class RowPlanner:
 
     def holds(self, request_id: str, table: MaskTable) -> bool:
         """Whether the device holds the request's state on `table` (its live state)."""
-        owner = self._owners.get(request_id)
+        owner = self.owners.get(request_id)
         return owner is not None and owner[1] == table.serial
 
     def moved_on_device(self, request_ids) -> set[str]:
@@ -83,11 +88,12 @@ class RowPlanner:
         their index (it was checked whole before it went there: no corrupt block sends
         them to llguidance). A set operation, not a call a request: the scheduler asks
         for its whole batch every step."""
-        return self._last_on_device & request_ids & self._owners.keys()
+        return self._last_on_device & request_ids & self.owners.keys()
 
     def release(self, request_id: str) -> None:
         """The request's device state is no longer wanted (it ended, or left the index)."""
-        if (owner := self._owners.pop(request_id, None)) is not None:
+        if (owner := self.owners.pop(request_id, None)) is not None:
+            self.changes += 1
             slot, serial = owner
             self._state_free.append(slot)
             self._pins[serial] -= 1
@@ -96,7 +102,7 @@ class RowPlanner:
 
     def release_all(self) -> None:
         """Forget every device state (vLLM dropped tokens the device may have taken)."""
-        for request_id in list(self._owners):
+        for request_id in list(self.owners):
             self.release(request_id)
 
     def _evict(self, in_use: set[int], with_blob: bool = False) -> bool:
@@ -106,6 +112,7 @@ class RowPlanner:
                        and (not with_blob or s in self._blobs)), None)
         if victim is None:
             return False
+        self.changes += 1
         self._free.extend(self._resident.pop(victim)[::-1].tolist())
         self._unsent.pop(victim, None)
         if (blob := self._blobs.pop(victim, None)) is not None:
@@ -185,6 +192,9 @@ class PlanBuilder:
     def unconstrained(self) -> None:
         self._add(UNCONSTRAINED)
 
+    def holds(self, request_id: str, table: MaskTable) -> bool:
+        return self._planner.holds(request_id, table)
+
     def _table_slots(self, table: MaskTable) -> np.ndarray | None:
         """Where the workers hold `table` (uploading it with this step if new); None if
         it cannot be held."""
@@ -223,7 +233,7 @@ class PlanBuilder:
         cannot be."""
         planner = self._planner
         table = compiled.table
-        owner = planner._owners.get(request_id)
+        owner = planner.owners.get(request_id)
         if owner is not None:
             if owner[1] == table.serial:  # the common case: its table is pinned there
                 self._device_rows.append(len(self._slots))
@@ -241,7 +251,8 @@ class PlanBuilder:
         if not self._send_blob(table.serial, base):
             return False
         slot = planner._state_free.pop()
-        planner._owners[request_id] = (slot, table.serial)
+        planner.changes += 1
+        planner.owners[request_id] = (slot, table.serial)
         planner._pins[table.serial] += 1
         self._inits.append((slot, base, state))
         self._device_rows.append(len(self._slots))
@@ -288,6 +299,8 @@ class PlanBuilder:
         held = len(self._device_rows)
         others = len(self._slots) - held - self._slots.count(UNCONSTRAINED)
         p.few_need_host = 0 < others <= SIT_OUT_SHARE * held
+        p.last_plan_on_device = (held == len(self._slots) and not self._inits
+                                 and not self._uploads and not self._blob_uploads)
         p._last_on_device = frozenset(self._device_requests)
         plan = RowPlan(p.words, np.array(self._slots, dtype=np.int32),
                        p._direct[:self._direct], self._uploads,

@@ -382,6 +382,9 @@ def _with_mixin(async_scheduling: bool, embedded_model, backend, monkeypatch):
     stock = StructuredOutputManager.grammar_bitmask
     monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
                         row_plans._grammar_bitmask(stock))
+    monkeypatch.setattr(StructuredOutputManager, "should_advance",
+                        device_states_patch._should_advance(
+                            StructuredOutputManager.should_advance))
     return _scheduler(async_scheduling, 200, embedded_model, backend,
                       mixins=(CompileOverlap, device_states_patch.DeviceStates))
 
@@ -394,8 +397,8 @@ def async_scheduler(embedded_model, backend, device_planner, monkeypatch):
     return scheduler
 
 
-def _request(request_id: str, grammar) -> Request:
-    params = SamplingParams(max_tokens=6, ignore_eos=True,
+def _request(request_id: str, grammar, max_tokens: int = 6) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                             structured_outputs=StructuredOutputsParams(regex="x"))
     request = Request(request_id=request_id, prompt_token_ids=list(range(10, 30)),
                       sampling_params=params, pooling_params=None,
@@ -405,18 +408,23 @@ def _request(request_id: str, grammar) -> Request:
 
 
 def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
-           arrivals: dict[int, list[str]], steps: list[list[str]] | None = None
+           arrivals: dict[int, list[str]], steps: list[list[str]] | None = None,
+           requests: dict[str, Request] | None = None, plans: list | None = None
            ) -> list[bool]:
     """The engine core's loop with a batch queue of two: schedule, plan (unless the step
     is pending), then the previous step's output. `arrivals`: step -> the requests added
-    before it; request r samples `texts[r]`. Returns each step's pending flag; `steps`,
-    if given, gets each step's requests. Without `steps` every row must be a device
-    state's."""
+    before it; request r samples `texts[r]` (as many tokens as its max_tokens). Returns
+    each step's pending flag; `steps`, if given, gets each step's requests, `requests`
+    the requests made, `plans` each step's GrammarOutput. Without `steps` every row must
+    be a device state's."""
     sampled = dict.fromkeys(texts, 0)
     pending, queue, step = [], [], 0
     while scheduler.has_requests() or queue or any(k >= step for k in arrivals):
         for request_id in arrivals.get(step, []):
-            scheduler.add_request(_request(request_id, grammars[request_id]))
+            request = _request(request_id, grammars[request_id], len(texts[request_id]))
+            if requests is not None:
+                requests[request_id] = request
+            scheduler.add_request(request)
         out = scheduler.schedule() if scheduler.has_requests() else None
         scheduled = out is not None and bool(out.num_scheduled_tokens)
         if scheduled:
@@ -424,6 +432,8 @@ def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
             if queue and out.pending_structured_output_tokens:  # deferred: accept first
                 scheduler.update_from_output(*queue.pop(0))
             plan = scheduler.get_grammar_bitmask(out)
+            if plans is not None:
+                plans.append(plan)
             ids = list(out.num_scheduled_tokens)
             if steps is None:
                 assert set(plan.grammar_bitmask.slots.tolist()) == {DEVICE_STATE}
@@ -538,6 +548,128 @@ def test_a_request_the_device_does_not_hold_keeps_the_step_pending(
     assert plan.slots.tolist() == [DEVICE_STATE] and plan.state_inits is not None
     assert plan.state_inits[2].tolist() == [indexes[3].next_state(
         indexes[3].initial_state, digit)]
+
+
+def _letters(tokenizer, text: str) -> list[int]:
+    return [tokenizer.encode(c, add_special_tokens=False)[0] for c in text]
+
+
+def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, indexes,
+                                                  tokenizer):
+    """A step whose requests are those of the last, all on device states the device held,
+    gets the last plan again without planning a request; planned anew, the plan would be
+    the same. Requests arriving, ending (max_tokens) and refused (EOS) each stop it."""
+    letters = indexes[0]
+    eos = backend.vocabulary.eos_token_id
+    texts = {"a": _letters(tokenizer, "abcdef ghij"), "b": _letters(tokenizer, "abc"),
+             "c": _letters(tokenizer, "ab cd ef"),
+             # ends its guide mid-batch (ignore_eos: the request goes on, unconstrained,
+             # until the host refuses what follows)
+             "d": _letters(tokenizer, "ab") + [eos] + _letters(tokenizer, "cd")}
+    grammars = {r: _grammar(backend, letters) for r in texts}
+    manager = async_scheduler.structured_output_manager
+    requests: dict[str, Request] = {}
+    plans: list = []
+    repeated: list[bool] = []
+    get = async_scheduler.get_grammar_bitmask
+
+    def get_grammar_bitmask(out):
+        before = backend.metrics.plans_repeated._value.get()
+        output = get(out)
+        repeated.append(backend.metrics.plans_repeated._value.get() > before)
+        if repeated[-1]:  # the same, planned anew (no device state set, none released)
+            changes = device_planner_changes(async_scheduler)
+            fresh = manager.grammar_bitmask(async_scheduler.requests,
+                                            output.structured_output_request_ids, {})
+            assert device_planner_changes(async_scheduler) == changes
+            assert fresh.slots.tolist() == output.grammar_bitmask.slots.tolist()
+            assert fresh.states.tolist() == output.grammar_bitmask.states.tolist()
+            assert fresh.state_inits is None and not fresh.uploads
+        return output
+
+    async_scheduler.get_grammar_bitmask = get_grammar_bitmask
+    steps: list[list[str]] = []
+    _drive(async_scheduler, texts, grammars, {0: ["a", "b"], 3: ["c"], 4: ["d"]}, steps,
+           requests, plans)
+    assert sum(repeated) >= 4
+    for i, ids in enumerate(steps):
+        if i and ids != steps[i - 1]:  # a request came or went
+            assert not repeated[i]
+    # d's EOS: the step after the host accepted it plans d unconstrained, never repeated.
+    d_rows = [(i, plans[i].structured_output_request_ids.index("d")) for i in
+              range(len(steps)) if "d" in plans[i].structured_output_request_ids]
+    unconstrained = [i for i, row in d_rows if plans[i].grammar_bitmask.slots[row] != DEVICE_STATE]
+    assert unconstrained and not repeated[unconstrained[0]]
+    assert requests["d"].status == RequestStatus.FINISHED_ERROR  # what followed its EOS
+    assert requests["a"].status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+def device_planner_changes(scheduler) -> int:
+    return planner_of(scheduler.structured_output_manager).changes
+
+
+def test_the_host_follows_the_device_in_walks(async_scheduler, backend, indexes,
+                                               tokenizer):
+    """A request the device moves is accepted by the host every few tokens in one walk,
+    not a call a token; by its end every token was checked and counted."""
+    letters = indexes[0]
+    text = _letters(tokenizer, "abcdef ghijkl mnopqr stuvwx yzabc")
+    grammar = _grammar(backend, letters)
+    grammar._count_tokens = counted = []
+    grammar._count_tokens = lambda tier, n: counted.append(n)
+    guide = grammar.guide
+    calls: list[int] = []
+    accept = guide.accept_tokens
+    guide.accept_tokens = lambda tokens: calls.append(len(tokens)) or accept(tokens)
+    requests: dict[str, Request] = {}
+    pending = _drive(async_scheduler, {"a": text}, {"a": grammar}, {0: ["a"]},
+                     requests=requests)
+    assert not any(pending)
+    assert sum(calls) == len(text) and len(calls) < len(text) / 4
+    assert guide._current.state == letters.walk(letters.initial_state, text)[-1]
+    assert sum(counted) == len(text)
+    assert requests["a"].status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+def test_a_token_the_host_refuses_ends_the_request(async_scheduler, backend, indexes,
+                                                    tokenizer):
+    """The device moved a request by a token its guide does not allow (only where every
+    logit was masked): the host, a few tokens behind, ends the request with an error."""
+    letters = indexes[0]
+    text = _letters(tokenizer, "abc") + _letters(tokenizer, "7") + _letters(
+        tokenizer, "abcdef abcdef abcdef abcdef")
+    requests: dict[str, Request] = {}
+    _drive(async_scheduler, {"a": text}, {"a": _grammar(backend, letters)}, {0: ["a"]},
+           requests=requests)
+    request = requests["a"]
+    assert request.status == RequestStatus.FINISHED_ERROR
+    assert 4 <= request.num_output_tokens <= 4 + 16  # (DotllmGrammar's _FOLLOW_EVERY)
+
+
+def test_a_state_set_anew_starts_where_the_host_caught_up(async_scheduler, backend,
+                                                           indexes, tokenizer):
+    """Released while the host follows (preempted), a request's device state is set
+    again from its guide's state after every token the device had moved it by."""
+    scheduler = async_scheduler
+    date = indexes[3]
+    digit = tokenizer.encode("7", add_special_tokens=False)[0]
+    planner = planner_of(scheduler.structured_output_manager)
+    scheduler.add_request(_request("a", _grammar(backend, date)))
+    queue = []
+    for _ in range(3):  # three tokens moved on the device, the host follows
+        out = scheduler.schedule()
+        scheduler.get_grammar_bitmask(out)
+        queue.append((out, ModelRunnerOutput(
+            req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[digit]])))
+        if len(queue) > 1:
+            scheduler.update_from_output(*queue.pop(0))
+    scheduler.update_from_output(*queue.pop(0))
+    grammar = scheduler.requests["a"].structured_output_request.grammar
+    assert grammar._outputs is not None  # behind the device
+    planner.release("a")  # (as if preempted)
+    plan = scheduler.get_grammar_bitmask(scheduler.schedule()).grammar_bitmask
+    assert plan.slots.tolist() == [DEVICE_STATE]
+    assert plan.state_inits[2].tolist() == date.walk(date.initial_state, [digit] * 3)[-1:]
 
 
 # --- end to end: `dotllm serve --dotllm-device-states-mib` ---
@@ -664,7 +796,7 @@ def test_the_synchronous_scheduler_releases_a_finished_requests_state(
         scheduler.update_from_output(out, ModelRunnerOutput(
             req_ids=["s"], req_id_to_index={"s": 0}, sampled_token_ids=[[token]]))
     assert scheduler.get_num_unfinished_requests() == 0
-    assert not device_planner.holds("s", indexes[3].table) and not device_planner._owners
+    assert not device_planner.holds("s", indexes[3].table) and not device_planner.owners
 
 
 def test_without_dotllms_backend_the_scheduler_is_vllms(embedded_model):

@@ -144,6 +144,18 @@ class CompiledIndex:
             self._check_state(nxt)
         return nxt
 
+    def walk(self, state: int, tokens: list[int]) -> list[int]:
+        """The states after each token of the longest prefix of `tokens` (no EOS) allowed
+        from `state`, each checked before first use."""
+        if self._blocks is None or self._blocks.whole:
+            return self.transitions.walk(state, tokens)
+        states = []
+        for token in tokens:
+            if (state := self.next_state(state, token)) is None:
+                break
+            states.append(state)
+        return states
+
     def mask_row(self, state: int) -> np.ndarray:
         return self.table.row(state)
 
@@ -254,6 +266,7 @@ class _BlockCheck:
         self._chunk_ok = bytearray(len(self._chunk_digests))
         self._row_ok = bytearray(len(self._row_digests))
         self.state_ok = bytearray(transitions.num_states)
+        self.whole = False  # every block checked
         self._lock = threading.Lock()
 
     def _check_chunk(self, c: int) -> None:
@@ -287,3 +300,4 @@ class _BlockCheck:
             for row in range(len(self._row_ok)):
                 self._check_row(row)
             self.state_ok[:] = b"\x01" * len(self.state_ok)
+            self.whole = True

@@ -102,6 +102,10 @@ class CompileMetrics:
             "Engine steps with constrained requests, all advanced on the device "
             "(--dotllm-device-states-mib), whose sampling did not wait for the host to "
             "accept the previous step's tokens (stock vLLM defers it).", **kwargs)
+        self.plans_repeated = Counter(
+            "dotllm_plans_repeated",
+            "Steps whose mask plan was the previous step's again (the same requests, all "
+            "on device states the device held), sent without planning a request.", **kwargs)
         self.steps_sat_out = Counter(
             "dotllm_steps_sat_out",
             "Steps a constrained request the device does not hold sat out, its previous "

@@ -79,3 +79,17 @@ class TransitionTable:
         if i < hi and tokens[i] == token:
             return targets[i]
         return None
+
+    def walk(self, state: int, tokens: list[int]) -> list[int]:
+        """The states after each token of the longest prefix of `tokens` allowed from
+        `state` (one loop, no call a token: the host catching up with the device)."""
+        offsets, allowed, targets = self._views
+        states = []
+        for token in tokens:
+            hi = offsets[state + 1]
+            i = bisect_left(allowed, token, offsets[state], hi)
+            if i == hi or allowed[i] != token:
+                break
+            state = targets[i]
+            states.append(state)
+        return states

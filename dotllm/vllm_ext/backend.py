@@ -45,6 +45,9 @@ _WARM_LOOKUP_S = 0.005
 # and the rest of a request cut short (max_tokens) is only added when its grammar goes,
 # which vLLM leaves to the cyclic garbage collector.
 _COUNT_EVERY = 32
+# Tokens the host's guide of a request on a device state lets the device run ahead by
+# (`DotllmGrammar.follow_device`): one walk each so many steps instead of an accept a step.
+_FOLLOW_EVERY = 16
 
 
 def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
@@ -61,6 +64,10 @@ def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
 
 
 class DotllmGrammar(StructuredOutputGrammar):
+    # EOS accepted by any grammar of this process: a guide it ends leaves its device
+    # state (the `device_states` patch repeats a step's plan only while this stays).
+    eos_accepted = 0
+
     def __init__(self, guide: IndexWithFallback | LLGuidanceGuide | TieredGuide,
                  eos_token_id: int, count_tokens: Callable[[str, int], None] | None = None):
         self.guide = guide
@@ -69,9 +76,24 @@ class DotllmGrammar(StructuredOutputGrammar):
         # tier spends on a token.
         self._count_tokens = count_tokens
         self._uncounted: dict[str, int] = {}
+        # Output tokens the guide accepted; while the host follows the device
+        # (`follow_device`), the request's own output list, whose tokens past those the
+        # guide accepts later, in one walk.
+        self._accepted = 0
+        self._outputs: list[int] | None = None
+        self._request_id = ""
+        self._catch_up_at = 0
+        self._refused = False  # a token the device moved by, the guide did not allow
 
     def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
         # False ends the request with an error (vLLM's scheduler); the engine keeps going.
+        if self._outputs is not None:  # `tokens` are the newest of them
+            self.catch_up(len(self._outputs) - len(tokens))
+        if self._refused:
+            return False
+        return self._accept(request_id, tokens)
+
+    def _accept(self, request_id: str, tokens: list[int]) -> bool:
         try:
             accepted = self.guide.accept_tokens(tokens)
         except ServerFault as e:
@@ -81,12 +103,47 @@ class DotllmGrammar(StructuredOutputGrammar):
             compile_errors.record(
                 request_id, f"llguidance gave up on it: {llguidance_grammar.short(error)}",
                 "gave_up")
-        if accepted and self._count_tokens is not None:
+        if not accepted:
+            return False
+        self._accepted += len(tokens)
+        if tokens and tokens[-1] == self._eos:
+            DotllmGrammar.eos_accepted += 1
+        if self._count_tokens is not None:
             tier = self.guide.tier
             self._uncounted[tier] = count = self._uncounted.get(tier, 0) + len(tokens)
             if count >= _COUNT_EVERY or self.guide.is_terminated():
                 self._report_tokens()
-        return accepted
+        return True
+
+    def follow_device(self, request_id: str, outputs: list[int]) -> bool:
+        """The device moved this request by its newest output tokens (`outputs`, the
+        request's own list, which grows in place): the guide accepts them later, every
+        `_FOLLOW_EVERY` tokens or when asked anything, in one walk. A step then costs
+        the host no accept a request. False, taking nothing, for EOS (it ends the guide,
+        which must know at once) or once a token was refused: accept them now."""
+        if self._refused or outputs[-1] == self._eos:
+            return False
+        if self._outputs is None:
+            self._outputs, self._request_id = outputs, request_id
+            if not self._catch_up_at:  # requests that start together catch up apart
+                self._catch_up_at = len(outputs) + hash(request_id) % _FOLLOW_EVERY
+        if len(outputs) >= self._catch_up_at:
+            self.catch_up()
+            self._catch_up_at = len(outputs) + _FOLLOW_EVERY
+            return not self._refused
+        return True
+
+    def catch_up(self, end: int | None = None) -> None:
+        """Accept the output tokens the device moved by (up to `end`); a token the guide
+        does not allow ends the request at its next accept (`_refused`)."""
+        outputs, self._outputs = self._outputs, None
+        if outputs is None or self._refused:
+            return
+        behind = outputs[self._accepted:end]
+        if behind and not self._accept(self._request_id, behind):
+            self._refused = True
+            logger.error("The host's guide refused tokens the device moved request %s "
+                         "by: %s", self._request_id, behind)
 
     def _report_tokens(self) -> None:
         for tier, count in self._uncounted.items():
@@ -101,16 +158,20 @@ class DotllmGrammar(StructuredOutputGrammar):
             self.guide.close()
 
     def validate_tokens(self, tokens: list[int]) -> list[int]:
+        self.catch_up()
         try:
             return self.guide.validate_tokens(tokens)
         except ServerFault:
             return []  # the next accept_tokens meets the same fault and ends the request
 
     def rollback(self, num_tokens: int) -> None:
+        self.catch_up()
         self.guide.rollback(num_tokens)
+        self._accepted -= min(max(num_tokens, 0), self._accepted)
 
     def forced_tokens(self, limit: int) -> list[int]:
         """Speculative drafts of what the constraint decides from here (forced_drafts)."""
+        self.catch_up()
         try:
             return self.guide.forced_tokens(limit)
         except ServerFault:
@@ -118,6 +179,7 @@ class DotllmGrammar(StructuredOutputGrammar):
 
     def forced_alone(self, tokens: list[int]) -> int:
         """How many of the drafts `tokens` are each their state's only choice."""
+        self.catch_up()
         try:
             return self.guide.forced_alone(tokens)
         except ServerFault:
@@ -127,6 +189,7 @@ class DotllmGrammar(StructuredOutputGrammar):
         self.fill_row(bitmask[batch_index].numpy())
 
     def fill_row(self, row: np.ndarray) -> None:
+        self.catch_up()
         try:
             self.guide.fill_row(row)
         except ServerFault:  # only EOS: the accept that follows ends the request
@@ -138,6 +201,7 @@ class DotllmGrammar(StructuredOutputGrammar):
         """This step's mask into `plan`: its table row where the guide is on an index
         (the workers hold the table), else the row itself, filled now or, with `fills`,
         listed there as (grammar, index in plan.rows) to fill later (`fill_rows`)."""
+        self.catch_up()
         if (source := self.guide.table_row()) is not None:
             plan.table_row(*source)
         elif fills is not None:
@@ -152,6 +216,10 @@ class DotllmGrammar(StructuredOutputGrammar):
         nothing, otherwise."""
         if (position := self.guide.index_position()) is None:
             return False
+        if self._outputs is not None and not plan.holds(request_id, position[0].table):
+            self.catch_up()  # a device state set anew starts from the guide's
+            if (position := self.guide.index_position()) is None:
+                return False
         compiled, state = position
         return plan.device_state_row(request_id, compiled, state if in_step else None)
 
@@ -161,10 +229,13 @@ class DotllmGrammar(StructuredOutputGrammar):
         return position is not None and planner.holds(request_id, position[0].table)
 
     def is_terminated(self) -> bool:
+        self.catch_up()
         return self.guide.is_terminated()
 
     def reset(self):
         self.guide.reset()
+        self._accepted, self._outputs, self._refused = 0, None, False
+        self._catch_up_at = 0
 
 
 def fill_rows(fills: list[tuple[DotllmGrammar, int]], rows: np.ndarray) -> None:

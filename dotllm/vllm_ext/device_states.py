@@ -111,20 +111,71 @@ class DeviceStates(RequestCap):
         scheduler_output.pending_structured_output_tokens = False
         self.structured_output_manager.backend.metrics.steps_not_deferred.inc()
 
+    _repeatable = None  # (what must stay, the scheduled request ids, GrammarOutput)
+
+    def get_grammar_bitmask(self, scheduler_output):
+        """The last step's plan again where it is the same: the same requests scheduled,
+        in the same order, each named by the device state it already had (the device
+        moved them all), and none of them released, set or ended since. A batch in
+        decode then costs no call a request here (vLLM's own loop over the step's
+        requests included)."""
+        planner = self._planner()
+        if planner is None or not planner.device_states:
+            return super().get_grammar_bitmask(scheduler_output)
+        from dotllm.vllm_ext.backend import DotllmGrammar
+
+        scheduled = list(scheduler_output.num_scheduled_tokens)
+        unchanged = (planner.changes, DotllmGrammar.eos_accepted)
+        last = self._repeatable
+        if (last is not None and last[0] == unchanged and last[1] == scheduled
+                and scheduler_output.has_structured_output_requests):
+            self.structured_output_manager.backend.metrics.plans_repeated.inc()
+            return last[2]
+        output = super().get_grammar_bitmask(scheduler_output)
+        self._repeatable = None
+        if (output is not None and planner.last_plan_on_device
+                and len(output.structured_output_request_ids) == len(scheduled)):
+            # (every scheduled request constrained and past its prompt)
+            self._repeatable = ((planner.changes, DotllmGrammar.eos_accepted), scheduled,
+                                output)
+        return output
+
     def _preempt_request(self, request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
         self._release(request)
 
     def _free_request(self, request, delay_free_blocks: bool = False):
         self._release(request)
+        if request.use_structured_output and (structured := request.structured_output_request):
+            grammar = structured._grammar  # (not the property: it may still be compiling)
+            if hasattr(grammar, "catch_up"):
+                grammar.catch_up()  # the last tokens checked, and counted
         return super()._free_request(request, delay_free_blocks)
+
+
+def _should_advance(stock):
+    """vLLM asks before it hands a request's new tokens to its grammar: a request the
+    device moved by them (its device state held) hands them over later, all at once
+    (`DotllmGrammar.follow_device`), so a step costs no accept a request."""
+
+    def should_advance(self, request) -> bool:
+        planner = getattr(self.backend, "_planner", None)
+        if (planner is not None and request.request_id in planner.owners
+                and request.structured_output_request._grammar.follow_device(
+                    request.request_id, request._output_token_ids)):
+            return False
+        return stock(self, request)
+
+    return should_advance
 
 
 def apply(in_launcher: bool) -> bool:
     if in_launcher or Settings.from_environ().device_states_mib <= 0:
         return False
     from vllm.config.scheduler import SchedulerConfig
+    from vllm.v1.structured_output import StructuredOutputManager
 
     replace_attribute(SchedulerConfig, "get_scheduler_cls",
                       mixing_into_scheduler(DeviceStates), NAME)
+    replace_attribute(StructuredOutputManager, "should_advance", _should_advance, NAME)
     return True
