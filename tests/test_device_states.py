@@ -397,10 +397,10 @@ def async_scheduler(embedded_model, backend, device_planner, monkeypatch):
     return scheduler
 
 
-def _request(request_id: str, grammar, max_tokens: int = 6) -> Request:
+def _request(request_id: str, grammar, max_tokens: int = 6, prompt: int = 20) -> Request:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                             structured_outputs=StructuredOutputsParams(regex="x"))
-    request = Request(request_id=request_id, prompt_token_ids=list(range(10, 30)),
+    request = Request(request_id=request_id, prompt_token_ids=list(range(10, 10 + prompt)),
                       sampling_params=params, pooling_params=None,
                       block_hasher=get_request_block_hasher(BLOCK, HASH))
     request.structured_output_request.grammar = grammar
@@ -409,19 +409,20 @@ def _request(request_id: str, grammar, max_tokens: int = 6) -> Request:
 
 def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
            arrivals: dict[int, list[str]], steps: list[list[str]] | None = None,
-           requests: dict[str, Request] | None = None, plans: list | None = None
-           ) -> list[bool]:
+           requests: dict[str, Request] | None = None, plans: list | None = None,
+           prompts: dict[str, int] = {}) -> list[bool]:  # noqa: B006 (read only)
     """The engine core's loop with a batch queue of two: schedule, plan (unless the step
     is pending), then the previous step's output. `arrivals`: step -> the requests added
     before it; request r samples `texts[r]` (as many tokens as its max_tokens). Returns
     each step's pending flag; `steps`, if given, gets each step's requests, `requests`
-    the requests made, `plans` each step's GrammarOutput. Without `steps` every row must
-    be a device state's."""
+    the requests made, `plans` each step's GrammarOutput; `prompts` sets prompt lengths
+    (20 tokens otherwise). Without `steps` every row must be a device state's."""
     sampled = dict.fromkeys(texts, 0)
     pending, queue, step = [], [], 0
     while scheduler.has_requests() or queue or any(k >= step for k in arrivals):
         for request_id in arrivals.get(step, []):
-            request = _request(request_id, grammars[request_id], len(texts[request_id]))
+            request = _request(request_id, grammars[request_id], len(texts[request_id]),
+                               prompts.get(request_id, 20))
             if requests is not None:
                 requests[request_id] = request
             scheduler.add_request(request)
@@ -441,6 +442,9 @@ def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
                 steps.append(ids)
             tokens = []
             for request_id in ids:
+                if scheduler.requests[request_id].is_prefill_chunk:
+                    tokens.append([])
+                    continue
                 tokens.append([texts[request_id][sampled[request_id]]])
                 sampled[request_id] += 1
             queue.append((out, ModelRunnerOutput(
@@ -561,11 +565,14 @@ def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, index
     the same. Requests arriving, ending (max_tokens) and refused (EOS) each stop it."""
     letters = indexes[0]
     eos = backend.vocabulary.eos_token_id
-    texts = {"a": _letters(tokenizer, "abcdef ghij"), "b": _letters(tokenizer, "abc"),
+    texts = {"a": _letters(tokenizer, "abcdef ghijkl mnopqr stuvwx"),
+             "b": _letters(tokenizer, "abc"),
              "c": _letters(tokenizer, "ab cd ef"),
              # ends its guide mid-batch (ignore_eos: the request goes on, unconstrained,
              # until the host refuses what follows)
-             "d": _letters(tokenizer, "ab") + [eos] + _letters(tokenizer, "cd")}
+             "d": _letters(tokenizer, "ab") + [eos] + _letters(tokenizer, "cd"),
+             # a prompt of several steps' chunks, beside requests in decode
+             "p": _letters(tokenizer, "abcdef ghijkl")}
     grammars = {r: _grammar(backend, letters) for r in texts}
     manager = async_scheduler.structured_output_manager
     requests: dict[str, Request] = {}
@@ -577,6 +584,10 @@ def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, index
         before = backend.metrics.plans_repeated._value.get()
         output = get(out)
         repeated.append(backend.metrics.plans_repeated._value.get() > before)
+        # The rows vLLM asks for: its constrained requests past their prompts.
+        assert output.structured_output_request_ids == [
+            r for r in out.num_scheduled_tokens
+            if not async_scheduler.requests[r].is_prefill_chunk]
         if repeated[-1]:  # the same, planned anew (no device state set, none released)
             changes = device_planner_changes(async_scheduler)
             fresh = manager.grammar_bitmask(async_scheduler.requests,
@@ -589,8 +600,9 @@ def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, index
 
     async_scheduler.get_grammar_bitmask = get_grammar_bitmask
     steps: list[list[str]] = []
-    _drive(async_scheduler, texts, grammars, {0: ["a", "b"], 3: ["c"], 4: ["d"]}, steps,
-           requests, plans)
+    _drive(async_scheduler, texts, grammars, {0: ["a", "b"], 3: ["c"], 4: ["d"], 10: ["p"]},
+           steps, requests, plans, prompts={"p": 400})
+    assert requests["p"].status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert sum(repeated) >= 4
     for i, ids in enumerate(steps):
         if i and ids != steps[i - 1]:  # a request came or went

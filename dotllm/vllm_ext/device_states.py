@@ -134,8 +134,9 @@ class DeviceStates(RequestCap):
         output = super().get_grammar_bitmask(scheduler_output)
         self._repeatable = None
         if (output is not None and planner.last_plan_on_device
-                and len(output.structured_output_request_ids) == len(scheduled)):
-            # (every scheduled request constrained and past its prompt)
+                and len(output.structured_output_request_ids) == sum(
+                    self.requests[r].use_structured_output for r in scheduled)):
+            # (no constrained request in its prompt: one would join the plan later)
             self._repeatable = ((planner.changes, DotllmGrammar.eos_accepted), scheduled,
                                 output)
         return output
