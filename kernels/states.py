@@ -6,7 +6,8 @@ on it): the host's accept and fill then sit between every forward pass and its s
 A request on an index needs no host for its next mask if the device holds its state and
 the index's transitions: after sampling, its state moves by the sampled token, and the
 next step names its mask row by that state, resolved on the device. The host still
-accepts every token (it checks them, ends the request, hands over), one step behind.
+accepts every token (it checks them, ends the request, hands over), a few at a time
+behind the device (`DotllmGrammar.follow_device`), and EOS at once.
 
 An index lives on the device as one int32 blob in a buffer shared by all indexes:
 

@@ -23,6 +23,14 @@ such requests are few (at most `mask_plan.SIT_OUT_SHARE` of the last plan's cons
 rows), each sits out the steps in which it has a token in flight (the scheduler's cap
 gives it no tokens, as vLLM does for a request at its length limit): it samples every
 other step, in step with the host, and the rest of the batch samples at once.
+
+With every request on the device, the engine core's host work a step was still a few
+calls a constrained request (vLLM's accept and DotLLM's plan row, ~0.8 ms at 256
+requests on the CI machine's CPU, bench/test_engine_step.py), on the step's critical
+path. So a step whose requests are the last step's, all on device states the device held,
+gets the last plan again (`get_grammar_bitmask`), and a request the device moved hands
+its tokens to its guide every few steps in one walk (`StructuredOutputManager.
+should_advance`, the second target: vLLM then neither reads its grammar nor accepts).
 """
 
 from __future__ import annotations
