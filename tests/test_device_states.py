@@ -616,6 +616,101 @@ def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, index
     assert requests["a"].status == RequestStatus.FINISHED_LENGTH_CAPPED
 
 
+def _walk_text(compiled: CompiledIndex, eos: int, rng: random.Random, limit: int
+               ) -> list[int]:
+    """A random text the index allows, ended by EOS where it may end (or cut at `limit`)."""
+    state, text = compiled.initial_state, []
+    while len(text) < limit:
+        allowed = [t for t in compiled.transitions.tokens_from(state).tolist() if t != eos]
+        if compiled.is_final(state) and (not allowed or rng.random() < 0.3):
+            return [*text, eos]
+        token = rng.choice(allowed)
+        text.append(token)
+        state = compiled.next_state(state, token)
+    return text
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_mixed_batch_in_flight_ends_every_request_as_the_host_would(
+        async_scheduler, backend, indexes, seed):
+    """The engine core's loop with async scheduling (a batch queue of two) over requests
+    arriving and ending at random: free ones beside constrained ones on several indexes,
+    some ending with EOS, some cut by max_tokens, some with prompts of several chunks.
+    Every plan has the rows vLLM asks for; every request ends as its text says (never
+    refused by its guide), its guide at the end of its text."""
+    rng = random.Random(seed)
+    scheduler = async_scheduler
+    eos = backend.vocabulary.eos_token_id
+    texts, requests, grammars = {}, {}, {}
+    arrivals: dict[int, list[str]] = {}
+    for i in range(24):
+        request_id = f"r{i}"
+        arrivals.setdefault(rng.randrange(30), []).append(request_id)
+        if i % 4 == 3:  # free
+            texts[request_id] = [rng.randrange(100, 900) for _ in range(rng.randrange(1, 20))]
+            continue
+        compiled = indexes[i % 3 + 1]
+        texts[request_id] = _walk_text(compiled, eos, rng, rng.randrange(3, 25))
+        grammars[request_id] = _grammar(backend, compiled)
+    prompts = {r: rng.choice([20, 20, 200]) for r in texts}
+    metrics = backend.metrics
+    before = metrics.plans_repeated._value.get(), metrics.steps_not_deferred._value.get()
+    sampled = dict.fromkeys(texts, 0)
+    queue, step = [], 0
+    while scheduler.has_requests() or queue or any(k >= step for k in arrivals):
+        for request_id in arrivals.get(step, []):
+            text = texts[request_id]
+            structured = (StructuredOutputsParams(regex="x") if request_id in grammars
+                          else None)
+            params = SamplingParams(max_tokens=len(text), structured_outputs=structured)
+            params.update_from_generation_config({}, eos)  # as the engine sets it
+            request = Request(request_id=request_id,
+                              prompt_token_ids=list(range(10, 10 + prompts[request_id])),
+                              sampling_params=params, pooling_params=None,
+                              block_hasher=get_request_block_hasher(BLOCK, HASH))
+            if structured is not None:
+                request.structured_output_request.grammar = grammars[request_id]
+            requests[request_id] = request
+            scheduler.add_request(request)
+        out = scheduler.schedule() if scheduler.has_requests() else None
+        scheduled = out is not None and bool(out.num_scheduled_tokens)
+        if scheduled:
+            if queue and out.pending_structured_output_tokens:
+                scheduler.update_from_output(*queue.pop(0))
+            grammar_output = scheduler.get_grammar_bitmask(out)
+            ids = list(out.num_scheduled_tokens)
+            asked = [r for r in ids if (q := scheduler.requests.get(r)) is not None
+                     and q.use_structured_output and not q.is_prefill_chunk]
+            assert (grammar_output.structured_output_request_ids if grammar_output
+                    else []) == asked
+            tokens = []
+            for request_id in ids:
+                request = requests[request_id]
+                if request.is_prefill_chunk or sampled[request_id] >= len(texts[request_id]):
+                    tokens.append([])
+                    continue
+                tokens.append([texts[request_id][sampled[request_id]]])
+                sampled[request_id] += 1
+            queue.append((out, ModelRunnerOutput(
+                req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                sampled_token_ids=tokens)))
+        if len(queue) > 1 or (queue and not scheduled):
+            scheduler.update_from_output(*queue.pop(0))
+        step += 1
+        assert step < 2000
+    for request_id, request in requests.items():
+        ended_by_eos = texts[request_id][-1] == eos
+        assert request.status == (RequestStatus.FINISHED_STOPPED if ended_by_eos
+                                  else RequestStatus.FINISHED_LENGTH_CAPPED), request_id
+        if request_id in grammars:
+            guide = grammars[request_id].guide
+            assert guide.is_terminated() == ended_by_eos
+            assert guide._current.num_accepted == len(texts[request_id]), request_id
+    assert not planner_of(scheduler.structured_output_manager).owners
+    assert metrics.plans_repeated._value.get() > before[0]
+    assert metrics.steps_not_deferred._value.get() > before[1]
+
+
 def device_planner_changes(scheduler) -> int:
     return planner_of(scheduler.structured_output_manager).changes
 

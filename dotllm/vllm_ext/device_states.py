@@ -143,8 +143,10 @@ class DeviceStates(RequestCap):
         self._repeatable = None
         if (output is not None and planner.last_plan_on_device
                 and len(output.structured_output_request_ids) == sum(
-                    self.requests[r].use_structured_output for r in scheduled)):
-            # (no constrained request in its prompt: one would join the plan later)
+                    (req := self.requests.get(r)) is not None and req.use_structured_output
+                    for r in scheduled)):
+            # (no constrained request in its prompt: one would join the plan later; one
+            # ended since it was scheduled is not scheduled again)
             self._repeatable = ((planner.changes, DotllmGrammar.eos_accepted), scheduled,
                                 output)
         return output
