@@ -192,9 +192,6 @@ class PlanBuilder:
     def unconstrained(self) -> None:
         self._add(UNCONSTRAINED)
 
-    def holds(self, request_id: str, table: MaskTable) -> bool:
-        return self._planner.holds(request_id, table)
-
     def _table_slots(self, table: MaskTable) -> np.ndarray | None:
         """Where the workers hold `table` (uploading it with this step if new); None if
         it cannot be held."""

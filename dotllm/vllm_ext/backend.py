@@ -216,12 +216,14 @@ class DotllmGrammar(StructuredOutputGrammar):
         nothing, otherwise."""
         if (position := self.guide.index_position()) is None:
             return False
-        if self._outputs is not None and not plan.holds(request_id, position[0].table):
-            self.catch_up()  # a device state set anew starts from the guide's
-            if (position := self.guide.index_position()) is None:
-                return False
-        compiled, state = position
-        return plan.device_state_row(request_id, compiled, state if in_step else None)
+        if plan.device_state_row(request_id, position[0], None):
+            return True  # the device's own (the guide, behind it, need not catch up)
+        if not in_step:
+            return False
+        self.catch_up()  # a device state set anew starts from the guide's
+        if (position := self.guide.index_position()) is None:
+            return False
+        return plan.device_state_row(request_id, *position)
 
     def holds_state(self, planner: RowPlanner, request_id: str) -> bool:
         """Whether the device holds this request's state on the index its guide is on."""
