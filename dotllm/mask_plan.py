@@ -233,10 +233,7 @@ class PlanBuilder:
         owner = planner.owners.get(request_id)
         if owner is not None:
             if owner[1] == table.serial:  # the common case: its table is pinned there
-                self._device_rows.append(len(self._slots))
-                self._device_slots.append(owner[0])
-                self._device_requests.append(request_id)
-                self._slots.append(DEVICE_STATE)
+                self.held_row(request_id, owner[0])
                 return True
             planner.release(request_id)  # it moved to another index
         if state is None or not planner._state_free:
@@ -257,6 +254,13 @@ class PlanBuilder:
         self._device_requests.append(request_id)
         self._add(DEVICE_STATE)
         return True
+
+    def held_row(self, request_id: str, slot: int) -> None:
+        """The row of a request whose device state the device holds in `slot`."""
+        self._device_rows.append(len(self._slots))
+        self._device_slots.append(slot)
+        self._device_requests.append(request_id)
+        self._slots.append(DEVICE_STATE)
 
     def _send_blob(self, serial: int, base: int) -> bool:
         """Sends what this step may of the blob at `base`; whether it is all sent now."""

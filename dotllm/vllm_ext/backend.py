@@ -84,6 +84,7 @@ class DotllmGrammar(StructuredOutputGrammar):
         self._request_id = ""
         self._catch_up_at = 0
         self._refused = False  # a token the device moved by, the guide did not allow
+        self.ended = False  # EOS accepted: the guide allows nothing more
 
     def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
         # False ends the request with an error (vLLM's scheduler); the engine keeps going.
@@ -107,6 +108,7 @@ class DotllmGrammar(StructuredOutputGrammar):
             return False
         self._accepted += len(tokens)
         if tokens and tokens[-1] == self._eos:
+            self.ended = True
             DotllmGrammar.eos_accepted += 1
         if self._count_tokens is not None:
             tier = self.guide.tier
@@ -236,7 +238,7 @@ class DotllmGrammar(StructuredOutputGrammar):
 
     def reset(self):
         self.guide.reset()
-        self._accepted, self._outputs, self._refused = 0, None, False
+        self._accepted, self._outputs, self._refused, self.ended = 0, None, False, False
         self._catch_up_at = 0
 
 

@@ -59,10 +59,17 @@ def _grammar_bitmask(stock):
         # Rows wait to be filled only where no draft moves a grammar between rows.
         fills = None if scheduled_spec_decode_tokens else []
         on_device = planner.device_states
+        owners = planner.owners
         for req_id in structured_output_request_ids:
             request = requests[req_id]
             grammar = request.structured_output_request.grammar
             if on_device:  # (not once terminated: then unconstrained, below)
+                # The device's own state, on the index its guide is on (a request leaves
+                # its index only released: a guide held there was checked whole, and a
+                # hand-over goes only to an index), unless EOS ended its guide.
+                if (owner := owners.get(req_id)) is not None and not grammar.ended:
+                    plan.held_row(req_id, owner[0])
+                    continue
                 # In step: no token in flight but this step's own.
                 if grammar.add_state_row(plan, req_id, request.num_output_placeholders <= 1):
                     continue
