@@ -440,20 +440,27 @@ def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
                 assert set(plan.grammar_bitmask.slots.tolist()) == {DEVICE_STATE}
             else:
                 steps.append(ids)
-            tokens = []
-            for request_id in ids:
-                if scheduler.requests[request_id].is_prefill_chunk:
-                    tokens.append([])
-                    continue
-                tokens.append([texts[request_id][sampled[request_id]]])
-                sampled[request_id] += 1
-            queue.append((out, ModelRunnerOutput(
-                req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                sampled_token_ids=tokens)))
+            queue.append((out, _sampled(scheduler, ids, texts, sampled)))
         if len(queue) > 1 or (queue and not scheduled):
             scheduler.update_from_output(*queue.pop(0))
         step += 1
     return pending
+
+
+def _sampled(scheduler, ids: list[str], texts: dict[str, list[int]],
+             sampled: dict[str, int]) -> ModelRunnerOutput:
+    """The step's output: each request past its prompt samples its text's next token
+    (`sampled` counts them), none once its text is out."""
+    tokens = []
+    for request_id in ids:
+        if (scheduler.requests[request_id].is_prefill_chunk
+                or sampled[request_id] >= len(texts[request_id])):
+            tokens.append([])
+            continue
+        tokens.append([texts[request_id][sampled[request_id]]])
+        sampled[request_id] += 1
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                             sampled_token_ids=tokens)
 
 
 def _date_digits(tokenizer) -> list[int]:
@@ -683,17 +690,7 @@ def test_a_mixed_batch_in_flight_ends_every_request_as_the_host_would(
                      and q.use_structured_output and not q.is_prefill_chunk]
             assert (grammar_output.structured_output_request_ids if grammar_output
                     else []) == asked
-            tokens = []
-            for request_id in ids:
-                request = requests[request_id]
-                if request.is_prefill_chunk or sampled[request_id] >= len(texts[request_id]):
-                    tokens.append([])
-                    continue
-                tokens.append([texts[request_id][sampled[request_id]]])
-                sampled[request_id] += 1
-            queue.append((out, ModelRunnerOutput(
-                req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                sampled_token_ids=tokens)))
+            queue.append((out, _sampled(scheduler, ids, texts, sampled)))
         if len(queue) > 1 or (queue and not scheduled):
             scheduler.update_from_output(*queue.pop(0))
         step += 1
