@@ -228,9 +228,10 @@ class DotllmGrammar(StructuredOutputGrammar):
         return plan.device_state_row(request_id, *position)
 
     def holds_state(self, planner: RowPlanner, request_id: str) -> bool:
-        """Whether the device holds this request's state on the index its guide is on."""
-        position = self.guide.index_position()
-        return position is not None and planner.holds(request_id, position[0].table)
+        """Whether the device holds this request's state, on the index its guide is on (a
+        request leaves its index only released: a guide held there was checked whole, and
+        a hand-over goes only to an index), its guide not ended by EOS."""
+        return not self.ended and request_id in planner.owners
 
     def is_terminated(self) -> bool:
         self.catch_up()

@@ -64,11 +64,8 @@ def _grammar_bitmask(stock):
             request = requests[req_id]
             grammar = request.structured_output_request.grammar
             if on_device:  # (not once terminated: then unconstrained, below)
-                # The device's own state, on the index its guide is on (a request leaves
-                # its index only released: a guide held there was checked whole, and a
-                # hand-over goes only to an index), unless EOS ended its guide.
-                if (owner := owners.get(req_id)) is not None and not grammar.ended:
-                    plan.held_row(req_id, owner[0])
+                if grammar.holds_state(planner, req_id):  # the device's own state
+                    plan.held_row(req_id, owners[req_id][0])
                     continue
                 # In step: no token in flight but this step's own.
                 if grammar.add_state_row(plan, req_id, request.num_output_placeholders <= 1):
