@@ -233,7 +233,7 @@ class PlanBuilder:
         owner = planner.owners.get(request_id)
         if owner is not None:
             if owner[1] == table.serial:  # the common case: its table is pinned there
-                self.held_row(request_id, owner[0])
+                self.held_row(request_id)
                 return True
             planner.release(request_id)  # it moved to another index
         if state is None or not planner._state_free:
@@ -255,10 +255,14 @@ class PlanBuilder:
         self._add(DEVICE_STATE)
         return True
 
-    def held_row(self, request_id: str, slot: int) -> None:
-        """The row of a request whose device state the device holds in `slot`."""
+    @property
+    def planner(self) -> RowPlanner:
+        return self._planner
+
+    def held_row(self, request_id: str) -> None:
+        """The row of a request whose device state the device holds."""
         self._device_rows.append(len(self._slots))
-        self._device_slots.append(slot)
+        self._device_slots.append(self._planner.owners[request_id][0])
         self._device_requests.append(request_id)
         self._slots.append(DEVICE_STATE)
 

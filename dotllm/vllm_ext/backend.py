@@ -216,10 +216,9 @@ class DotllmGrammar(StructuredOutputGrammar):
         index and not terminated: the device's own if it holds one, else set from the
         guide's state, which must be `in_step` with every token sampled. False, planning
         nothing, otherwise."""
-        if (position := self.guide.index_position()) is None:
-            return False
-        if plan.device_state_row(request_id, position[0], None):
-            return True  # the device's own (the guide, behind it, need not catch up)
+        if self.holds_state(plan.planner, request_id):
+            plan.held_row(request_id)  # (the guide, behind the device, need not catch up)
+            return True
         if not in_step:
             return False
         self.catch_up()  # a device state set anew starts from the guide's

@@ -59,14 +59,10 @@ def _grammar_bitmask(stock):
         # Rows wait to be filled only where no draft moves a grammar between rows.
         fills = None if scheduled_spec_decode_tokens else []
         on_device = planner.device_states
-        owners = planner.owners
         for req_id in structured_output_request_ids:
             request = requests[req_id]
             grammar = request.structured_output_request.grammar
             if on_device:  # (not once terminated: then unconstrained, below)
-                if grammar.holds_state(planner, req_id):  # the device's own state
-                    plan.held_row(req_id, owners[req_id][0])
-                    continue
                 # In step: no token in flight but this step's own.
                 if grammar.add_state_row(plan, req_id, request.num_output_placeholders <= 1):
                     continue
