@@ -17,6 +17,9 @@ On the CPU (CI, benchmarks disabled) it checks that the masked logits are the pl
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +28,7 @@ import torch
 
 from bench.test_step_plan import ROWS, grammars, row_planner  # noqa: F401 (a fixture)
 from dotllm.kernels import states
+from dotllm.kernels.arena import RowPlan
 from dotllm.vllm_ext import mask_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,8 +57,16 @@ def _variants():
               for name in states.implementations(DEVICE))]
 
 
+def _rolled(plan: RowPlan) -> RowPlan:
+    """The same rows in another order: a step the arena cannot launch again as it is."""
+    return dataclasses.replace(plan, slots=np.roll(plan.slots, 1), states=(
+        None if plan.states is None else np.roll(plan.states, 1)))
+
+
+@pytest.mark.parametrize("steps", ["the same step again", "steps alternating"])
 @pytest.mark.parametrize("states_ops", _variants())
-def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, monkeypatch):  # noqa: F811
+def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, steps,  # noqa: F811
+                          monkeypatch):
     if states_ops is not None:
         ops = states.named(states_ops)
         monkeypatch.setattr(states, "implementation", lambda _: ops)
@@ -78,10 +90,16 @@ def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, monkeypat
     bits = (torch.from_numpy(rows).unsqueeze(-1) >> torch.arange(32)) & 1
     assert torch.equal(logits.isneginf().cpu(), bits.flatten(1)[:, :vocab] == 0)
 
+    # Each round gets a plan of its own, as the worker does (unpickled from the engine
+    # core's): equal to the last round's (the engine core repeated its plan: the arena
+    # launches again, kernels.arena._LastStep) or not (the whole path).
+    others = (steady, _rolled(steady)) if steps == "steps alternating" else (steady,)
+    rounds = itertools.cycle(others)
+
     def synchronized():
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
-        return (steady,), {}
+        return (copy.deepcopy(next(rounds)),), {}
 
-    benchmark.group = f"worker mask step, {ROWS} index rows, V={vocab}, {DEVICE.type}"
+    benchmark.group = f"worker mask step, {ROWS} index rows, V={vocab}, {DEVICE.type}, {steps}"
     benchmark.pedantic(step, setup=synchronized, rounds=200, warmup_rounds=5)

@@ -105,6 +105,7 @@ class MaskArena:
         self._states = torch.zeros(0, dtype=torch.int32, device=self.device)
         # (state slots, logits rows) of the last step's device-state rows, for `advance`
         self._to_advance: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: _LastStep | None = None
         self._staged = 0  # capacity of the pinned step buffers
         if self._cuda:
             self._stream = torch.cuda.Stream(self.device)
@@ -172,10 +173,13 @@ class MaskArena:
         """Mask logits[logit_rows[i]] with the plan's row sources[i] (or i), in place;
         returns the rows masked."""
         self._to_advance = None
+        logit_rows = np.asarray(logit_rows, dtype=np.int32)
+        if self._last is not None and self._last.matches(plan, logit_rows, sources):
+            return self._launch(logits, self._last.launch)
         slots = plan.slots if sources is None else plan.slots[sources]
         constrained = slots != UNCONSTRAINED
         slots = slots[constrained]
-        targets = np.asarray(logit_rows, dtype=np.int32)[constrained]
+        targets = logit_rows[constrained]
         on_device = np.flatnonzero(slots == DEVICE_STATE).astype(np.int32)
         state_slots = np.empty(0, dtype=np.int32)
         if len(on_device):
@@ -192,7 +196,7 @@ class MaskArena:
         slots = np.where(slots <= -2, self._table_rows - 2 - slots, slots).astype(np.int32)
         device_rows = (on_device, state_slots, targets[on_device])
         if self._cuda:
-            self._apply_cuda(logits, plan, slots, targets, device_rows)
+            launch = self._stage_cuda(plan, slots, targets, device_rows)
         else:
             for upload_slots, rows in plan.uploads:
                 self._arena[torch.from_numpy(upload_slots).long()] = _tensor(rows)
@@ -201,12 +205,22 @@ class MaskArena:
             inits = plan.state_inits
             self._write_states(plan, None if inits is None else
                                tuple(torch.from_numpy(a) for a in inits))
-            slots_t = torch.from_numpy(slots)
-            if len(on_device):
-                self._resolve(slots_t, *(torch.from_numpy(a) for a in device_rows))
-            if len(slots):
-                self._apply(logits, self._arena, torch.from_numpy(targets), slots_t)
-        return len(slots)
+            launch = _Launch(torch.from_numpy(targets), torch.from_numpy(slots),
+                             tuple(torch.from_numpy(a) for a in device_rows)
+                             if len(on_device) else None)
+        self._last = _LastStep.of(plan, logit_rows, sources, launch)
+        return self._launch(logits, launch)
+
+    def _launch(self, logits: torch.Tensor, launch: _Launch) -> int:
+        """The step's launches on the compute stream, over index tensors on the device."""
+        if launch.device_rows is not None:
+            self._resolve(launch.slots, *launch.device_rows)
+        count = len(launch.slots)
+        if count:
+            self._apply(logits, self._arena, launch.targets, launch.slots)
+        if self._cuda:
+            self._consumed.record(torch.cuda.current_stream(self.device))
+        return count
 
     def warm_up(self) -> None:
         """Masks and advances a one-state index once for each logits and token dtype a
@@ -259,8 +273,10 @@ class MaskArena:
         if self._cuda:  # the step's index buffer is read until here
             self._consumed.record(torch.cuda.current_stream(self.device))
 
-    def _apply_cuda(self, logits: torch.Tensor, plan: RowPlan, slots: np.ndarray,
-                    targets: np.ndarray, device_rows: tuple[np.ndarray, ...]) -> None:
+    def _stage_cuda(self, plan: RowPlan, slots: np.ndarray, targets: np.ndarray,
+                    device_rows: tuple[np.ndarray, ...]) -> _Launch:
+        """The step's rows, index columns and states copied by the side stream, which the
+        compute stream then waits for."""
         count, n = len(slots), len(plan.direct)
         inits = plan.state_inits or (np.empty(0, dtype=np.int32),) * 3
         m, k = len(device_rows[0]), len(inits[0])
@@ -272,7 +288,6 @@ class MaskArena:
         index[0, :count], index[1, :count] = targets, slots
         for row, values in enumerate((*device_rows, *inits), start=2):
             index[row, :len(values)] = values
-        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(self._consumed)  # the previous kernel has read the arena
             for upload_slots, rows in plan.uploads:  # rare: a table's first step
@@ -288,11 +303,55 @@ class MaskArena:
                                                         non_blocking=True)
             self._write_states(plan, tuple(self._device_index[5:8, :k]) if k else None)
             self._copied.record(self._stream)
-        compute.wait_event(self._copied)
-        if m:
-            self._resolve(self._device_index[1, :count], self._device_index[2, :m],
-                          self._device_index[3, :m], self._device_index[4, :m])
-        if count:
-            self._apply(logits, self._arena, self._device_index[0, :count],
-                        self._device_index[1, :count])
-        self._consumed.record(compute)
+        torch.cuda.current_stream(self.device).wait_event(self._copied)
+        index = self._device_index
+        return _Launch(index[0, :count], index[1, :count],
+                       (index[2, :m], index[3, :m], index[4, :m]) if m else None)
+
+
+@dataclass
+class _Launch:
+    """A step's index tensors, as its launches read them."""
+
+    targets: torch.Tensor  # logits rows
+    slots: torch.Tensor  # arena rows (device-state rows' resolved by `_resolve` first)
+    # (positions in slots, state slots, logits rows) of device-state rows; None: none
+    device_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class _LastStep:
+    """A step that wrote nothing to the device (no uploads, rows, states): the same step
+    again, as the engine core sends when it repeats a plan (every row held on the device,
+    dotllm.mask_plan), launches over the index tensors the last one left on the device,
+    with no staging, copy or stream switch (issue 12: the worker's host time a step). A
+    device-state row's slot is resolved anew from its state by that launch."""
+
+    slots: np.ndarray
+    states: np.ndarray | None
+    logit_rows: np.ndarray
+    sources: np.ndarray | None
+    launch: _Launch
+
+    @classmethod
+    def of(cls, plan: RowPlan, logit_rows: np.ndarray, sources: np.ndarray | None,
+           launch: _Launch) -> _LastStep | None:
+        if (plan.uploads or len(plan.direct) or plan.blob_uploads
+                or (plan.state_inits is not None and len(plan.state_inits[0]))):
+            return None
+        return cls(plan.slots.copy(), None if plan.states is None else plan.states.copy(),
+                   logit_rows.copy(),
+                   None if sources is None else np.array(sources), launch)
+
+    def matches(self, plan: RowPlan, logit_rows: np.ndarray,
+                sources: np.ndarray | None) -> bool:
+        return (not plan.uploads and not len(plan.direct) and not plan.blob_uploads
+                and (plan.state_inits is None or not len(plan.state_inits[0]))
+                and _equal(plan.slots, self.slots) and _equal(plan.states, self.states)
+                and _equal(logit_rows, self.logit_rows) and _equal(sources, self.sources))
+
+
+def _equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool((a == b).all())

@@ -26,6 +26,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 from bench.jsonschemabench import load
 from dotllm.compiler.compiled import CompiledIndex
 from dotllm.guide import Guide
+from dotllm.kernels import arena as arena_module
 from dotllm.kernels import states as device_states
 from dotllm.kernels.arena import DEVICE_STATE, MaskArena
 from dotllm.mask_plan import BLOB_STEPS, RowPlanner
@@ -235,6 +236,64 @@ def test_random_walks_mask_as_the_host_would(device, budget, indexes, vocabulary
     # Both paths taken (the device's share varies with the seed: 74-239 of ~850 rows
     # over seeds 30-36 with `pieces`).
     assert served["device"] > 30 and served["host"] > 10, (seed, served)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_a_step_equal_to_the_last_launches_again_over_the_states_it_moved(
+        device, indexes, vocabulary, monkeypatch):
+    """The engine core sends the same plan again while every row stays on the device
+    (kernels.arena._LastStep): the worker launches over the last step's index tensors,
+    and each row's mask is still its state's after the states moved. Steps that differ
+    (other logits rows, a request ended, one added) take the full path."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    eos, words = vocabulary.eos_token_id, indexes[0].table.rows.shape[1]
+    planner = RowPlanner(words, table_slots=sum(len(c.table.rows) for c in indexes),
+                         max_rows=8, blob_words=sum(_blob_words(c) for c in indexes),
+                         state_slots=8, step_upload_bytes=2**40)
+    arena = MaskArena(torch.device(device), words)
+    repeats = []
+    matches = arena_module._LastStep.matches
+    monkeypatch.setattr(arena_module._LastStep, "matches",
+                        lambda *a: repeats.append(matches(*a)) or repeats[-1])
+    walkers = [_Walker(f"r{i}", rng.choice(indexes), eos) for i in range(5)]
+    batch = 8
+    targets = np.array(rng.sample(range(batch), len(walkers)), dtype=np.int32)
+    for step in range(60):
+        if step % 20 == 10:  # the batch's order changed: other logits rows
+            targets = np.array(rng.sample(range(batch), len(walkers)), dtype=np.int32)
+        plan = planner.start()
+        for w in walkers:
+            assert plan.device_state_row(w.name, w.compiled,
+                                         w.host.state if w.in_flight is None else None)
+        step_plan = plan.finish()
+        logits = random_logits(batch, words * 32, torch.float32, device,
+                               torch.Generator().manual_seed(seed + step))
+        masks = torch.from_numpy(np.stack([w.compiled.mask_row(w.truth.state)
+                                           for w in walkers]))
+        expected = reference(logits, masks, torch.from_numpy(targets), None)
+        arena.apply(logits, step_plan, targets)
+        assert torch.equal(logits.double().cpu(), expected), (seed, step)
+        sampled = torch.full((batch, 1), -1, dtype=torch.int32)
+        for i, (w, row) in enumerate(zip(walkers, targets, strict=True)):
+            allowed = w.compiled.transitions.tokens_from(w.truth.state)
+            if w.compiled.is_final(w.truth.state) and (not len(allowed) or rng.random() < 0.05):
+                token = eos
+            else:
+                token = int(rng.choice(allowed))
+            ends = token == eos
+            sampled[row, 0] = token
+            assert w.truth.accept_tokens([token])
+            w.catch_up()
+            w.in_flight = token
+            if ends:  # a new request in its place: its state is set by the next plan
+                planner.release(w.name)
+                walkers[i] = _Walker(f"r{i}-{step}", rng.choice(indexes), eos)
+        arena.advance(sampled.to(device))
+    # Steps repeat between requests set anew (two full steps each: its state set, then
+    # the first with nothing to write).
+    assert repeats.count(True) > 10, (seed, repeats.count(True))
+    assert repeats.count(False) >= 2, (seed, repeats)
 
 
 def test_a_table_with_live_device_states_is_never_evicted(indexes):
