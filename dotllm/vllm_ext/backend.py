@@ -402,6 +402,11 @@ class DotllmBackend(StructuredOutputBackend):
         params = StructuredOutputsParams(**{request_type.name.lower(): value})
         return self.compile_spec(spec_from_params(params))
 
+    @property
+    def planner(self) -> RowPlanner | None:
+        """The planner, once the first step made it (`row_planner`)."""
+        return self._planner
+
     def row_planner(self, max_rows: int, device_states: bool = False) -> RowPlanner:
         """The one planner of this engine's steps (its slots mirror the workers' arenas);
         device states where the settings and the caller allow them."""

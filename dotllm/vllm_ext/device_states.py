@@ -170,7 +170,7 @@ def _should_advance(stock):
     (`DotllmGrammar.follow_device`), so a step costs no accept a request."""
 
     def should_advance(self, request) -> bool:
-        planner = getattr(self.backend, "_planner", None)
+        planner = getattr(self.backend, "planner", None)  # None: not DotLLM's backend
         if (planner is not None and request.request_id in planner.owners
                 and request.structured_output_request._grammar.follow_device(
                     request.request_id, request._output_token_ids)):
