@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,14 @@ DEVICE_STATE = -(2**31)  # a slot read on the device from the row's state (`RowP
 def direct_slot(j: int) -> int:
     """The slot naming the step's own row j (`RowPlan.direct[j]`)."""
     return -2 - j
+
+
+class MaskedRows(NamedTuple):
+    """A step's rows masked, by where each row came from."""
+
+    table: int  # a table row named by its slot
+    state: int  # a table row a device state named
+    step: int  # a row sent with the step
 
 
 @dataclass
@@ -169,9 +178,9 @@ class MaskArena:
     # -- a step ---------------------------------------------------------------------------
 
     def apply(self, logits: torch.Tensor, plan: RowPlan, logit_rows: np.ndarray,
-              sources: np.ndarray | None = None) -> int:
+              sources: np.ndarray | None = None) -> MaskedRows:
         """Mask logits[logit_rows[i]] with the plan's row sources[i] (or i), in place;
-        returns the rows masked."""
+        returns the rows masked, by where each came from."""
         self._to_advance = None
         logit_rows = np.asarray(logit_rows, dtype=np.int32)
         if self._last is not None and self._last.matches(plan, logit_rows, sources):
@@ -195,8 +204,10 @@ class MaskArena:
         # The step's own rows sit behind the tables.
         slots = np.where(slots <= -2, self._table_rows - 2 - slots, slots).astype(np.int32)
         device_rows = (on_device, state_slots, targets[on_device])
+        table = int((slots >= 0).sum())
+        masked = MaskedRows(table, len(on_device), len(slots) - table - len(on_device))
         if self._cuda:
-            launch = self._stage_cuda(plan, slots, targets, device_rows)
+            launch = self._stage_cuda(plan, slots, targets, device_rows, masked)
         else:
             for upload_slots, rows in plan.uploads:
                 self._arena[torch.from_numpy(upload_slots).long()] = _tensor(rows)
@@ -207,20 +218,19 @@ class MaskArena:
                                tuple(torch.from_numpy(a) for a in inits))
             launch = _Launch(torch.from_numpy(targets), torch.from_numpy(slots),
                              tuple(torch.from_numpy(a) for a in device_rows)
-                             if len(on_device) else None)
+                             if len(on_device) else None, masked)
         self._last = _LastStep.of(plan, logit_rows, sources, launch)
         return self._launch(logits, launch)
 
-    def _launch(self, logits: torch.Tensor, launch: _Launch) -> int:
+    def _launch(self, logits: torch.Tensor, launch: _Launch) -> MaskedRows:
         """The step's launches on the compute stream, over index tensors on the device."""
         if launch.device_rows is not None:
             self._resolve(launch.slots, *launch.device_rows)
-        count = len(launch.slots)
-        if count:
+        if len(launch.slots):
             self._apply(logits, self._arena, launch.targets, launch.slots)
         if self._cuda:
             self._consumed.record(torch.cuda.current_stream(self.device))
-        return count
+        return launch.masked
 
     def warm_up(self) -> None:
         """Masks and advances a one-state index once for each logits and token dtype a
@@ -274,7 +284,7 @@ class MaskArena:
             self._consumed.record(torch.cuda.current_stream(self.device))
 
     def _stage_cuda(self, plan: RowPlan, slots: np.ndarray, targets: np.ndarray,
-                    device_rows: tuple[np.ndarray, ...]) -> _Launch:
+                    device_rows: tuple[np.ndarray, ...], masked: MaskedRows) -> _Launch:
         """The step's rows, index columns and states copied by the side stream, which the
         compute stream then waits for."""
         count, n = len(slots), len(plan.direct)
@@ -306,7 +316,7 @@ class MaskArena:
         torch.cuda.current_stream(self.device).wait_event(self._copied)
         index = self._device_index
         return _Launch(index[0, :count], index[1, :count],
-                       (index[2, :m], index[3, :m], index[4, :m]) if m else None)
+                       (index[2, :m], index[3, :m], index[4, :m]) if m else None, masked)
 
 
 @dataclass
@@ -317,6 +327,7 @@ class _Launch:
     slots: torch.Tensor  # arena rows (device-state rows' resolved by `_resolve` first)
     # (positions in slots, state slots, logits rows) of device-state rows; None: none
     device_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    masked: MaskedRows
 
 
 @dataclass

@@ -29,7 +29,7 @@ import logging
 import numpy as np
 import torch
 
-from dotllm.kernels.arena import DEVICE_STATE, MaskArena, RowPlan
+from dotllm.kernels.arena import MaskArena, RowPlan
 from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import replace_attribute
 
@@ -55,7 +55,13 @@ def advance_states(sampled: torch.Tensor) -> None:
 
 
 @functools.cache
-def _rows_counter():
+def _rows_counter(kernel: str, source: str):
+    """The counter of one kernel's rows from one source (its labels looked up once)."""
+    return _rows_counters().labels(kernel=kernel, source=source)
+
+
+@functools.cache
+def _rows_counters():
     from prometheus_client import Counter
 
     return Counter("dotllm_mask_rows", "Logits rows masked by DotLLM's kernels, by where "
@@ -75,13 +81,9 @@ def apply_rows(logits: torch.Tensor, plan: RowPlan | np.ndarray, sources: list[i
     arena = _arena(logits.device, plan.words, runner)
     masked = arena.apply(logits, plan, np.asarray(targets, dtype=np.int32), index)
     _masked_last[:] = [arena]
-    slots = plan.slots if index is None else plan.slots[index]
-    counts = {"table": int((slots >= 0).sum()), "state": int((slots == DEVICE_STATE).sum())}
-    counts["step"] = masked - counts["table"] - counts["state"]
-    counter = _rows_counter()
-    for source, count in counts.items():
+    for source, count in zip(masked._fields, masked, strict=True):
         if count:
-            counter.labels(kernel=arena.kernel, source=source).inc(count)
+            _rows_counter(arena.kernel, source).inc(count)
 
 
 def v1_rows(scheduler_output, grammar_output, input_batch) -> tuple[list[int], list[int]]:
