@@ -188,6 +188,7 @@ class MaskArena:
         slots = plan.slots if sources is None else plan.slots[sources]
         constrained = slots != UNCONSTRAINED
         slots = slots[constrained]
+        table = int((slots >= 0).sum())
         targets = logit_rows[constrained]
         on_device = np.flatnonzero(slots == DEVICE_STATE).astype(np.int32)
         state_slots = np.empty(0, dtype=np.int32)
@@ -199,13 +200,12 @@ class MaskArena:
         highest = max((int(s.max()) + 1 for s, _ in plan.uploads if len(s)), default=0)
         if len(slots):
             highest = max(highest, int(slots.max()) + 1)
+        masked = MaskedRows(table, len(on_device), len(slots) - table - len(on_device))
         self._grow_arena(highest, len(plan.direct))
         self._grow_states(plan)
         # The step's own rows sit behind the tables.
         slots = np.where(slots <= -2, self._table_rows - 2 - slots, slots).astype(np.int32)
         device_rows = (on_device, state_slots, targets[on_device])
-        table = int((slots >= 0).sum())
-        masked = MaskedRows(table, len(on_device), len(slots) - table - len(on_device))
         if self._cuda:
             launch = self._stage_cuda(plan, slots, targets, device_rows, masked)
         else:

@@ -272,7 +272,7 @@ def test_a_step_equal_to_the_last_launches_again_over_the_states_it_moved(
         masks = torch.from_numpy(np.stack([w.compiled.mask_row(w.truth.state)
                                            for w in walkers]))
         expected = reference(logits, masks, torch.from_numpy(targets), None)
-        arena.apply(logits, step_plan, targets)
+        assert arena.apply(logits, step_plan, targets) == (0, len(walkers), 0)
         assert torch.equal(logits.double().cpu(), expected), (seed, step)
         sampled = torch.full((batch, 1), -1, dtype=torch.int32)
         for i, (w, row) in enumerate(zip(walkers, targets, strict=True)):

@@ -114,7 +114,7 @@ def test_plans_step_after_step_with_evictions(device, generator):
     uploads, slots_seen, steps = Counter(), {}, []
     for _ in range(40):
         plan = planner.start()
-        rows = []
+        rows, kinds = [], []
         for _ in range(rng.randint(1, batch)):
             kind = rng.random()
             if kind < 0.6:
@@ -122,13 +122,16 @@ def test_plans_step_after_step_with_evictions(device, generator):
                 r = rng.randrange(len(t.rows))
                 plan.table_row(t, r)
                 rows.append(t.rows[r])
+                kinds.append("table")
             elif kind < 0.85:
                 row = random_masks(1, WORDS, generator).numpy()[0]
                 plan.direct_row()[:] = row
                 rows.append(row)
+                kinds.append("step")
             else:
                 plan.unconstrained()
                 rows.append(None)
+                kinds.append(None)
         step = plan.finish()
         assert [r is None or np.array_equal(r, e) for r, e in
                 zip(expand(step, slots_seen), rows, strict=True)] == [True] * len(rows)
@@ -142,7 +145,11 @@ def test_plans_step_after_step_with_evictions(device, generator):
                                   for i, s in enumerate(sources)], dtype=torch.int32)
         logits = random_logits(batch, vocab, torch.bfloat16, device, generator)
         expected = reference(logits, masks, torch.from_numpy(targets), mask_rows)
-        arena.apply(logits, step, targets, np.array(sources))
+        masked = arena.apply(logits, step, targets, np.array(sources))
+        # A table row the planner could not place travels with the step.
+        on_table = [step.slots[s] >= 0 for s in sources]
+        assert masked.table == sum(on_table) and masked.state == 0
+        assert masked.step == sum(kinds[s] is not None for s in sources) - masked.table
         steps.append((logits, expected))
     for logits, expected in steps:  # checked once all were queued
         assert torch.equal(logits.double().cpu(), expected)
