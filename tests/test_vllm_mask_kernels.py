@@ -52,17 +52,18 @@ def test_v1_rows_follow_batch_order_and_speculative_offsets():
 
 def test_v2_rows_follow_cu_num_logits():
     batch = SimpleNamespace(req_ids=["a", "b", "c"], cu_num_logits_np=np.array([0, 1, 4, 5]))
-    assert mask_kernels.v2_rows(batch, ["c", "b"]) == [4, 1, 2, 3]
-    assert mask_kernels.v2_rows(batch, []) == []
+    assert mask_kernels.v2_rows(batch, ["c", "b"]).tolist() == [4, 1, 2, 3]
+    assert mask_kernels.v2_rows(batch, []).tolist() == []
     one_each = SimpleNamespace(req_ids=["a", "b", "c"], cu_num_logits_np=np.arange(6))
-    assert mask_kernels.v2_rows(one_each, ["c", "a"]) == [2, 0]
-    assert mask_kernels.v2_rows(one_each, ["a", "b", "c"]) == [0, 1, 2]  # all, in order
-    assert mask_kernels.v2_rows(one_each, ["b", "a", "c"]) == [1, 0, 2]
-    assert mask_kernels.v2_rows(batch, ["a", "b", "c"]) == [0, 1, 2, 3, 4]
+    assert mask_kernels.v2_rows(one_each, ["c", "a"]).tolist() == [2, 0]
+    in_order = mask_kernels.v2_rows(one_each, ["a", "b", "c"])  # all, in order
+    assert in_order.tolist() == [0, 1, 2] and in_order.dtype == np.int32
+    assert mask_kernels.v2_rows(one_each, ["b", "a", "c"]).tolist() == [1, 0, 2]
+    assert mask_kernels.v2_rows(batch, ["a", "b", "c"]).tolist() == [0, 1, 2, 3, 4]
     # A request with no logits row (a prefill chunk) beside one with drafts.
     mixed = SimpleNamespace(req_ids=["a", "b", "c", "d"],
                             cu_num_logits_np=np.array([0, 1, 1, 3, 4, 9]))
-    assert mask_kernels.v2_rows(mixed, ["d", "c", "a"]) == [3, 1, 2, 0]
+    assert mask_kernels.v2_rows(mixed, ["d", "c", "a"]).tolist() == [3, 1, 2, 0]
 
 
 def test_the_warm_up_runs_inside_and_outside_inference_mode():

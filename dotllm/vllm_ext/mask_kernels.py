@@ -71,9 +71,9 @@ def _rows_counters():
 
 
 def apply_rows(logits: torch.Tensor, plan: RowPlan | np.ndarray, sources: list[int] | None,
-               targets: list[int], runner: str) -> None:
+               targets: list[int] | np.ndarray, runner: str) -> None:
     """Mask logits[targets[i]] with the plan's row sources[i] (sources None: row i)."""
-    if not targets:
+    if not len(targets):
         return
     if not isinstance(plan, RowPlan):  # vLLM's own loop filled it
         plan = RowPlan.of_rows(plan)
@@ -106,24 +106,23 @@ def v1_rows(scheduler_output, grammar_output, input_batch) -> tuple[list[int], l
     return sources, targets
 
 
-def v2_rows(input_batch, grammar_req_ids: list[str]) -> list[int]:
-    """Logits rows for the bitmask rows, as vLLM 0.26's V2 `StructuredOutputsWorker` maps them
-    (in the worker's step, 256 requests on this CPU: ~8 us when every request is
+def v2_rows(input_batch, grammar_req_ids: list[str]) -> np.ndarray:
+    """Logits rows (int32) for the bitmask rows, as vLLM 0.26's V2 `StructuredOutputsWorker`
+    maps them (in the worker's step, 256 requests on this CPU: ~1 us when every request is
     constrained and in batch order, ~20 us through the dict, ~51 us as a loop over ranges)."""
     req_ids = input_batch.req_ids
     cu = input_batch.cu_num_logits_np[:len(req_ids) + 1]
     counts = np.diff(cu)
     one_each = (counts == 1).all()  # a logits row a request: request i's is row i
     if one_each and grammar_req_ids == req_ids:  # all constrained, in order: no dict
-        return list(range(len(req_ids)))
+        return np.arange(len(req_ids), dtype=np.int32)
     index = dict(zip(req_ids, range(len(req_ids)), strict=True))
-    rows = [index[req_id] for req_id in grammar_req_ids]
-    if not rows or one_each:
+    rows = np.array([index[req_id] for req_id in grammar_req_ids], dtype=np.int32)
+    if not len(rows) or one_each:
         return rows
-    rows = np.asarray(rows, dtype=np.int64)
     starts, counts = cu[rows], counts[rows]
     ends = np.cumsum(counts)
-    return (np.arange(ends[-1]) + np.repeat(starts - ends + counts, counts)).tolist()
+    return (np.arange(ends[-1]) + np.repeat(starts - ends + counts, counts)).astype(np.int32)
 
 
 def _v1_apply(_stock):
