@@ -10,8 +10,12 @@ of its own (DotLLM's default on one GPU) this is what must fit in a forward pass
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import pytest
 from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.structured_output.request import StructuredOutputRequest
 
@@ -25,7 +29,9 @@ from tests.test_compile_overlap import _scheduler, make_request
 
 ROWS = 256
 BLOCKS = 12000
-MODES = ("free", "table rows", "device states", "device states, 4 on llguidance")
+CHURN = ", a request replaced each step"
+MODES = ("free", "table rows", "device states", "device states, 4 on llguidance",
+         "free" + CHURN, "device states" + CHURN)
 ON_LLGUIDANCE = 4
 
 
@@ -49,19 +55,30 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
     digit = tokenizer.encode("7", add_special_tokens=False)[0]
     compiled = CompiledIndex.build("[0-9]+", vocabulary)
     eos = vocabulary.eos_token_id
-    for i in range(ROWS):
-        request, grammar = make_request(f"r{i}", 20, constrained=mode != "free",
+
+    def add(i: int) -> None:
+        request, grammar = make_request(f"r{i}", 20, constrained=not mode.startswith("free"),
                                         max_tokens=100_000, compiling=False)
         if grammar is not None:
             grammar.set_result(grammar_on_llguidance(backend, "[0-9]+")
                                if mode.endswith("llguidance") and i < ON_LLGUIDANCE
                                else grammar_on_index(compiled, eos))
         scheduler.add_request(request)
+
+    for i in range(ROWS):
+        add(i)
     queue, pending, sizes = [], [], []
+    # Requests that end at different lengths (a schema mix): one ends and one arrives
+    # each step, so the batch is never the last one's.
+    running, arrivals = collections.deque(range(ROWS)), itertools.count(ROWS)
 
     def step():
         """The engine core's loop with a batch queue of two (vLLM's step_with_batch_queue):
         a step marked pending accepts the previous step's tokens before its plan."""
+        if mode.endswith(CHURN):
+            scheduler.finish_requests(f"r{running.popleft()}", RequestStatus.FINISHED_ABORTED)
+            running.append(i := next(arrivals))
+            add(i)
         out = scheduler.schedule()
         pending.append(out.pending_structured_output_tokens)
         sizes.append(len(out.num_scheduled_tokens))

@@ -12,14 +12,29 @@ import tempfile
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm") or torch.cuda.is_available(),
-                                reason="vLLM's CPU communicator (CPU vLLM, Linux)")
+
+def _shm_ops() -> bool:
+    """Whether vLLM's CPU kernels for this CPU have the SHM ops (the AVX-512 builds; its
+    AVX2 build has none, and its communicator then uses torch.distributed alone)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.import_kernels()
+    return hasattr(torch.ops._C, "init_shm_manager")
+
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.isdir("/dev/shm") or torch.cuda.is_available(),
+                       reason="vLLM's CPU communicator (CPU vLLM, Linux)"),
+    pytest.mark.skipif(not torch.cuda.is_available() and not _shm_ops(),
+                       reason="vLLM's CPU kernels for this CPU have no SHM communicator"),
+]
 
 # One rank of two: vLLM's own communicator over a gloo group, as a CPU worker makes it.
 SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
-import vllm._C  # noqa: F401  (the SHM ops)
+from vllm.platforms.cpu import CpuPlatform
+CpuPlatform.import_kernels()  # the SHM ops, built for this CPU (AVX2 or AVX-512)
 from vllm.distributed.device_communicators.cpu_communicator import (
     CpuCommunicator, _CPUSHMDistributed)
 from dotllm.vllm_ext import cpu_shm

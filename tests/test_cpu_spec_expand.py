@@ -34,8 +34,11 @@ def test_each_requests_value_fills_its_positions(values, dtype, replace, counts)
 def test_vllms_cpu_kernel_leaves_a_float_output_unwritten():
     """Why the patch: vLLM 0.26's CPU shim fills an int64 copy of the output (remove the
     patch once this fails on a vLLM that fixed vllm-project/vllm#55005)."""
-    import vllm._C  # noqa: F401  (the CPU kernels' ops)
     import vllm.utils.cpu_triton_utils as cpu_tl
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.import_kernels()  # the CPU kernels' ops, built for this CPU (not vllm._C's
+    # AVX-512 on an AVX2 host: SIGILL)
 
     out = torch.full((6,), 123.0)
     cpu_tl.expand_kernel[(3,)](out, torch.tensor([0.5, 0.0, 2.0]),
