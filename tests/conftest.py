@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -27,6 +28,18 @@ DOTLLM = Path(sys.executable).with_name("dotllm")
 STARTUP_TIMEOUT_S = 300
 EXCEPTION_LINE = re.compile(r"\b[A-Za-z_.]*(?:Error|Exception): .*$")
 SERVER_COMPILE_TIMEOUT_S = 30
+
+
+@functools.cache
+def cpu_shm_communicator() -> bool:
+    """Whether vLLM's CPU kernels for this CPU have its shared-memory communicator (the
+    AVX-512 builds; the AVX2 build has none, and CPU workers then talk through
+    torch.distributed alone, leaving nothing in /dev/shm)."""
+    import torch
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.import_kernels()
+    return hasattr(torch.ops._C, "init_shm_manager")
 
 
 def free_port() -> int:

@@ -12,20 +12,12 @@ import tempfile
 import pytest
 import torch
 
-
-def _shm_ops() -> bool:
-    """Whether vLLM's CPU kernels for this CPU have the SHM ops (the AVX-512 builds; its
-    AVX2 build has none, and its communicator then uses torch.distributed alone)."""
-    from vllm.platforms.cpu import CpuPlatform
-
-    CpuPlatform.import_kernels()
-    return hasattr(torch.ops._C, "init_shm_manager")
-
+from tests.conftest import cpu_shm_communicator
 
 pytestmark = [
     pytest.mark.skipif(not os.path.isdir("/dev/shm") or torch.cuda.is_available(),
                        reason="vLLM's CPU communicator (CPU vLLM, Linux)"),
-    pytest.mark.skipif(not torch.cuda.is_available() and not _shm_ops(),
+    pytest.mark.skipif(not torch.cuda.is_available() and not cpu_shm_communicator(),
                        reason="vLLM's CPU kernels for this CPU have no SHM communicator"),
 ]
 
