@@ -183,7 +183,8 @@ class MaskArena:
         returns the rows masked, by where each came from."""
         self._to_advance = None
         logit_rows = np.asarray(logit_rows, dtype=np.int32)
-        if self._last is not None and self._last.matches(plan, logit_rows, sources):
+        key = _LastStep.key_of(plan, logit_rows, sources)
+        if self._last is not None and self._last.repeated_by(key):
             return self._launch(logits, self._last.launch)
         slots = plan.slots if sources is None else plan.slots[sources]
         constrained = slots != UNCONSTRAINED
@@ -219,7 +220,6 @@ class MaskArena:
             launch = _Launch(torch.from_numpy(targets), torch.from_numpy(slots),
                              tuple(torch.from_numpy(a) for a in device_rows)
                              if len(on_device) else None, masked)
-        key = _LastStep.key_of(plan, logit_rows, sources)
         self._last = None if key is None else _LastStep(key, launch)
         return self._launch(logits, launch)
 
@@ -354,6 +354,5 @@ class _LastStep:
                 logit_rows.tobytes(),
                 None if sources is None else np.asarray(sources, dtype=np.int64).tobytes())
 
-    def matches(self, plan: RowPlan, logit_rows: np.ndarray,
-                sources: np.ndarray | None) -> bool:
-        return self.key_of(plan, logit_rows, sources) == self.key
+    def repeated_by(self, key: tuple[bytes | None, ...] | None) -> bool:
+        return key is not None and key == self.key

@@ -253,9 +253,9 @@ def test_a_step_equal_to_the_last_launches_again_over_the_states_it_moved(
                          state_slots=8, step_upload_bytes=2**40)
     arena = MaskArena(torch.device(device), words)
     repeats = []
-    matches = arena_module._LastStep.matches
-    monkeypatch.setattr(arena_module._LastStep, "matches",
-                        lambda *a: repeats.append(matches(*a)) or repeats[-1])
+    repeated_by = arena_module._LastStep.repeated_by
+    monkeypatch.setattr(arena_module._LastStep, "repeated_by",
+                        lambda *a: repeats.append(repeated_by(*a)) or repeats[-1])
     walkers = [_Walker(f"r{i}", rng.choice(indexes), eos) for i in range(5)]
     batch = 8
     targets = np.array(rng.sample(range(batch), len(walkers)), dtype=np.int32)
