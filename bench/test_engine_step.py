@@ -62,7 +62,7 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
         if grammar is not None:
             grammar.set_result(grammar_on_llguidance(backend, "[0-9]+")
                                if mode.endswith("llguidance") and i < ON_LLGUIDANCE
-                               else grammar_on_index(compiled, eos))
+                               else grammar_on_index(compiled, eos, backend))
         scheduler.add_request(request)
 
     for i in range(ROWS):

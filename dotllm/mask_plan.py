@@ -233,7 +233,7 @@ class PlanBuilder:
         owner = planner.owners.get(request_id)
         if owner is not None:
             if owner[1] == table.serial:  # the common case: its table is pinned there
-                self.held_row(request_id)
+                self.held_rows([request_id])
                 return True
             planner.release(request_id)  # it moved to another index
         if state is None or not planner._state_free:
@@ -259,12 +259,15 @@ class PlanBuilder:
     def planner(self) -> RowPlanner:
         return self._planner
 
-    def held_row(self, request_id: str) -> None:
-        """The row of a request whose device state the device holds."""
-        self._device_rows.append(len(self._slots))
-        self._device_slots.append(self._planner.owners[request_id][0])
-        self._device_requests.append(request_id)
-        self._slots.append(DEVICE_STATE)
+    def held_rows(self, request_ids: list[str]) -> None:
+        """The rows of requests whose device states the device holds, in this order (one
+        call for a run of them: a batch in decode is nearly all such requests)."""
+        owners = self._planner.owners
+        first = len(self._slots)
+        self._device_rows.extend(range(first, first + len(request_ids)))
+        self._device_slots.extend([owners[r][0] for r in request_ids])
+        self._device_requests.extend(request_ids)
+        self._slots.extend([DEVICE_STATE] * len(request_ids))
 
     def _send_blob(self, serial: int, base: int) -> bool:
         """Sends what this step may of the blob at `base`; whether it is all sent now."""

@@ -195,15 +195,16 @@ def tokenizer(embedded_model):
     return AutoTokenizer.from_pretrained(embedded_model)
 
 
-def grammar_on_index(compiled, eos: int):
+def grammar_on_index(compiled, eos: int, backend=None):
     """A DotLLM grammar on a ready index, as the engine core holds one (no llguidance to
-    fall back to)."""
+    fall back to); with `backend`, its EOS releases the request's device state there."""
     from dotllm.guide import Guide
     from dotllm.tiers import IndexWithFallback
     from dotllm.vllm_ext.backend import DotllmGrammar
 
     return DotllmGrammar(IndexWithFallback(Guide(compiled, eos), lambda: None,
-                                           lambda outcome: None), eos)
+                                           lambda outcome: None), eos,
+                         on_eos=backend and backend.release_device_state)
 
 
 def grammar_on_llguidance(backend, regex: str):

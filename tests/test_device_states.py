@@ -422,7 +422,7 @@ def test_the_last_plans_device_states_are_those_moved_on_the_device(indexes):
 # --- the scheduler: which steps sample without the host ---
 
 def _grammar(backend, compiled: CompiledIndex) -> DotllmGrammar:
-    return grammar_on_index(compiled, backend.vocabulary.eos_token_id)
+    return grammar_on_index(compiled, backend.vocabulary.eos_token_id, backend)
 
 
 @pytest.fixture
@@ -509,11 +509,12 @@ def _drive(scheduler, texts: dict[str, list[int]], grammars: dict,
 def _sampled(scheduler, ids: list[str], texts: dict[str, list[int]],
              sampled: dict[str, int]) -> ModelRunnerOutput:
     """The step's output: each request past its prompt samples its text's next token
-    (`sampled` counts them), none once its text is out."""
+    (`sampled` counts them), none once its text is out or it ended since it was
+    scheduled."""
     tokens = []
     for request_id in ids:
-        if (scheduler.requests[request_id].is_prefill_chunk
-                or sampled[request_id] >= len(texts[request_id])):
+        if ((request := scheduler.requests.get(request_id)) is None
+                or request.is_prefill_chunk or sampled[request_id] >= len(texts[request_id])):
             tokens.append([])
             continue
         tokens.append([texts[request_id][sampled[request_id]]])
@@ -650,10 +651,11 @@ def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, index
         before = backend.metrics.plans_repeated._value.get()
         output = get(out)
         repeated.append(backend.metrics.plans_repeated._value.get() > before)
-        # The rows vLLM asks for: its constrained requests past their prompts.
+        # The rows vLLM asks for: its constrained requests past their prompts (not one
+        # that ended after it was scheduled: d, refused by the accept before this plan).
         assert output.structured_output_request_ids == [
             r for r in out.num_scheduled_tokens
-            if not async_scheduler.requests[r].is_prefill_chunk]
+            if (req := async_scheduler.requests.get(r)) and not req.is_prefill_chunk]
         if repeated[-1]:  # the same, planned anew (no device state set, none released)
             changes = device_planner_changes(async_scheduler)
             fresh = manager.grammar_bitmask(async_scheduler.requests,
@@ -673,11 +675,15 @@ def test_a_repeated_plan_is_the_one_planned_anew(async_scheduler, backend, index
     for i, ids in enumerate(steps):
         if i and ids != steps[i - 1]:  # a request came or went
             assert not repeated[i]
-    # d's EOS: the step after the host accepted it plans d unconstrained, never repeated.
+    # d's EOS released its device state: the next step waited for the host, whose guide
+    # refused what followed the EOS before that step's plan (not repeated; d on its
+    # device state in every plan until then).
     d_rows = [(i, plans[i].structured_output_request_ids.index("d")) for i in
               range(len(steps)) if "d" in plans[i].structured_output_request_ids]
-    unconstrained = [i for i, row in d_rows if plans[i].grammar_bitmask.slots[row] != DEVICE_STATE]
-    assert unconstrained and not repeated[unconstrained[0]]
+    assert all(plans[i].grammar_bitmask.slots[row] == DEVICE_STATE for i, row in d_rows)
+    gone = [i for i, ids in enumerate(steps)
+            if "d" in ids and "d" not in plans[i].structured_output_request_ids]
+    assert gone and not repeated[gone[0]]
     assert requests["d"].status == RequestStatus.FINISHED_ERROR  # what followed its EOS
     assert requests["a"].status == RequestStatus.FINISHED_LENGTH_CAPPED
 

@@ -64,14 +64,15 @@ def llguidance_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
 
 
 class DotllmGrammar(StructuredOutputGrammar):
-    # EOS accepted by any grammar of this process: a guide it ends leaves its device
-    # state (the `device_states` patch repeats a step's plan only while this stays).
-    eos_accepted = 0
-
     def __init__(self, guide: IndexWithFallback | LLGuidanceGuide | TieredGuide,
-                 eos_token_id: int, count_tokens: Callable[[str, int], None] | None = None):
+                 eos_token_id: int, count_tokens: Callable[[str, int], None] | None = None,
+                 on_eos: Callable[[str], None] | None = None):
         self.guide = guide
         self._eos = eos_token_id
+        # Told the request's id when EOS ends the guide: its device state is released
+        # then, so that holding one means the guide goes on (the step's plan reads only
+        # the planner's owners for such requests, not their grammars).
+        self._on_eos = on_eos
         # Tokens per tier, reported in batches: a metric write costs about what the index
         # tier spends on a token.
         self._count_tokens = count_tokens
@@ -84,7 +85,6 @@ class DotllmGrammar(StructuredOutputGrammar):
         self._request_id = ""
         self._catch_up_at = 0
         self._refused = False  # a token the device moved by, the guide did not allow
-        self.ended = False  # EOS accepted: the guide allows nothing more
 
     def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
         # False ends the request with an error (vLLM's scheduler); the engine keeps going.
@@ -107,9 +107,8 @@ class DotllmGrammar(StructuredOutputGrammar):
         if not accepted:
             return False
         self._accepted += len(tokens)
-        if tokens and tokens[-1] == self._eos:
-            self.ended = True
-            DotllmGrammar.eos_accepted += 1
+        if tokens and tokens[-1] == self._eos and self._on_eos is not None:
+            self._on_eos(request_id)
         if self._count_tokens is not None:
             tier = self.guide.tier
             self._uncounted[tier] = count = self._uncounted.get(tier, 0) + len(tokens)
@@ -216,8 +215,8 @@ class DotllmGrammar(StructuredOutputGrammar):
         index and not terminated: the device's own if it holds one, else set from the
         guide's state, which must be `in_step` with every token sampled. False, planning
         nothing, otherwise."""
-        if self.holds_state(plan.planner, request_id):
-            plan.held_row(request_id)  # (the guide, behind the device, need not catch up)
+        if request_id in plan.planner.owners:
+            plan.held_rows([request_id])  # (the guide, behind the device, need not catch up)
             return True
         if not in_step:
             return False
@@ -226,19 +225,13 @@ class DotllmGrammar(StructuredOutputGrammar):
             return False
         return plan.device_state_row(request_id, *position)
 
-    def holds_state(self, planner: RowPlanner, request_id: str) -> bool:
-        """Whether the device holds this request's state, on the index its guide is on (a
-        request leaves its index only released: a guide held there was checked whole, and
-        a hand-over goes only to an index), its guide not ended by EOS."""
-        return not self.ended and request_id in planner.owners
-
     def is_terminated(self) -> bool:
         self.catch_up()
         return self.guide.is_terminated()
 
     def reset(self):
         self.guide.reset()
-        self._accepted, self._outputs, self._refused, self.ended = 0, None, False, False
+        self._accepted, self._outputs, self._refused = 0, None, False
         self._catch_up_at = 0
 
 
@@ -373,7 +366,7 @@ class DotllmBackend(StructuredOutputBackend):
 
     def _grammar(self, guide: IndexWithFallback | LLGuidanceGuide | TieredGuide
                  ) -> DotllmGrammar:
-        return DotllmGrammar(guide, self._eos, self._count_tokens)
+        return DotllmGrammar(guide, self._eos, self._count_tokens, self.release_device_state)
 
     def _count_tokens(self, tier: str, count: int) -> None:
         self.metrics.tier_tokens.labels(tier=tier).inc(count)
@@ -406,6 +399,11 @@ class DotllmBackend(StructuredOutputBackend):
     def planner(self) -> RowPlanner | None:
         """The planner, once the first step made it (`row_planner`)."""
         return self._planner
+
+    def release_device_state(self, request_id: str) -> None:
+        """The request's guide ended (EOS): the device no longer follows it."""
+        if self._planner is not None:
+            self._planner.release(request_id)
 
     def row_planner(self, max_rows: int, device_states: bool = False) -> RowPlanner:
         """The one planner of this engine's steps (its slots mirror the workers' arenas);

@@ -13,8 +13,9 @@ and mask fill between the forward pass and sampling every step (engine/core.py).
 request the workers hold a device state for (dotllm.mask_plan: its index's transitions
 on the device, its state moved there by each sampled token) needs nothing from that
 accept, so only the other constrained requests mark the step. A request's device state
-is released when it ends or is preempted (vLLM may drop tokens the device already took:
-`reset_prefix_cache`), and set again from the host's state when it is next in step.
+is released when it ends, when EOS ends its guide (the host then answers for it), or when
+it is preempted (vLLM may drop tokens the device already took: `reset_prefix_cache`), and
+set again from the host's state when it is next in step.
 
 One request the device does not hold (on llguidance, or its index not on the device)
 would keep every step of its batch waiting for the host: with 64 real schemas at 256
@@ -59,25 +60,18 @@ class DeviceStates(RequestCap):
 
     def _mamba_block_aligned_split(self, request, num_new_tokens: int, *args) -> int:
         num_new_tokens = super()._mamba_block_aligned_split(request, num_new_tokens, *args)
-        # A running request only: one resumed from the waiting queue with no tokens
-        # would stop that queue for the step.
-        if (num_new_tokens and request.num_output_placeholders  # a token in flight
+        # (called for every request scheduled: the planner's flag, set once a step, first)
+        if ((planner := self._planner_found) is not None and planner.few_need_host
+                and num_new_tokens and request.num_output_placeholders  # a token in flight
+                # A running request only: one resumed from the waiting queue with no
+                # tokens would stop that queue for the step.
                 and request.status == self._running and request.use_structured_output
-                and self._sits_out(request)):
+                and request.request_id not in planner.owners):
+            # It needs the host in step: it sits this step out, so that the step need not
+            # wait for the host.
+            self.structured_output_manager.backend.metrics.steps_sat_out.inc()
             return 0
         return num_new_tokens
-
-    def _sits_out(self, request) -> bool:
-        """Whether the request, which needs the host in step, sits this step out so that
-        the step need not wait for the host."""
-        planner = self._planner()
-        if planner is None or not planner.device_states or not planner.few_need_host:
-            return False
-        grammar = request.structured_output_request.grammar
-        if grammar.holds_state(planner, request.request_id):
-            return False
-        self.structured_output_manager.backend.metrics.steps_sat_out.inc()
-        return True
 
     _planner_found = None
 
@@ -113,8 +107,7 @@ class DeviceStates(RequestCap):
             if (not request.use_structured_output or request.is_prefill_chunk
                     or request.num_output_placeholders <= 1):
                 continue
-            grammar = request.structured_output_request.grammar
-            if not grammar.holds_state(planner, req_id):  # (nor when terminated)
+            if req_id not in planner.owners:  # (nor when EOS ended its guide)
                 return  # this one needs the host in step: the step stays pending
         scheduler_output.pending_structured_output_tokens = False
         self.structured_output_manager.backend.metrics.steps_not_deferred.inc()
@@ -130,12 +123,9 @@ class DeviceStates(RequestCap):
         planner = self._planner()
         if planner is None or not planner.device_states:
             return super().get_grammar_bitmask(scheduler_output)
-        from dotllm.vllm_ext.backend import DotllmGrammar
-
         scheduled = list(scheduler_output.num_scheduled_tokens)
-        unchanged = (planner.changes, DotllmGrammar.eos_accepted)
         last = self._repeatable
-        if (last is not None and last[0] == unchanged and last[1] == scheduled
+        if (last is not None and last[0] == planner.changes and last[1] == scheduled
                 and scheduler_output.has_structured_output_requests):
             self.structured_output_manager.backend.metrics.plans_repeated.inc()
             return last[2]
@@ -147,8 +137,7 @@ class DeviceStates(RequestCap):
                     for r in scheduled)):
             # (no constrained request in its prompt: one would join the plan later; one
             # ended since it was scheduled is not scheduled again)
-            self._repeatable = ((planner.changes, DotllmGrammar.eos_accepted), scheduled,
-                                output)
+            self._repeatable = (planner.changes, scheduled, output)
         return output
 
     def _preempt_request(self, request, timestamp: float) -> None:

@@ -59,14 +59,23 @@ def _grammar_bitmask(stock):
         # Rows wait to be filled only where no draft moves a grammar between rows.
         fills = None if scheduled_spec_decode_tokens else []
         on_device = planner.device_states
+        # Requests the device holds (EOS released theirs) are planned in runs, their
+        # grammars not read: a batch in decode is nearly all such requests.
+        owners, held = planner.owners, []
         for req_id in structured_output_request_ids:
+            if req_id in owners:
+                held.append(req_id)
+                continue
+            if held:
+                plan.held_rows(held)
+                held = []
             request = requests[req_id]
             grammar = request.structured_output_request.grammar
-            if on_device:  # (not once terminated: then unconstrained, below)
-                # In step: no token in flight but this step's own.
-                if grammar.add_state_row(plan, req_id, request.num_output_placeholders <= 1):
-                    continue
-                planner.release(req_id)
+            # A device state set (not once terminated: then unconstrained, below) where
+            # the request is in step: no token in flight but this step's own.
+            if on_device and grammar.add_state_row(plan, req_id,
+                                                   request.num_output_placeholders <= 1):
+                continue
             drafts = scheduled_spec_decode_tokens.get(req_id, ())
             constrained, advanced = True, 0
             for token in drafts:
@@ -80,6 +89,8 @@ def _grammar_bitmask(stock):
             _add(plan, grammar, True, fills)  # the bonus token's row
             if advanced:
                 grammar.rollback(advanced)
+        if held:
+            plan.held_rows(held)
         if fills:
             backend.fill_rows(fills, plan.rows)
         return plan.finish()
