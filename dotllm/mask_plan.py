@@ -307,8 +307,6 @@ class PlanBuilder:
         held = len(self._device_rows)
         others = len(self._slots) - held - self._slots.count(UNCONSTRAINED)
         p.few_need_host = 0 < others <= SIT_OUT_SHARE * held
-        p.last_plan_on_device = (held == len(self._slots) and not self._inits
-                                 and not self._uploads and not self._blob_uploads)
         p._last_on_device = frozenset(self._device_requests)
         plan = RowPlan(p.words, np.array(self._slots, dtype=np.int32),
                        p._direct[:self._direct], self._uploads,
@@ -319,4 +317,5 @@ class PlanBuilder:
         if self._inits:
             columns = zip(*self._inits, strict=True)
             plan.state_inits = tuple(np.array(c, dtype=np.int32) for c in columns)
+        p.last_plan_on_device = held == len(self._slots) and not plan.writes_device
         return plan

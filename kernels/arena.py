@@ -78,6 +78,13 @@ class RowPlan:
         return len(self.slots)
 
     @property
+    def writes_device(self) -> bool:
+        """Whether the step writes to the workers' device memory before it masks (table
+        rows, its own rows, transitions, device states set)."""
+        return bool(self.uploads or len(self.direct) or self.blob_uploads
+                    or (self.state_inits is not None and len(self.state_inits[0])))
+
+    @property
     def nbytes(self) -> int:
         """Bytes the step sends to the workers."""
         extra = 0 if self.states is None else self.states.nbytes
@@ -346,8 +353,7 @@ class _LastStep:
     def key_of(plan: RowPlan, logit_rows: np.ndarray,
                sources: np.ndarray | None) -> tuple[bytes | None, ...] | None:
         """None for a step that writes to the device."""
-        if (plan.uploads or len(plan.direct) or plan.blob_uploads
-                or (plan.state_inits is not None and len(plan.state_inits[0]))):
+        if plan.writes_device:
             return None
         return (plan.slots.astype(np.int32, copy=False).tobytes(),
                 None if plan.states is None else plan.states.astype(np.int32, copy=False).tobytes(),
