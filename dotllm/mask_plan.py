@@ -57,7 +57,10 @@ class RowPlanner:
         self._blobs: dict[int, tuple[int, int]] = {}  # serial -> (offset, length)
         self._unsent: dict[int, tuple[np.ndarray, int]] = {}  # serial -> (blob, words sent)
         self._state_free = list(range(state_slots - 1, -1, -1))
-        self.owners: dict[str, tuple[int, int]] = {}  # request id -> (state slot, serial)
+        # request id -> (state slot, serial). A request's guide stays on that index while
+        # it is here (its blocks were checked whole before the blob went, and a hand-over
+        # goes only to an index); EOS releases it (`DotllmGrammar`'s on_eos).
+        self.owners: dict[str, tuple[int, int]] = {}
         self._pins: Counter[int] = Counter()  # serial -> live device states on it
         # The last plan had device-state rows and few others that needed the host.
         self.few_need_host = False
