@@ -60,7 +60,8 @@ class DeviceStates(RequestCap):
 
     def _mamba_block_aligned_split(self, request, num_new_tokens: int, *args) -> int:
         num_new_tokens = super()._mamba_block_aligned_split(request, num_new_tokens, *args)
-        # (called for every request scheduled: the planner's flag, set once a step, first)
+        # (called for every request scheduled: the planner's flag first; `_cap_wanted`,
+        # at the start of each schedule, found the planner if there is one)
         if ((planner := self._planner_found) is not None and planner.few_need_host
                 and num_new_tokens and request.num_output_placeholders  # a token in flight
                 # A running request only: one resumed from the waiting queue with no
