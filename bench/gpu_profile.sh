@@ -25,7 +25,8 @@ fi
 # Each repeat's line is kept as it ends (a device call's limit brings back what is under
 # $OUT, not a killed process's summary); PROFILE_TIMEOUT_S stops it before that limit.
 name=$(IFS=-; echo "$*")
-timeout "${PROFILE_TIMEOUT_S:-540}" python3 -m bench.step_profile --model "$model" \
+JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "${PROFILE_TIMEOUT_S:-540}" \
+    python3 -m bench.step_profile --model "$model" \
     --engines "$@" --serve-arg=--load-format=dummy --out "$OUT/step-profile-$name.json" \
     2> "$OUT/step-profile-stderr.log" | tee "$OUT/step-profile-$name.jsonl" | grep -v '^{' || true
 # The raw stacks run past what a device call brings back (2026-12-06): compressed.

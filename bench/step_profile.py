@@ -1,7 +1,7 @@
 """Where a decode step's host time goes, per phase, on a live server (issue 12).
 
     python -m bench.step_profile --model DIR [--engines dotllm xgrammar] [--concurrency 256]
-                                 [--tokens 128] [--repeats 2] [bench.serve's options]
+                                 [--tokens 128] [--repeats 2] [--workloads ... schema-mix]
 
 A vLLM general plugin of the benchmark's own (`install`, entry point `dotllm_step_profile`,
 registered only where this runs: bench/gpu_profile.sh) wraps, in every process of the
@@ -14,7 +14,9 @@ application, and the engine core's whole `step_with_batch_queue`. Totals are wri
 $DOTLLM_STEP_PROFILE_DIR/<pid>.json twice a second; the driver reads them before and
 after each equal-work batch of bench.serve and reports each phase per step (one
 `schedule` call is one step). What the step loop spends outside the phases (mostly
-waiting for the GPU's result) is the loop's time less theirs.
+waiting for the GPU's result) is the loop's time less theirs. `schema-mix` is bench.serve's
+(real schemas, warm, each answer until complete), followed by its free twin of the same
+lengths: where a batch that changes every step spends what the enum array does not.
 
 With each process's totals go where the OS ran it: the CPU its main thread was on at
 each write, and its involuntary context switches (other work took its CPU). On an H100
@@ -259,10 +261,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", nargs="+", choices=servers.ENGINES, default=["dotllm"])
-    parser.add_argument("--workloads", nargs="+", choices=scenarios.EQUAL_WORK,
-                        default=["free", "enum-array", "long-string"])
+    parser.add_argument("--workloads", nargs="+",
+                        choices=(*scenarios.EQUAL_WORK, scenarios.SCHEMA_MIX),
+                        default=["free", "enum-array", "long-string"],
+                        help="schema-mix runs its free twin after it (bench.serve's)")
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="the cap on a schema-mix answer")
+    parser.add_argument("--mix-subset", default="Glaiveai2K")
+    parser.add_argument("--mix-schemas", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model")
     parser.add_argument("--serve-arg", action="append", default=[])
@@ -272,7 +281,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin", choices=("off", "alternate"), default="off",
                         help="alternate: each workload as placed, then pinned (module doc)")
     args = parser.parse_args(argv)
+    schemas = []
+    if scenarios.SCHEMA_MIX in args.workloads:
+        from bench.jsonschemabench import load
+
+        schemas = [case.schema for case in load(args.mix_subset, args.mix_schemas, args.seed)]
     results = []
+
+    def profiled(url: str, model: str, engine: str, workload: str, repeat: int, pinned: bool,
+                 profile_dir: Path, requests=None):
+        """One batch, its phases a step appended to `results`."""
+        time.sleep(1.0)  # the totals files catch up
+        before, steal_before = read_processes(profile_dir), cpu_steal()
+        batch = asyncio.run(serve.run_batch(
+            url, model, engine, workload, args.concurrency, args.tokens, args.max_tokens,
+            repeat, requests=requests))
+        time.sleep(1.0)
+        after, steal_after = read_processes(profile_dir), cpu_steal()
+        phases, steps = per_step(totals(before), totals(after))
+        where = placement(before, after, steps)
+        for process in where.values():
+            process["steal_ms_per_step"] = steal_ms_per_step(
+                steal_before, steal_after, process["cpus"], steps)
+        results.append({"engine": engine + ("-pinned" if pinned else ""), "workload": workload,
+                        "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
+                        "errors": len(batch.errors), "phases_ms": phases,
+                        "steps_without_host": batch.steps_without_host,
+                        "steps_sat_out": batch.steps_sat_out, "placement": where})
+        print(json.dumps(results[-1]), flush=True)
+        return batch
+
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines:
             profile_dir = Path(tempfile.mkdtemp(dir=tmp))
@@ -283,32 +321,25 @@ def main(argv: list[str] | None = None) -> int:
                                    extra_plugins=("dotllm_step_profile",))
             try:
                 model = asyncio.run(servers.served_model(server.url))
-                asyncio.run(serve.warm(server.url, model, args.workloads, args.tokens))
+                asyncio.run(serve.warm(server.url, model, args.workloads, args.tokens,
+                                       scenarios.schema_mix(schemas, len(schemas))))
                 for repeat, workload in itertools.product(range(args.repeats), args.workloads):
                     # Alternate which goes first, so neither always follows the other.
                     pinnings = {"off": (False,), "alternate": (False, True)}[args.pin]
                     for pinned in pinnings[::-1] if repeat % 2 else pinnings:
                         if args.pin != "off":
                             pin(server.process.pid, read_processes(profile_dir), pinned)
-                        time.sleep(1.0)  # the totals files catch up
-                        before, steal_before = read_processes(profile_dir), cpu_steal()
-                        batch = asyncio.run(serve.run_batch(
-                            server.url, model, engine, workload, args.concurrency,
-                            args.tokens, args.tokens, repeat))
-                        time.sleep(1.0)
-                        after, steal_after = read_processes(profile_dir), cpu_steal()
-                        phases, steps = per_step(totals(before), totals(after))
-                        where = placement(before, after, steps)
-                        for process in where.values():
-                            process["steal_ms_per_step"] = steal_ms_per_step(
-                                steal_before, steal_after, process["cpus"], steps)
-                        results.append({"engine": engine + ("-pinned" if pinned else ""),
-                                        "workload": workload,
-                                        "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
-                                        "errors": len(batch.errors), "phases_ms": phases,
-                                        "steps_without_host": batch.steps_without_host,
-                                        "placement": where})
-                        print(json.dumps(results[-1]), flush=True)
+                        run = functools.partial(profiled, server.url, model, engine,
+                                                repeat=repeat, pinned=pinned,
+                                                profile_dir=profile_dir)
+                        if workload != scenarios.SCHEMA_MIX:
+                            run(workload)
+                            continue
+                        mix = run(workload, requests=scenarios.schema_mix(
+                            schemas, args.concurrency))
+                        run(scenarios.MATCHED_FREE, requests=scenarios.matched_free(
+                            [n for n, status in zip(mix.tokens, mix.status, strict=True)
+                             if status == "ok" and n]))
             finally:
                 servers.stop_server(server)
     args.out.write_text(json.dumps(results, indent=1))
