@@ -62,8 +62,10 @@ class RowPlanner:
         # goes only to an index); EOS releases it (`DotllmGrammar`'s on_eos).
         self.owners: dict[str, tuple[int, int]] = {}
         self._pins: Counter[int] = Counter()  # serial -> live device states on it
-        # The last plan had device-state rows and few others that needed the host.
-        self.few_need_host = False
+        # The requests of the last plan whose rows the host gave, where it also had rows
+        # named by device states and few such others (empty otherwise): they sit out the
+        # steps they would make wait for the host (the `device_states` patch).
+        self.need_host: frozenset[str] = frozenset()
         # The requests whose rows the last plan named by device states: the device moves
         # them by the tokens that step samples (`moved_on_device`).
         self._last_on_device: frozenset[str] = frozenset()
@@ -185,6 +187,7 @@ class PlanBuilder:
         self._device_rows: list[int] = []  # rows named by a device state ...
         self._device_slots: list[int] = []  # ... their state slots ...
         self._device_requests: list[str] = []  # ... and their requests
+        self._host_requests: list[str] = []  # requests whose rows the host gave
         self._inits: list[tuple[int, int, int]] = []  # (state slot, blob base, state)
         self._blob_uploads: list[tuple[int, np.ndarray]] = []
         self._room = planner.step_upload_bytes  # bytes this step may still send
@@ -272,6 +275,10 @@ class PlanBuilder:
         self._device_requests.extend(request_ids)
         self._slots.extend([DEVICE_STATE] * len(request_ids))
 
+    def on_host(self, request_id: str) -> None:
+        """The request's rows in this plan are the host's (not a device state's)."""
+        self._host_requests.append(request_id)
+
     def _send_blob(self, serial: int, base: int) -> bool:
         """Sends what this step may of the blob at `base`; whether it is all sent now."""
         unsent = self._planner._unsent
@@ -309,7 +316,8 @@ class PlanBuilder:
         p = self._planner
         held = len(self._device_rows)
         others = len(self._slots) - held - self._slots.count(UNCONSTRAINED)
-        p.few_need_host = 0 < others <= SIT_OUT_SHARE * held
+        few = 0 < others <= SIT_OUT_SHARE * held
+        p.need_host = frozenset(self._host_requests) if few else frozenset()
         p._last_on_device = frozenset(self._device_requests)
         plan = RowPlan(p.words, np.array(self._slots, dtype=np.int32),
                        p._direct[:self._direct], self._uploads,

@@ -159,7 +159,7 @@ def test_a_constraint_not_waiting_for_a_compile_is_held_as_in_vllm(scheduler, ba
 
 def test_the_cap_is_asked_of_every_request_only_where_a_request_has_no_output(
         scheduler, digit):
-    """A batch all in decode is spared the cap's call a request (RequestCap); a request
+    """A batch all in decode is spared the cap's call a request; a request
     waiting, or still in its prompt, turns it back on, and it still holds that prompt
     short of the step that samples."""
     calls = []

@@ -592,11 +592,12 @@ def test_only_a_running_request_sits_out(async_scheduler, backend, indexes):
     z = _request("z", grammar_on_llguidance(backend, REGEXES[3]))
     scheduler.add_request(z)
     scheduler.get_grammar_bitmask(scheduler.schedule())  # all in step: six held, z not
-    assert planner_of(scheduler.structured_output_manager).few_need_host
+    assert planner_of(scheduler.structured_output_manager).need_host == {"z"}
     assert z.num_output_placeholders == 1  # its first token in flight
-    assert scheduler._mamba_block_aligned_split(z, 1) == 0
-    z.status = RequestStatus.PREEMPTED
-    assert scheduler._mamba_block_aligned_split(z, 1) == 1
+    assert "z" not in scheduler.schedule().num_scheduled_tokens  # it sits this one out
+    scheduler.running.remove(z)
+    scheduler._preempt_request(z, 0.0)
+    assert "z" in scheduler.schedule().num_scheduled_tokens  # resumed from the queue
 
 
 def device_planner_holds(scheduler, request_id, compiled) -> bool:

@@ -129,6 +129,8 @@ def test_a_few_requests_on_llguidance_sit_out_instead_of_holding_the_batch(
             list(pool.map(ask, range(24)))
         sat_out = server.total("dotllm_steps_sat_out_total")
         undeferred = server.total("dotllm_steps_sampled_without_host_total")
-        assert sat_out > 0 and undeferred > 0, server.log_tail()
+        steps = {k: v for k, v in server.metrics().items()
+                 if k.startswith(("dotllm_steps", "dotllm_plans", "dotllm_constraint_tier"))}
+        assert sat_out > 0 and undeferred > 0, (steps, server.log_tail())
     finally:
         stop_server(server)

@@ -21,9 +21,11 @@ One request the device does not hold (on llguidance, or its index not on the dev
 would keep every step of its batch waiting for the host: with 64 real schemas at 256
 requests, one of which only llguidance serves, 80-86 % of the steps did on an H200. Where
 such requests are few (at most `mask_plan.SIT_OUT_SHARE` of the last plan's constrained
-rows), each sits out the steps in which it has a token in flight (the scheduler's cap
-gives it no tokens, as vLLM does for a request at its length limit): it samples every
-other step, in step with the host, and the rest of the batch samples at once.
+rows), each sits out the steps in which it has a token in flight: it samples every other
+step, in step with the host, and the rest of the batch samples at once. It is gated
+before the step is scheduled (`_sit_out`), not asked about in vLLM's loop over the
+running requests: a hook there is a call for every request of the batch (~0.3 ms a step
+of a 256-request schema mix on an H100 host).
 
 With every request on the device, the engine core's host work a step was still a few
 calls a constrained request (vLLM's accept and DotLLM's plan row, ~0.8 ms at 256
@@ -38,13 +40,12 @@ from __future__ import annotations
 
 from dotllm.settings import Settings
 from dotllm.vllm_ext.patching import mixing_into_scheduler, replace_attribute
-from dotllm.vllm_ext.request_cap import RequestCap
 from dotllm.vllm_ext.row_plans import planner_of
 
 NAME = "device_states"
 
 
-class DeviceStates(RequestCap):
+class DeviceStates:
     """Mixed in before vLLM's `Scheduler` or `AsyncScheduler`; the synchronous one never
     has a token in flight, and needs only the releases."""
 
@@ -54,25 +55,30 @@ class DeviceStates(RequestCap):
         super().__init__(*args, **kwargs)
         self._running = RequestStatus.RUNNING
 
-    def _cap_wanted(self) -> bool:
-        planner = self._planner()  # (requests sit out only after a plan with few of them)
-        return (planner is not None and planner.few_need_host) or super()._cap_wanted()
+    def schedule(self, *args, **kwargs):
+        self._sit_out()
+        return super().schedule(*args, **kwargs)
 
-    def _mamba_block_aligned_split(self, request, num_new_tokens: int, *args) -> int:
-        num_new_tokens = super()._mamba_block_aligned_split(request, num_new_tokens, *args)
-        # (called for every request scheduled: the planner's flag first; `_cap_wanted`,
-        # at the start of each schedule, found the planner if there is one)
-        if ((planner := self._planner_found) is not None and planner.few_need_host
-                and num_new_tokens and request.num_output_placeholders  # a token in flight
-                # A running request only: one resumed from the waiting queue with no
-                # tokens would stop that queue for the step.
-                and request.status == self._running and request.use_structured_output
-                and request.request_id not in planner.owners):
-            # It needs the host in step: it sits this step out, so that the step need not
-            # wait for the host.
-            self.structured_output_manager.backend.metrics.steps_sat_out.inc()
-            return 0
-        return num_new_tokens
+    def _sit_out(self) -> None:
+        """The few requests the last plan needed the host for, where they have a token in
+        flight (one that step samples), sit the coming step out: vLLM's running loop
+        passes over a request until its `next_decode_eligible_step` (its own gate for
+        pipeline-parallel decodes), so the batch's other requests pay no call for it.
+        Only a running request: one resumed from the waiting queue is not gated there."""
+        planner = self._planner()
+        if planner is None or not planner.need_host:
+            return
+        gate = self.current_step + 2  # schedule() counts the coming step first
+        sat_out = 0
+        for req_id in planner.need_host:
+            request = self.requests.get(req_id)
+            if (request is not None and request.status == self._running
+                    and request.num_output_placeholders and req_id not in planner.owners):
+                request.next_decode_eligible_step = max(request.next_decode_eligible_step,
+                                                        gate)
+                sat_out += 1
+        if sat_out:
+            self.structured_output_manager.backend.metrics.steps_sat_out.inc(sat_out)
 
     _planner_found = None
 

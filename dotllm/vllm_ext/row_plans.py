@@ -76,6 +76,7 @@ def _grammar_bitmask(stock):
             if on_device and grammar.add_state_row(plan, req_id,
                                                    request.num_output_placeholders <= 1):
                 continue
+            plan.on_host(req_id)
             drafts = scheduled_spec_decode_tokens.get(req_id, ())
             constrained, advanced = True, 0
             for token in drafts:
