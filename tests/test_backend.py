@@ -136,6 +136,31 @@ def test_a_corrupt_block_llguidance_cannot_take_over_is_a_server_fault(tokenizer
     assert reason.startswith(compile_errors.SERVER_FAULT) and "retry" in reason
 
 
+def test_a_recorded_failure_reaches_its_error_output_only(monkeypatch):
+    """The scheduler's step outputs: the failed request's error output carries its reason,
+    no other output is touched; an entry no request collects goes once stale."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    from dotllm.vllm_ext import compile_errors
+
+    compile_errors.record("failed", "no such pattern")
+    compile_errors.record("aborted", "never built")
+    outputs = {0: EngineCoreOutputs(outputs=[
+        EngineCoreOutput("running", [7]),
+        EngineCoreOutput("done", [2], finish_reason=FinishReason.STOP),
+        EngineCoreOutput("failed", [], finish_reason=FinishReason.ERROR)])}
+    compile_errors.fill_stop_reasons(outputs, FinishReason.ERROR, known={"aborted"})
+    running, done, failed = outputs[0].outputs
+    assert failed.stop_reason == f"{compile_errors.MARKER}invalid: no such pattern"
+    assert running.stop_reason is None and done.stop_reason is None
+    assert list(compile_errors._failures) == ["aborted"]  # known, or not yet stale
+    monkeypatch.setattr(compile_errors, "STALE_S", -1.0)
+    compile_errors.fill_stop_reasons(outputs, FinishReason.ERROR, known={"aborted"})
+    assert list(compile_errors._failures) == ["aborted"]  # the scheduler still has it
+    compile_errors.fill_stop_reasons({}, FinishReason.ERROR, known=set())
+    assert not compile_errors._failures
+
+
 @pytest.mark.parametrize("engine", ["outlines", "llguidance"])
 def test_one_engine_alone(backend, tokenizer, monkeypatch, engine):
     """`--dotllm-constraint-engine`: outlines waits for each index and refuses what

@@ -44,7 +44,7 @@ def report():
                StructuredOutputManager.__init__,
                StructuredOutputManager.grammar_bitmask,
                SchedulerConfig.get_scheduler_cls,
-               scheduler.EngineCoreOutput,
+               scheduler.Scheduler.update_from_output,
                getattr(getattr(async_llm, "AsyncLLM", None), "generate", None),
                getattr(v1_runner, "apply_grammar_bitmask", None),
                getattr(getattr(v2_outputs, "StructuredOutputsWorker", None),
@@ -131,7 +131,7 @@ def test_register_is_idempotent(monkeypatch):
                (CompletionRequest, "extract_structured_outputs"),
                (StructuredOutputManager, "__init__"),
                (StructuredOutputManager, "_create_grammar"),
-               (scheduler, "EngineCoreOutput"), (AsyncLLM, "generate")]
+               (scheduler.Scheduler, "update_from_output"), (AsyncLLM, "generate")]
     for owner, name in targets:  # restored after the test
         monkeypatch.setattr(owner, name, getattr(owner, name))
     original = api_server.build_app

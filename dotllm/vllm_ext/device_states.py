@@ -166,6 +166,8 @@ def _should_advance(stock):
     (`DotllmGrammar.follow_device`), so a step costs no accept a request."""
 
     def should_advance(self, request) -> bool:
+        if not request.use_structured_output:  # (vLLM asks of every request a step)
+            return False
         planner = getattr(self.backend, "planner", None)  # None: not DotLLM's backend
         if (planner is not None and request.request_id in planner.owners
                 and request.structured_output_request._grammar.follow_device(
