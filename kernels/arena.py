@@ -11,8 +11,12 @@ The engine core decides which table goes in which slots and when a slot is reuse
 (dotllm.mask_plan.RowPlanner): the arena only obeys, so every worker of a tensor-parallel
 group holds the same rows. On CUDA the host buffers are pinned once (grown when a step
 needs more), copies go on a side stream while the compute stream is busy with the forward
-pass, and two events keep reuse safe: a host buffer is rewritten only after the copy that
-read it finished, and arena rows only after the kernel that read them finished.
+pass, and events keep reuse safe: a host buffer is rewritten only after the copy that
+read it finished, and arena rows only after the kernel that read them finished. The host
+buffers are two, used in turn: a step waits for the copy of the step before the last,
+not for the last one's, which the side stream holds until the last step's kernel has run
+(with async scheduling the host prepares a step while the GPU may still be on the one
+before).
 
 Rows may also be named by a device state (dotllm.kernels.states): a request on an index
 whose state the device advances from each sampled token. Its row's slot is read on the
@@ -125,8 +129,9 @@ class MaskArena:
         self._staged = 0  # capacity of the pinned step buffers
         if self._cuda:
             self._stream = torch.cuda.Stream(self.device)
-            self._copied = torch.cuda.Event()
+            self._copied = (torch.cuda.Event(), torch.cuda.Event())  # by host buffer
             self._consumed = torch.cuda.Event()
+            self._turn = 0  # the host buffers this step fills
             self._grow_staging(initial_rows)
 
     # -- growth (rare: a wider step, or tables in higher slots than before) ---------------
@@ -175,12 +180,14 @@ class MaskArena:
         if self._staged:
             self._quiesce()
         self._staged = max(rows, 2 * self._staged)
-        self._host_direct = torch.empty((self._staged, self.words), dtype=torch.int32,
-                                        pin_memory=True)
+        self._host_direct = tuple(torch.empty((self._staged, self.words), dtype=torch.int32,
+                                              pin_memory=True) for _ in self._copied)
         # targets, slots; device-state rows: positions, state slots, logits rows;
         # state inits: slots, bases, states
-        self._host_index = torch.empty((8, self._staged), dtype=torch.int32, pin_memory=True)
-        self._device_index = torch.empty_like(self._host_index, device=self.device)
+        self._host_index = tuple(torch.empty((8, self._staged), dtype=torch.int32,
+                                             pin_memory=True) for _ in self._copied)
+        self._device_index = torch.empty((8, self._staged), dtype=torch.int32,
+                                         device=self.device)
 
     # -- a step ---------------------------------------------------------------------------
 
@@ -300,9 +307,12 @@ class MaskArena:
         m, k = len(device_rows[0]), len(inits[0])
         if max(count, n, k) > self._staged:
             self._grow_staging(max(count, n, k))
-        self._copied.synchronize()  # the previous copy has read the host buffers
-        self._host_direct.numpy()[:n] = plan.direct
-        index = self._host_index.numpy()
+        turn, self._turn = self._turn, 1 - self._turn
+        copied, host_direct, host_index = (
+            self._copied[turn], self._host_direct[turn], self._host_index[turn])
+        copied.synchronize()  # the copy that last read these host buffers is over
+        host_direct.numpy()[:n] = plan.direct
+        index = host_index.numpy()
         index[0, :count], index[1, :count] = targets, slots
         for row, values in enumerate((*device_rows, *inits), start=2):
             index[row, :len(values)] = values
@@ -316,12 +326,15 @@ class MaskArena:
             # on the step's critical path (issue 12), ~10 us a torch call from Python.
             if n:
                 self._arena[self._table_rows:self._table_rows + n].copy_(
-                    self._host_direct[:n], non_blocking=True)
-            self._device_index[:, :max(count, k)].copy_(self._host_index[:, :max(count, k)],
-                                                        non_blocking=True)
+                    host_direct[:n], non_blocking=True)
+            # The whole buffer (8 KiB at 256 rows): a column slice of it is not contiguous,
+            # which torch copies through a pageable temporary (made, then staged by the
+            # driver): that line was ~40 % of the worker's mask time in a schema mix's
+            # steps on an H100 host (py-spy, 2026-12-07).
+            self._device_index.copy_(host_index, non_blocking=True)
             self._write_states(plan, tuple(self._device_index[5:8, :k]) if k else None)
-            self._copied.record(self._stream)
-        torch.cuda.current_stream(self.device).wait_event(self._copied)
+            copied.record(self._stream)
+        torch.cuda.current_stream(self.device).wait_event(copied)
         index = self._device_index
         return _Launch(index[0, :count], index[1, :count],
                        (index[2, :m], index[3, :m], index[4, :m]) if m else None, masked)
