@@ -329,7 +329,7 @@ class MaskArena:
                     host_direct[:n], non_blocking=True)
             # The whole buffer (8 KiB at 256 rows): a column slice of it is not contiguous,
             # which torch copies through a pageable temporary (made, then staged by the
-            # driver): that line was ~40 % of the worker's mask time in a schema mix's
+            # driver): that line was ~30 % of the worker's mask time in a schema mix's
             # steps on an H100 host (py-spy, 2026-12-07).
             self._device_index.copy_(host_index, non_blocking=True)
             self._write_states(plan, tuple(self._device_index[5:8, :k]) if k else None)
