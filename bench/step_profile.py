@@ -41,6 +41,7 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -348,20 +349,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: list[dict]) -> str:
-    """Phases (rows) by engine/workload (columns), ms per step, the last repeat's."""
-    last = {(r["engine"], r["workload"]): r for r in results}
-    columns = list(last)
-    phases = sorted({p for r in last.values() for p in r["phases_ms"]},
+    """Phases (rows) by engine/workload (columns), ms per step: the median of the repeats;
+    the step against the same repeat's baseline's (free; the schema mix's free twin), as
+    bench.serve reports it; where the processes ran: the last repeat's."""
+    from bench import serve
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["engine"], r["workload"]), []).append(r)
+    last = {c: rs[-1] for c, rs in groups.items()}
+    columns = list(groups)
+    ratios = serve.step_ratios([{"engine": r["engine"], "scenario": r["workload"],
+                                 "concurrency": 0, "repeat": r["repeat"],
+                                 "engine_itl_s": r["itl_ms"]} for r in results])
+    phases = sorted({p for r in results for p in r["phases_ms"]},
                     key=lambda p: [t[3] for t in TARGETS].index(p)
                     if p in [t[3] for t in TARGETS] else 99)
-    lines = ["| phase (ms per step) | " + " | ".join(f"{e} {w}" for e, w in columns) + " |",
+
+    def median(c: tuple[str, str], value) -> float:
+        return statistics.median(value(r) for r in groups[c])
+
+    lines = ["| phase (ms per step, median of the repeats) | "
+             + " | ".join(f"{e} {w}" for e, w in columns) + " |",
              "|---|" + "---|" * len(columns),
-             "| vLLM ITL | " + " | ".join(f"{last[c]['itl_ms']:.2f}" for c in columns) + " |",
+             "| vLLM ITL, median [min-max] | " + " | ".join(
+                 serve.spread([r["itl_ms"] for r in groups[c]]) for c in columns) + " |",
+             "| x its baseline, median [min-max] | " + " | ".join(
+                 serve.spread(ratios.get((*c, 0), [])) for c in columns) + " |",
              "| steps sampled without the host | " + " | ".join(
-                 f"{last[c].get('steps_without_host', math.nan):.0%}" for c in columns) + " |"]
+                 f"{median(c, lambda r: r.get('steps_without_host', math.nan)):.0%}"
+                 for c in columns) + " |"]
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(
-            f"{last[c]['phases_ms'].get(phase, 0):.2f}" for c in columns) + " |")
+            f"{median(c, lambda r, p=phase: r['phases_ms'].get(p, 0)):.2f}" for c in columns)
+            + " |")
     for process in ("engine core", "worker"):
         where = [{k: v for k, v in last[c].get("placement", {}).items()
                   if k.startswith(process)} for c in columns]
