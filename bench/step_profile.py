@@ -10,7 +10,8 @@ server, the methods a step runs through with wall-clock timers: the scheduler's
 manager's `grammar_bitmask`, the grammars' `accept_tokens` and `fill_bitmask` (with
 `--per-request-phases` only: once a request, their timers would slow the step), the
 model runner's `execute_model` and `sample_tokens` (either runner), DotLLM's mask
-application, and the engine core's whole `step_with_batch_queue`. Totals are written to
+application (its staging and launches apart), and the engine core's whole
+`step_with_batch_queue`. Totals are written to
 $DOTLLM_STEP_PROFILE_DIR/<pid>.json twice a second; the driver reads them before and
 after each equal-work batch of bench.serve and reports each phase per step (one
 `schedule` call is one step). What the step loop spends outside the phases (mostly
@@ -75,6 +76,8 @@ TARGETS = (
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "sample_tokens",
      "sample_tokens (V2)"),
     ("dotllm.vllm_ext.mask_kernels", None, "apply_rows", "  apply mask (DotLLM)"),
+    ("dotllm.kernels.arena", "MaskArena", "_stage_cuda", "    staged: pinned fill, copies"),
+    ("dotllm.kernels.arena", "MaskArena", "_launch", "    launches: resolve, mask"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync",
      "  bookkeeping (V1)"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "prepare_inputs",
