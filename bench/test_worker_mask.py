@@ -11,7 +11,8 @@ extension's, csrc/states.cu, and Triton's). The plans are the engine core's
 (bench/test_step_plan.py's grammars); each round is one step's `mask_kernels` call as
 vLLM's V2 runner makes it (the logits rows found, the rows masked, the device states
 moved by the tokens sampled). On CUDA the GPU is synchronized
-before each round, not in it, so a round's time is the host's: launches return at once.
+before each round, not in it, so a round's time is the host's: launches return at once;
+"GPU busy" rounds start with the GPU at other work, as in a served step.
 On the CPU (CI, benchmarks disabled) it checks that the masked logits are the plans'.
 """
 
@@ -63,7 +64,8 @@ def _rolled(plan: RowPlan) -> RowPlan:
         None if plan.states is None else np.roll(plan.states, 1)))
 
 
-@pytest.mark.parametrize("steps", ["the same step again", "steps alternating"])
+@pytest.mark.parametrize("steps", ["the same step again", "steps alternating",
+                                   "steps alternating, GPU busy"])
 @pytest.mark.parametrize("states_ops", _variants())
 def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, steps,  # noqa: F811
                           monkeypatch):
@@ -93,12 +95,19 @@ def test_worker_mask_step(benchmark, grammars, vocabulary, states_ops, steps,  #
     # Each round gets a plan of its own, as the worker does (unpickled from the engine
     # core's): equal to the last round's (the engine core repeated its plan: the arena
     # launches again, kernels.arena._LastStep) or not (the whole path).
-    others = (steady, _rolled(steady)) if steps == "steps alternating" else (steady,)
+    # "GPU busy": each round starts while the GPU runs 1-2 ms of other work (8 bf16
+    # matmuls of 4096), as a served step's mask is applied while the forward pass runs:
+    # what waits on the GPU, in a copy or an event, is then host time too.
+    others = (steady, _rolled(steady)) if steps.startswith("steps alternating") else (steady,)
     rounds = itertools.cycle(others)
+    busy = (torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
+            if DEVICE.type == "cuda" and steps.endswith("GPU busy") else None)
 
     def synchronized():
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
+        for _ in range(8 if busy is not None else 0):
+            busy @ busy  # noqa: B018 (work for the GPU, not a value)
         return (copy.deepcopy(next(rounds)),), {}
 
     benchmark.group = f"worker mask step, {ROWS} index rows, V={vocab}, {DEVICE.type}, {steps}"
