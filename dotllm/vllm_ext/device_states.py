@@ -60,11 +60,12 @@ class DeviceStates:
         return super().schedule(*args, **kwargs)
 
     def _sit_out(self) -> None:
-        """The few requests the last plan needed the host for, where they have a token in
-        flight (one that step samples), sit the coming step out: vLLM's running loop
-        passes over a request until its `next_decode_eligible_step` (its own gate for
-        pipeline-parallel decodes), so the batch's other requests pay no call for it.
-        Only a running request: one resumed from the waiting queue is not gated there."""
+        """The few requests the last plan needed the host for (none of them held: only a
+        plan sets a device state), where they have a token in flight (one that step
+        samples), sit the coming step out: vLLM's running loop passes over a request
+        until its `next_decode_eligible_step` (its own gate for pipeline-parallel
+        decodes), so the batch's other requests pay no call for it. Only a running
+        request: one resumed from the waiting queue is not gated there."""
         planner = self._planner()
         if planner is None or not planner.need_host:
             return
@@ -73,7 +74,7 @@ class DeviceStates:
         for req_id in planner.need_host:
             request = self.requests.get(req_id)
             if (request is not None and request.status == self._running
-                    and request.num_output_placeholders and req_id not in planner.owners):
+                    and request.num_output_placeholders):
                 request.next_decode_eligible_step = max(request.next_decode_eligible_step,
                                                         gate)
                 sat_out += 1
