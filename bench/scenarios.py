@@ -95,9 +95,11 @@ def schema_mix(schemas: list[dict], concurrency: int) -> list[Request]:
             for schema in islice(cycle(schemas), concurrency)]
 
 
-def matched_free(steps: list[int]) -> list[Request]:
-    """Free requests of exactly these lengths: a schema mix's equal work."""
-    return [Request({"ignore_eos": True}, constrained=False, steps=n) for n in steps]
+def matched_free(tokens: list[int], status: list[str]) -> list[Request]:
+    """Free requests as long as a schema mix's served answers (a batch's tokens and
+    status): its equal work."""
+    return [Request({"ignore_eos": True}, constrained=False, steps=n)
+            for n, ok in zip(tokens, status, strict=True) if ok == "ok" and n]
 
 
 def batch(scenario: str, concurrency: int, tokens: int) -> list[Request]:

@@ -223,15 +223,18 @@ class Progress:
         self.bar.write(line, file=sys.stderr)
 
 
+def mix_schemas(args) -> list[dict]:
+    """The schema mix's schemas (`--mix-subset`, `--mix-schemas`, `--seed`)."""
+    from bench.jsonschemabench import load
+
+    return [case.schema for case in load(args.mix_subset, args.mix_schemas, args.seed)]
+
+
 def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique: bool,
             out, progress: Progress, note: str = "") -> None:
     """Every scenario on one server, written to `out` as it comes."""
     model = asyncio.run(servers.served_model(base_url))
-    schemas = []
-    if scenarios.SCHEMA_MIX in batch_scenarios:
-        from bench.jsonschemabench import load
-
-        schemas = [case.schema for case in load(args.mix_subset, args.mix_schemas, args.seed)]
+    schemas = mix_schemas(args) if scenarios.SCHEMA_MIX in batch_scenarios else []
     asyncio.run(warm(base_url, model, batch_scenarios, args.tokens,
                      scenarios.schema_mix(schemas, len(schemas))))
     progress(len(batch_scenarios))
@@ -259,9 +262,8 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
                     continue
                 mix = run(scenario, c, repeat, scenarios.schema_mix(schemas, c))
                 # Its equal work: free requests as long as its served answers.
-                run(scenarios.MATCHED_FREE, c, repeat, scenarios.matched_free(
-                    [n for n, status in zip(mix.tokens, mix.status, strict=True)
-                     if status == "ok" and n]))
+                run(scenarios.MATCHED_FREE, c, repeat,
+                    scenarios.matched_free(mix.tokens, mix.status))
     if unique:
         batches = [args.subsets] if args.unique_together else [[s] for s in args.subsets]
         for subsets in batches:

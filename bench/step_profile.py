@@ -285,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin", choices=("off", "alternate"), default="off",
                         help="alternate: each workload as placed, then pinned (module doc)")
     args = parser.parse_args(argv)
-    schemas = []
-    if scenarios.SCHEMA_MIX in args.workloads:
-        from bench.jsonschemabench import load
-
-        schemas = [case.schema for case in load(args.mix_subset, args.mix_schemas, args.seed)]
+    schemas = serve.mix_schemas(args) if scenarios.SCHEMA_MIX in args.workloads else []
     results = []
 
     def profiled(url: str, model: str, engine: str, workload: str, repeat: int, pinned: bool,
@@ -341,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         mix = run(workload, requests=scenarios.schema_mix(
                             schemas, args.concurrency))
-                        run(scenarios.MATCHED_FREE, requests=scenarios.matched_free(
-                            [n for n, status in zip(mix.tokens, mix.status, strict=True)
-                             if status == "ok" and n]))
+                        run(scenarios.MATCHED_FREE,
+                            requests=scenarios.matched_free(mix.tokens, mix.status))
             finally:
                 servers.stop_server(server)
     args.out.write_text(json.dumps(results, indent=1))
