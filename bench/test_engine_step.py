@@ -1,8 +1,10 @@
 """The engine core's whole part of a decode step for 256 requests, as it runs with async
 scheduling: `schedule()`, the row plan, and the previous step's `update_from_output` (the
 grammars' accept), with the patches a server has there, for free requests, requests on
-an index with table rows, and with device states. With the model's worker in a process
-of its own (DotLLM's default on one GPU) this is what must fit in a forward pass.
+an index with table rows, and with device states; and free requests on stock vLLM's
+scheduler, none of DotLLM's mixins or patches there (what DotLLM costs a batch without
+constraints). With the model's worker in a process of its own (DotLLM's default on one
+GPU) this is what must fit in a forward pass.
 
     pytest bench/test_engine_step.py --benchmark-enable --benchmark-only \
         --benchmark-columns=mean,median,ops
@@ -30,14 +32,14 @@ from tests.test_compile_overlap import _scheduler, make_request
 ROWS = 256
 BLOCKS = 12000
 CHURN = ", a request replaced each step"
-MODES = ("free", "table rows", "device states", "device states, 4 on llguidance",
+STOCK = "free, stock vLLM"  # no DotLLM mixin or patch: what DotLLM's cost a free step
+MODES = (STOCK, "free", "table rows", "device states", "device states, 4 on llguidance",
          "free" + CHURN, "device states" + CHURN)
 ON_LLGUIDANCE = 4
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, vocabulary,
-                                      tokenizer, monkeypatch):
+def _patch_as_a_server(monkeypatch) -> None:
+    """The engine core's patches a `dotllm serve` has."""
     monkeypatch.setattr(StructuredOutputManager, "grammar_bitmask",
                         row_plans._grammar_bitmask(StructuredOutputManager.grammar_bitmask))
     monkeypatch.setattr(StructuredOutputManager, "should_advance",
@@ -45,13 +47,20 @@ def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, 
     check = StructuredOutputRequest._check_grammar_completion  # as a server patches it
     monkeypatch.setattr(StructuredOutputRequest, "_check_grammar_completion",
                         ready_grammar._ready_first(check))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_core_step_256_decodes(benchmark, mode, embedded_model, backend, vocabulary,
+                                      tokenizer, monkeypatch):
+    if mode != STOCK:
+        _patch_as_a_server(monkeypatch)
     words = (backend.vocab_size + 31) // 32
     monkeypatch.setattr(backend, "_planner", RowPlanner(
         words, 4096, ROWS, blob_words=2**26 if mode.startswith("device states") else 0,
         state_slots=4 * ROWS))
     scheduler = _scheduler(True, BLOCKS, embedded_model, backend,
-                           mixins=(CompileOverlap, DeviceStates), max_num_seqs=ROWS,
-                           budget=8192)
+                           mixins=() if mode == STOCK else (CompileOverlap, DeviceStates),
+                           max_num_seqs=ROWS, budget=8192)
     digit = tokenizer.encode("7", add_special_tokens=False)[0]
     compiled = CompiledIndex.build("[0-9]+", vocabulary)
     eos = vocabulary.eos_token_id
