@@ -7,6 +7,9 @@
 # Carried ignored folders (run's `carry`) other than the staging parts came back
 # "not_carried" on 2026-12-05: the data and the wheels travel instead as an untracked,
 # not ignored folder gpucarry/ (wheels/, data/) with the working tree, put in place here.
+# It is needed only in the last staging call: with the 60 MB of p1 or p2 beside it, the
+# tree came near the carry limit (64 MiB) and one call was refused (2026-12-07): move
+# it out of the tree for the first parts.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -d gpucarry ]; then mkdir -p .gpu && cp -r gpucarry/. .gpu/; fi
