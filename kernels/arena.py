@@ -10,13 +10,15 @@ the arena's scratch rows behind the tables; then one launch masks every row by s
 The engine core decides which table goes in which slots and when a slot is reused
 (dotllm.mask_plan.RowPlanner): the arena only obeys, so every worker of a tensor-parallel
 group holds the same rows. On CUDA the host buffers are pinned once (grown when a step
-needs more), copies go on a side stream while the compute stream is busy with the forward
-pass, and events keep reuse safe: a host buffer is rewritten only after the copy that
-read it finished, and arena rows only after the kernel that read them finished. The host
-buffers are two, used in turn: a step waits for the copy of the step before the last,
-not for the last one's, which the side stream holds until the last step's kernel has run
-(with async scheduling the host prepares a step while the GPU may still be on the one
-before).
+needs more) and every copy is queued on the compute stream, in order with the kernels
+that read what it writes: a step's copies (an index buffer of 8 KiB at 256 rows and its
+own rows) take the GPU a few microseconds, and each op the worker's Python does not make
+is host time off the step's critical path (issue 12: a side stream and its events were
+five ops a step). A host buffer is rewritten only after the copy that read it finished:
+the buffers are two, used in turn, so a step waits for the copy of the step before the
+last (with async scheduling the host prepares a step while the GPU may still be on the
+one before). A table or blob new on the device goes through torch's pinned host
+allocator, which holds the block until its copy is done, so no upload waits for the GPU.
 
 Rows may also be named by a device state (dotllm.kernels.states): a request on an index
 whose state the device advances from each sampled token. Its row's slot is read on the
@@ -107,6 +109,15 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` on `device`, queued on the current stream; from CPU memory torch's pinned
+    allocator keeps until the copy has read it (a pageable copy would wait for the GPU)."""
+    tensor = _tensor(array)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class MaskArena:
     def __init__(self, device: torch.device, words: int, kernel: str = "auto",
                  initial_rows: int = 256):
@@ -128,9 +139,7 @@ class MaskArena:
         self._last: _LastStep | None = None
         self._staged = 0  # capacity of the pinned step buffers
         if self._cuda:
-            self._stream = torch.cuda.Stream(self.device)
             self._copied = (torch.cuda.Event(), torch.cuda.Event())  # by host buffer
-            self._consumed = torch.cuda.Event()
             self._turn = 0  # the host buffers this step fills
             self._grow_staging(initial_rows)
 
@@ -139,7 +148,6 @@ class MaskArena:
     def _quiesce(self) -> None:
         if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
-            self._stream.synchronize()
 
     def _grow_arena(self, table_rows: int, scratch_rows: int) -> None:
         table_rows = max(table_rows, self._table_rows)
@@ -241,10 +249,8 @@ class MaskArena:
         """The step's launches on the compute stream, over index tensors on the device."""
         if launch.device_rows is not None:
             self._resolve(launch.slots, *launch.device_rows)
-        if len(launch.slots):
+        if launch.masked.table or launch.masked.state or launch.masked.step:
             self._apply(logits, self._arena, launch.targets, launch.slots)
-        if self._cuda:
-            self._consumed.record(torch.cuda.current_stream(self.device))
         return launch.masked
 
     def warm_up(self) -> None:
@@ -273,7 +279,7 @@ class MaskArena:
                       inits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
         """The plan's new blobs and state inits (on the current stream)."""
         for offset, blob in plan.blob_uploads:
-            self._blobs[offset:offset + len(blob)] = _tensor(blob).to(self.device)
+            self._blobs[offset:offset + len(blob)] = _to_device(blob, self.device)
         if inits is not None and len(inits[0]):
             slots = inits[0].long()
             self._bases[slots] = inits[1]
@@ -295,13 +301,11 @@ class MaskArena:
         self._to_advance = None
         self._states_impl.advance(self._blobs, self._bases, self._states, state_slots,
                                   sampled, rows, self._search_steps)
-        if self._cuda:  # the step's index buffer is read until here
-            self._consumed.record(torch.cuda.current_stream(self.device))
 
     def _stage_cuda(self, plan: RowPlan, slots: np.ndarray, targets: np.ndarray,
                     device_rows: tuple[np.ndarray, ...], masked: MaskedRows) -> _Launch:
-        """The step's rows, index columns and states copied by the side stream, which the
-        compute stream then waits for."""
+        """The step's rows, index columns and states copied on the compute stream, ahead
+        of the launches that read them."""
         count, n = len(slots), len(plan.direct)
         inits = plan.state_inits or (np.empty(0, dtype=np.int32),) * 3
         m, k = len(device_rows[0]), len(inits[0])
@@ -316,25 +320,21 @@ class MaskArena:
         index[0, :count], index[1, :count] = targets, slots
         for row, values in enumerate((*device_rows, *inits), start=2):
             index[row, :len(values)] = values
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(self._consumed)  # the previous kernel has read the arena
-            for upload_slots, rows in plan.uploads:  # rare: a table's first step
-                rows_on_device = _tensor(rows).to(self.device)
-                self._arena.index_copy_(
-                    0, torch.from_numpy(upload_slots).to(self.device).long(), rows_on_device)
-            # Each op skipped when it has nothing to do: the worker's Python per step is
-            # on the step's critical path (issue 12), ~10 us a torch call from Python.
-            if n:
-                self._arena[self._table_rows:self._table_rows + n].copy_(
-                    host_direct[:n], non_blocking=True)
-            # The whole buffer (8 KiB at 256 rows): a column slice of it is not contiguous,
-            # which torch copies through a pageable temporary (made, then staged by the
-            # driver): that line was ~30 % of the worker's mask time in a schema mix's
-            # steps on an H100 host (py-spy, 2026-12-07).
-            self._device_index.copy_(host_index, non_blocking=True)
-            self._write_states(plan, tuple(self._device_index[5:8, :k]) if k else None)
-            copied.record(self._stream)
-        torch.cuda.current_stream(self.device).wait_event(copied)
+        for upload_slots, rows in plan.uploads:  # rare: a table's first step
+            self._arena.index_copy_(0, _to_device(upload_slots.astype(np.int64), self.device),
+                                    _to_device(rows, self.device))
+        # Each op skipped when it has nothing to do: the worker's Python per step is on
+        # the step's critical path (issue 12), ~10 us a torch call from Python.
+        if n:
+            self._arena[self._table_rows:self._table_rows + n].copy_(
+                host_direct[:n], non_blocking=True)
+        # The whole buffer (8 KiB at 256 rows): a column slice of it is not contiguous,
+        # which torch copies through a pageable temporary (made, then staged by the
+        # driver): that line was ~30 % of the worker's mask time in a schema mix's steps
+        # on an H100 host (py-spy, 2026-12-07).
+        self._device_index.copy_(host_index, non_blocking=True)
+        copied.record(torch.cuda.current_stream(self.device))
+        self._write_states(plan, tuple(self._device_index[5:8, :k]) if k else None)
         index = self._device_index
         return _Launch(index[0, :count], index[1, :count],
                        (index[2, :m], index[3, :m], index[4, :m]) if m else None, masked)

@@ -9,8 +9,8 @@ Both keep vLLM's mapping from bitmask rows to logits rows (batch order; one row 
 speculative token plus the bonus token). What arrives is DotLLM's `RowPlan` (the
 `row_plans` patch: table rows by slot, the rest as rows) or, where vLLM's own loop built
 it, a bitmask; either goes through the worker's `MaskArena` (tables kept on the device,
-the step's rows staged by a side stream) to the kernel `--dotllm-mask-kernel` names, in
-one launch. Rows masked are counted per kernel and source (a table row, the step's, or
+the step's rows copied through pinned buffers) to the kernel `--dotllm-mask-kernel`
+names, in one launch. Rows masked are counted per kernel and source (a table row, the step's, or
 a device state's).
 
 Rows named by a device state (--dotllm-device-states-mib) move their state by the token
