@@ -32,7 +32,7 @@ from tests.test_compile_overlap import _scheduler, make_request
 ROWS = 256
 BLOCKS = 12000
 CHURN = ", a request replaced each step"
-STOCK = "free, stock vLLM"  # no DotLLM mixin or patch: what DotLLM's cost a free step
+STOCK = "free, stock vLLM"  # no DotLLM mixin or patch: what DotLLM costs a free step
 MODES = (STOCK, "free", "table rows", "device states", "device states, 4 on llguidance",
          "free" + CHURN, "device states" + CHURN)
 ON_LLGUIDANCE = 4

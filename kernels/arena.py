@@ -229,11 +229,12 @@ class MaskArena:
         # The step's own rows sit behind the tables.
         slots = np.where(slots <= -2, self._table_rows - 2 - slots, slots).astype(np.int32)
         device_rows = (on_device, state_slots, targets[on_device])
+        for upload_slots, rows in plan.uploads:  # rare: a table's first step
+            self._arena.index_copy_(0, _to_device(upload_slots.astype(np.int64), self.device),
+                                    _to_device(rows, self.device))
         if self._cuda:
             launch = self._stage_cuda(plan, slots, targets, device_rows, masked)
         else:
-            for upload_slots, rows in plan.uploads:
-                self._arena[torch.from_numpy(upload_slots).long()] = _tensor(rows)
             n = len(plan.direct)
             self._arena[self._table_rows:self._table_rows + n] = torch.from_numpy(plan.direct)
             inits = plan.state_inits
@@ -320,9 +321,6 @@ class MaskArena:
         index[0, :count], index[1, :count] = targets, slots
         for row, values in enumerate((*device_rows, *inits), start=2):
             index[row, :len(values)] = values
-        for upload_slots, rows in plan.uploads:  # rare: a table's first step
-            self._arena.index_copy_(0, _to_device(upload_slots.astype(np.int64), self.device),
-                                    _to_device(rows, self.device))
         # Each op skipped when it has nothing to do: the worker's Python per step is on
         # the step's critical path (issue 12), ~10 us a torch call from Python.
         if n:
