@@ -28,6 +28,7 @@ name=$(IFS=-; echo "$*")
 JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "${PROFILE_TIMEOUT_S:-540}" \
     python3 -m bench.step_profile --model "$model" \
     --engines "$@" --serve-arg=--load-format=dummy --out "$OUT/step-profile-$name.json" \
+    --timelines "$OUT/timelines-$name.json.gz" \
     2> "$OUT/step-profile-stderr.log" | tee "$OUT/step-profile-$name.jsonl" | grep -v '^{' || true
 # The raw stacks run past what a device call brings back (2026-12-06): compressed.
 if [ -n "${PYSPY:-}" ]; then

@@ -15,7 +15,11 @@ application (its staging and launches apart), and the engine core's whole
 $DOTLLM_STEP_PROFILE_DIR/<pid>.json twice a second; the driver reads them before and
 after each equal-work batch of bench.serve and reports each phase per step (one
 `schedule` call is one step). What the step loop spends outside the phases (mostly
-waiting for the GPU's result) is the loop's time less theirs. `schema-mix` is bench.serve's
+waiting for the GPU's result) is the loop's time less theirs. The engine core's and the
+worker's phases a step are also kept call by call (start, end), and each batch's are read
+by bench.step_timeline: which leg of the step the next one waited for (the worker's host
+work, the GPU, the engine core's accept and schedule, the messages between), as
+`timeline:` rows (`--timelines`: the raw calls too). `schema-mix` is bench.serve's
 (real schemas, warm, each answer until complete), followed by its free twin of the same
 lengths: where a batch that changes every step spends what the enum array does not.
 
@@ -35,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
+import gzip
 import importlib
 import itertools
 import json
@@ -47,6 +53,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench import step_timeline
 
 PROFILE_ENV = "DOTLLM_STEP_PROFILE_DIR"
 PER_REQUEST_ENV = "DOTLLM_STEP_PROFILE_PER_REQUEST"
@@ -75,6 +83,12 @@ TARGETS = (
      "execute_model (V2)"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "sample_tokens",
      "sample_tokens (V2)"),
+    # In the worker's output thread (async scheduling): from taking a step's output to its
+    # sampled tokens on the host, which waits for the GPU.
+    ("vllm.v1.worker.gpu_model_runner", "AsyncGPUModelRunnerOutput", "get_output",
+     "sampled tokens on the host (V1)"),
+    ("vllm.v1.worker.gpu.async_utils", "AsyncOutput", "get_output",
+     "sampled tokens on the host (V2)"),
     ("dotllm.vllm_ext.mask_kernels", None, "apply_rows", "  apply mask (DotLLM)"),
     ("dotllm.kernels.arena", "MaskArena", "_stage_cuda", "    staged: pinned fill, copies"),
     ("dotllm.kernels.arena", "MaskArena", "_launch", "    launches: resolve, mask"),
@@ -91,20 +105,30 @@ PER_REQUEST = {"accept_tokens", "fill_bitmask", "add_row"}
 
 _totals: dict[str, list[float]] = {}  # phase -> [calls, seconds]
 _lock = threading.Lock()
+# The phases whose every call is also kept, with its start and end, for bench.step_timeline
+# (the last ones: a few thousand steps of both processes).
+TIMELINE_PHASES = frozenset({
+    *step_timeline.ENGINE.values(), *(p for ps in step_timeline.WORKER.values() for p in ps)})
+_timeline: collections.deque[step_timeline.Entry] = collections.deque(maxlen=100_000)
+TIMELINE_WINDOW = "timeline-window"  # the driver's ask: "<id> <from> <to>", time.monotonic()
 
 
 def _timed(phase: str, method):
+    on_timeline = phase in TIMELINE_PHASES
+
     @functools.wraps(method)
     def timed(*args, **kwargs):
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             return method(*args, **kwargs)
         finally:
-            spent = time.perf_counter() - started
+            ended = time.monotonic()
             with _lock:
                 entry = _totals.setdefault(phase, [0, 0.0])
                 entry[0] += 1
-                entry[1] += spent
+                entry[1] += ended - started
+                if on_timeline:
+                    _timeline.append((phase, started, ended))
     timed.step_profile = phase
     return timed
 
@@ -123,22 +147,45 @@ def _wrap_loaded(per_request: bool) -> None:
             setattr(owner, method, _timed(phase, current))
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _dump_timeline(directory: Path, dumped: str) -> str:
+    """The timeline's entries that start in the window the driver asked for, once a window
+    (`<pid>.timeline`, JSON: the window's id and the entries); returns the id dumped."""
+    try:
+        ask = (directory / TIMELINE_WINDOW).read_text().split()
+    except FileNotFoundError:
+        return dumped
+    if len(ask) != 3 or ask[0] == dumped:
+        return dumped
+    start, end = float(ask[1]), float(ask[2])
+    with _lock:
+        entries = [e for e in _timeline if start <= e[1] <= end]
+    _write_atomically(directory / f"{os.getpid()}.timeline",
+                      json.dumps({"id": ask[0], "entries": entries}))
+    return ask[0]
+
+
 def _write_forever(directory: Path) -> None:
     import psutil
 
     path = directory / f"{os.getpid()}.json"
     me = psutil.Process()
     cpus: dict[int, int] = {}  # CPU -> writes that found the main thread there
+    dumped = ""
     while True:
         time.sleep(0.5)
+        dumped = _dump_timeline(directory, dumped)
         cpu = me.cpu_num()
         cpus[cpu] = cpus.get(cpu, 0) + 1
         with _lock:
             text = json.dumps({"phases": _totals, "cpus": cpus,
                                "involuntary_switches": me.num_ctx_switches().involuntary})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        _write_atomically(path, text)
 
 
 def install() -> None:
@@ -155,6 +202,24 @@ def install() -> None:
 def read_processes(directory: Path) -> dict[str, dict]:
     """What each process last wrote, by pid."""
     return {path.stem: json.loads(path.read_text()) for path in directory.glob("*.json")}
+
+
+def read_timelines(directory: Path, start: float, end: float, ask: str,
+                   wait_s: float = 5.0) -> dict[str, list[step_timeline.Entry]]:
+    """Each profiled process's timeline entries that started between `start` and `end`
+    (time.monotonic()), by pid; `ask` names the window (a new one each time). Waits for
+    every process that writes totals to answer, at most `wait_s`."""
+    (directory / TIMELINE_WINDOW).write_text(f"{ask} {start} {end}")
+    deadline = time.monotonic() + wait_s
+    while True:
+        answers = {}
+        for path in directory.glob("*.timeline"):
+            written = json.loads(path.read_text())
+            if written["id"] == ask:
+                answers[path.stem] = [tuple(e) for e in written["entries"]]
+        if set(answers) >= set(read_processes(directory)) or time.monotonic() > deadline:
+            return answers
+        time.sleep(0.1)
 
 
 def totals(processes: dict[str, dict]) -> dict[str, list[float]]:
@@ -282,23 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("step-profile.json"))
     parser.add_argument("--per-request-phases", action="store_true",
                         help="also time the grammars' per-request calls (slows the step)")
+    parser.add_argument("--timelines", type=Path,
+                        help="also write each batch's raw timelines here (gzipped JSON)")
     parser.add_argument("--pin", choices=("off", "alternate"), default="off",
                         help="alternate: each workload as placed, then pinned (module doc)")
     args = parser.parse_args(argv)
     schemas = serve.mix_schemas(args) if scenarios.SCHEMA_MIX in args.workloads else []
-    results = []
+    results, raw_timelines = [], []
 
     def profiled(url: str, model: str, engine: str, workload: str, repeat: int, pinned: bool,
                  profile_dir: Path, requests=None):
         """One batch, its phases a step appended to `results`."""
         time.sleep(1.0)  # the totals files catch up
         before, steal_before = read_processes(profile_dir), cpu_steal()
+        started = time.monotonic()
         batch = asyncio.run(serve.run_batch(
             url, model, engine, workload, args.concurrency, args.tokens, args.max_tokens,
             repeat, requests=requests))
+        ended = time.monotonic()
         time.sleep(1.0)
         after, steal_after = read_processes(profile_dir), cpu_steal()
         phases, steps = per_step(totals(before), totals(after))
+        timelines = read_timelines(profile_dir, started, ended, f"{len(results)}")
+        if args.timelines:  # rewritten after each batch: a call's limit may end the run
+            raw_timelines.append({"engine": engine, "workload": workload, "repeat": repeat,
+                                  "pinned": pinned, "processes": timelines})
+            with gzip.open(args.timelines, "wt") as f:
+                json.dump(raw_timelines, f)
+        path = step_timeline.critical_path(*step_timeline.by_process(timelines))
         where = placement(before, after, steps)
         for process in where.values():
             process["steal_ms_per_step"] = steal_ms_per_step(
@@ -307,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         "repeat": repeat, "itl_ms": batch.engine_itl_s * 1e3,
                         "errors": len(batch.errors), "phases_ms": phases,
                         "steps_without_host": batch.steps_without_host,
-                        "steps_sat_out": batch.steps_sat_out, "placement": where})
+                        "steps_sat_out": batch.steps_sat_out, "placement": where,
+                        "critical_path_ms": path})
         print(json.dumps(results[-1]), flush=True)
         return batch
 
@@ -377,6 +454,10 @@ def table(results: list[dict]) -> str:
              "| steps sampled without the host | " + " | ".join(
                  f"{median(c, lambda r: r.get('steps_without_host', math.nan)):.0%}"
                  for c in columns) + " |"]
+    for leg in step_timeline.FIELDS:
+        lines.append(f"| timeline: {leg} | " + " | ".join(
+            f"{median(c, lambda r, k=leg: r.get('critical_path_ms', {}).get(k, math.nan)):.2f}"
+            for c in columns) + " |")
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(
             f"{median(c, lambda r, p=phase: r['phases_ms'].get(p, 0)):.2f}" for c in columns)

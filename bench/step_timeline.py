@@ -1,0 +1,132 @@
+"""Which process a decode step waits for, from the engine core's and the worker's phases on
+one clock (issue 12).
+
+Per-phase totals (bench.step_profile) say how long each process works a step, not what the
+next step waits for: in the H100 profiles of sessions 25-26 the worker's `execute_model`
+and `sample_tokens` took 2.3-2.7 ms a step against a step of 3.0-4.4 ms, so the worker
+was idle a third of the time, waiting for something. With async scheduling and vLLM's
+batch queue of two, step t+2 is sent to the worker only after the engine core has step t's
+sampled tokens and has accepted them and scheduled t+2; so each step is on one of two
+paths: the worker's own host work, or the ring worker -> GPU -> engine core -> worker:
+
+    worker busy   = execute_model(t+2) and sample_tokens(t+2), their own time
+    worker idle   = sample_tokens(t+2) end - sample_tokens(t+1) end - worker busy
+    sample wait   = sample_tokens(t+2) start - execute_model(t+2) end (part of the idle:
+                    the plan comes in a message of its own, after the step's send)
+    gpu tail      = step t's tokens on the host (the output thread's `get_output`, after
+                    the GPU's copy) - sample_tokens(t) end
+    back          = update_from_output(t) start - those tokens on the host (the message
+                    queue, and the engine core busy elsewhere)
+    turnaround    = schedule(t+2) end - update_from_output(t) start (accept, the loop,
+                    schedule; the plan of a step not deferred comes after the send)
+    dispatch      = execute_model(t+2) start - schedule(t+2) end (the message queue)
+
+Each is matched by time (the latest event of the other process before it), except the gpu
+tail, which pairs a worker's k-th sampling with its k-th output (one each, in order: a
+timeline starts with the server idle, as bench.step_profile's batches do). Timestamps are
+`time.monotonic()`, one clock for every process of a host.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import statistics
+from collections.abc import Iterable
+
+Entry = tuple[str, float, float]  # (phase, start, end), seconds
+
+ENGINE = {"schedule": "schedule", "update": "update_from_output",
+          "bitmask": "get_grammar_bitmask"}
+WORKER = {"execute": ("execute_model (V1)", "execute_model (V2)"),
+          "sample": ("sample_tokens (V1)", "sample_tokens (V2)"),
+          "host": ("sampled tokens on the host (V1)", "sampled tokens on the host (V2)")}
+FIELDS = ("period", "period p90", "worker busy", "worker idle", "sample wait", "gpu tail", "back",
+          "turnaround", "dispatch")
+
+
+def _calls(entries: Iterable[Entry], *phases: str) -> list[tuple[float, float]]:
+    return sorted((start, end) for phase, start, end in entries if phase in phases)
+
+
+def _latest_before(times: list[float], t: float) -> float | None:
+    """The latest of sorted `times` at or before t."""
+    i = bisect.bisect_right(times, t)
+    return times[i - 1] if i else None
+
+
+def _first_after(times: list[float], t: float) -> float | None:
+    i = bisect.bisect_left(times, t)
+    return times[i] if i < len(times) else None
+
+
+def _median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1e3 if values else float("nan")
+
+
+def _steady(calls: list[tuple[float, float]], trim: float) -> list[tuple[float, float]]:
+    """The calls without the batch's first and last `trim` share (ramp up, drain)."""
+    cut = int(len(calls) * trim)
+    return calls[cut:len(calls) - cut]
+
+
+def critical_path(engine: list[Entry], worker: list[Entry],
+                  trim: float = 0.1) -> dict[str, float]:
+    """Milliseconds, median over a batch's steady steps, of FIELDS: the step (`period`,
+    between update_from_output starts; and its 90th percentile), the worker's host work
+    a step and its idle time before the next, and the legs of the ring (module doc)."""
+    schedules = _calls(engine, ENGINE["schedule"])
+    updates = _steady(_calls(engine, ENGINE["update"]), trim)
+    executes = _calls(worker, *WORKER["execute"])
+    samples = _calls(worker, *WORKER["sample"])
+    on_host = _calls(worker, *WORKER["host"])
+    steady_samples = _steady(samples, trim)
+    if len(steady_samples) < 2 or len(updates) < 2:
+        return dict.fromkeys(FIELDS, float("nan"))
+    first, last = steady_samples[0][0], steady_samples[-1][1]
+    execute_starts = [s for s, _ in executes]
+    sample_ends = [e for _, e in samples]
+    schedule_ends = [e for _, e in schedules]
+    host_ends = [e for _, e in on_host]
+
+    busy, idle, sample_wait, dispatch = [], [], [], []
+    for start, end in steady_samples:
+        i = bisect.bisect_right(execute_starts, start) - 1
+        previous = _latest_before(sample_ends, start)
+        if i < 0 or previous is None or previous > execute_starts[i]:
+            continue  # (the batch's first sampling, or an execute without one)
+        execute_start, execute_end = executes[i]
+        busy.append(execute_end - execute_start + end - start)
+        idle.append(end - previous - busy[-1])
+        sample_wait.append(start - execute_end)
+        sent = _latest_before(schedule_ends, execute_start)
+        if sent is not None:
+            dispatch.append(execute_start - sent)
+    # The k-th sampling's tokens are the output thread's k-th (in order, one each).
+    tail = [host_end - sample_end for (_, sample_end), (_, host_end)
+            in zip(samples, on_host, strict=False) if first <= sample_end <= last]
+    back, turnaround = [], []
+    for start, _ in updates:
+        came = _latest_before(host_ends, start)
+        if came is not None:
+            back.append(start - came)
+        scheduled = _first_after(schedule_ends, start)
+        if scheduled is not None:
+            turnaround.append(scheduled - start)
+    periods = sorted(b - a for a, b in itertools.pairwise(s for s, _ in updates))
+    return {"period": _median_ms(periods),
+            "period p90": periods[int(0.9 * (len(periods) - 1))] * 1e3,
+            "worker busy": _median_ms(busy), "worker idle": _median_ms(idle),
+            "sample wait": _median_ms(sample_wait),
+            "gpu tail": _median_ms(tail), "back": _median_ms(back),
+            "turnaround": _median_ms(turnaround), "dispatch": _median_ms(dispatch)}
+
+
+def by_process(timelines: dict[str, list[Entry]]) -> tuple[list[Entry], list[Entry]]:
+    """(the engine core's entries, the worker's) of a server's processes' timelines: the
+    one that schedules, and the one that runs the model (the first, with several)."""
+    engine = next((t for t in timelines.values()
+                   if any(p == ENGINE["schedule"] for p, _, _ in t)), [])
+    worker = next((t for t in timelines.values()
+                   if any(p in WORKER["execute"] for p, _, _ in t)), [])
+    return engine, worker

@@ -1,0 +1,95 @@
+"""bench.step_timeline's reading of a step's legs, and bench.step_profile's timeline: every
+call of the timed phases kept with its start and end, dumped for the window the driver
+asks for."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import pytest
+
+from bench import step_profile, step_timeline
+
+MS = 1e-3
+
+
+def _ring(steps: int, slow_every: int = 0) -> tuple[list, list]:
+    """A steady batch queue of two, in ms from each step's base: the engine core schedules
+    at 0-0.7; the worker executes at 0.8-2.4 and samples at 2.45-3.15; the output thread
+    has the tokens at 4.05; the engine core accepts them from 4.25. A step is 3 ms, every
+    `slow_every`-th one 6 (it starts later: the worker waits the longer)."""
+    engine, worker = [], []
+    base = 0.0
+    for k in range(steps):
+        base += 6.0 if slow_every and k % slow_every == 0 else 3.0
+
+        def at(phase, start, end, into, base=base):
+            into.append((phase, (base + start) * MS, (base + end) * MS))
+
+        at("schedule", 0, 0.7, engine)
+        at("execute_model (V2)", 0.8, 2.4, worker)
+        at("sample_tokens (V2)", 2.45, 3.15, worker)
+        at("sampled tokens on the host (V2)", 3.2, 4.05, worker)
+        at("update_from_output", 4.25, 4.65, engine)
+    return engine, worker
+
+
+def test_each_leg_of_a_steady_ring_is_read_where_it_was_put():
+    engine, worker = _ring(50, slow_every=5)
+    path = step_timeline.critical_path(engine, worker)
+    expected = {"period": 3.0, "period p90": 6.0, "worker busy": 2.3, "worker idle": 0.7,
+                "sample wait": 0.05, "gpu tail": 0.9, "back": 0.2, "dispatch": 0.1,
+                "turnaround": 2.45}  # (the next schedule to end: step k+2's, at 6.7)
+    assert set(path) == set(step_timeline.FIELDS)
+    for leg, ms in expected.items():
+        assert path[leg] == pytest.approx(ms, abs=1e-6), leg
+
+
+def test_the_processes_entries_come_in_any_order_and_a_short_batch_reads_nothing():
+    engine, worker = _ring(50)
+    shuffled = step_timeline.critical_path(engine[::-1], worker[::-1])
+    assert shuffled == step_timeline.critical_path(engine, worker)
+    assert all(math.isnan(v) for v in step_timeline.critical_path(*_ring(1)).values())
+
+
+def test_the_engine_core_and_the_worker_are_told_apart_by_their_phases():
+    engine, worker = _ring(5)
+    found = step_timeline.by_process({"7": worker, "3": engine, "9": [("other", 0, 1)]})
+    assert found == (engine, worker)
+
+
+def test_timed_calls_are_kept_and_dumped_for_the_window_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(step_profile, "_timeline", type(step_profile._timeline)(maxlen=100))
+    monkeypatch.setattr(step_profile, "_totals", {})
+    schedule = step_profile._timed("schedule", lambda: time.sleep(0.002))
+    accept = step_profile._timed("accept_tokens", lambda: None)  # totals only
+    before = time.monotonic()
+    schedule()
+    accept()
+    schedule()
+    after = time.monotonic()
+    schedule()  # outside the window
+    assert step_profile._totals["schedule"][0] == 3
+    assert step_profile._totals["accept_tokens"][0] == 1
+    (tmp_path / "1234.json").write_text(json.dumps({"phases": {}}))  # a profiled process
+
+    def answer():  # the process's writer thread, as the driver waits
+        time.sleep(0.3)
+        monkeypatch.setattr(step_profile.os, "getpid", lambda: 1234)
+        step_profile._dump_timeline(tmp_path, "")
+
+    writer = threading.Thread(target=answer)
+    writer.start()
+    timelines = step_profile.read_timelines(tmp_path, before, after, "first")
+    writer.join()
+    entries = timelines["1234"]
+    assert [phase for phase, _, _ in entries] == ["schedule", "schedule"]
+    assert all(before <= start < end <= after for _, start, end in entries)
+    assert entries[0][2] - entries[0][1] >= 0.002
+    # Asked once, dumped once: the same window is not written again.
+    assert step_profile._dump_timeline(tmp_path, "first") == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "1234.json", "1234.timeline", step_profile.TIMELINE_WINDOW]
