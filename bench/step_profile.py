@@ -209,7 +209,7 @@ def read_timelines(directory: Path, start: float, end: float, ask: str,
     """Each profiled process's timeline entries that started between `start` and `end`
     (time.monotonic()), by pid; `ask` names the window (a new one each time). Waits for
     every process that writes totals to answer, at most `wait_s`."""
-    (directory / TIMELINE_WINDOW).write_text(f"{ask} {start} {end}")
+    _write_atomically(directory / TIMELINE_WINDOW, f"{ask} {start} {end}")
     deadline = time.monotonic() + wait_s
     while True:
         answers = {}
