@@ -6,6 +6,9 @@
 set -euo pipefail
 source bench/gpu_setup.sh
 python3 -c "import dotllm.kernels as k, torch; print('kernels:', k.available(torch.device('cuda')))"
+# On a fresh machine the setup (vLLM assembled, the CUDA kernels built) takes ~200 s of the
+# last staging call and the first server start ~150 s (torch.compile's cache cold; ~70 s
+# after): in that call, run no server test or give the call its whole 600 s (2026-12-07).
 # pytest reports a failure's details at its end: TESTS_TIMEOUT_S stops it before the
 # device call's limit, so the report and the servers' logs still come back (2026-12-06:
 # a call's limit took both, and left one failure unexplained). Arguments go to pytest.
