@@ -153,7 +153,7 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _dump_timeline(directory: Path, dumped: str) -> str:
+def _dump_timeline(directory: Path, dumped: str, pid: int) -> str:
     """The timeline's entries that start in the window the driver asked for, once a window
     (`<pid>.timeline`, JSON: the window's id and the entries); returns the id dumped."""
     try:
@@ -165,7 +165,7 @@ def _dump_timeline(directory: Path, dumped: str) -> str:
     start, end = float(ask[1]), float(ask[2])
     with _lock:
         entries = [e for e in _timeline if start <= e[1] <= end]
-    _write_atomically(directory / f"{os.getpid()}.timeline",
+    _write_atomically(directory / f"{pid}.timeline",
                       json.dumps({"id": ask[0], "entries": entries}))
     return ask[0]
 
@@ -179,7 +179,7 @@ def _write_forever(directory: Path) -> None:
     dumped = ""
     while True:
         time.sleep(0.5)
-        dumped = _dump_timeline(directory, dumped)
+        dumped = _dump_timeline(directory, dumped, os.getpid())
         cpu = me.cpu_num()
         cpus[cpu] = cpus.get(cpu, 0) + 1
         with _lock:

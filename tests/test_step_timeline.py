@@ -78,8 +78,7 @@ def test_timed_calls_are_kept_and_dumped_for_the_window_asked(tmp_path, monkeypa
 
     def answer():  # the process's writer thread, as the driver waits
         time.sleep(0.3)
-        monkeypatch.setattr(step_profile.os, "getpid", lambda: 1234)
-        step_profile._dump_timeline(tmp_path, "")
+        step_profile._dump_timeline(tmp_path, "", 1234)
 
     writer = threading.Thread(target=answer)
     writer.start()
@@ -90,6 +89,6 @@ def test_timed_calls_are_kept_and_dumped_for_the_window_asked(tmp_path, monkeypa
     assert all(before <= start < end <= after for _, start, end in entries)
     assert entries[0][2] - entries[0][1] >= 0.002
     # Asked once, dumped once: the same window is not written again.
-    assert step_profile._dump_timeline(tmp_path, "first") == "first"
+    assert step_profile._dump_timeline(tmp_path, "first", 1234) == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "1234.json", "1234.timeline", step_profile.TIMELINE_WINDOW]
