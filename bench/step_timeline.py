@@ -21,6 +21,10 @@ paths: the worker's own host work, or the ring worker -> GPU -> engine core -> w
                     schedule; the plan of a step not deferred comes after the send)
     dispatch      = execute_model(t+2) start - schedule(t+2) end (the message queue)
 
+`python -m bench.step_timeline FILE.json.gz` reads a profile's raw timelines (its
+`--timelines`): each batch's legs over all its steady steps, its slowest third and its
+fastest third (what the slow steps waited for that the fast ones did not).
+
 Each is matched by time (the latest event of the other process before it), except the gpu
 tail, which pairs a worker's k-th sampling with its k-th output (one each, in order: a
 timeline starts with the server idle, as bench.step_profile's batches do). Timestamps are
@@ -29,10 +33,13 @@ timeline starts with the server idle, as bench.step_profile's batches do). Times
 
 from __future__ import annotations
 
+import argparse
 import bisect
+import gzip
 import itertools
+import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Entry = tuple[str, float, float]  # (phase, start, end), seconds
 
@@ -70,11 +77,14 @@ def _steady(calls: list[tuple[float, float]], trim: float) -> list[tuple[float, 
     return calls[cut:len(calls) - cut]
 
 
-def critical_path(engine: list[Entry], worker: list[Entry],
-                  trim: float = 0.1) -> dict[str, float]:
+def critical_path(engine: list[Entry], worker: list[Entry], trim: float = 0.1,
+                  keep: Callable[[float], bool] | None = None) -> dict[str, float]:
     """Milliseconds, median over a batch's steady steps, of FIELDS: the step (`period`,
     between update_from_output starts; and its 90th percentile), the worker's host work
-    a step and its idle time before the next, and the legs of the ring (module doc)."""
+    a step and its idle time before the next, and the legs of the ring (module doc).
+    With `keep`, only the steps it keeps count (by the time a sampling ends, an update
+    starts, a period begins)."""
+    keep = keep or (lambda _: True)
     schedules = _calls(engine, ENGINE["schedule"])
     updates = _steady(_calls(engine, ENGINE["update"]), trim)
     executes = _calls(worker, *WORKER["execute"])
@@ -91,6 +101,8 @@ def critical_path(engine: list[Entry], worker: list[Entry],
 
     busy, idle, sample_wait, dispatch = [], [], [], []
     for start, end in steady_samples:
+        if not keep(end):
+            continue
         i = bisect.bisect_right(execute_starts, start) - 1
         previous = _latest_before(sample_ends, start)
         if i < 0 or previous is None or previous > execute_starts[i]:
@@ -104,18 +116,22 @@ def critical_path(engine: list[Entry], worker: list[Entry],
             dispatch.append(execute_start - sent)
     # The k-th sampling's tokens are the output thread's k-th (in order, one each).
     tail = [host_end - sample_end for (_, sample_end), (_, host_end)
-            in zip(samples, on_host, strict=False) if first <= sample_end <= last]
+            in zip(samples, on_host, strict=False)
+            if first <= sample_end <= last and keep(sample_end)]
     back, turnaround = [], []
     for start, _ in updates:
+        if not keep(start):
+            continue
         came = _latest_before(host_ends, start)
         if came is not None:
             back.append(start - came)
         scheduled = _first_after(schedule_ends, start)
         if scheduled is not None:
             turnaround.append(scheduled - start)
-    periods = sorted(b - a for a, b in itertools.pairwise(s for s, _ in updates))
+    periods = sorted(b - a for a, b in itertools.pairwise(s for s, _ in updates) if keep(a))
     return {"period": _median_ms(periods),
-            "period p90": periods[int(0.9 * (len(periods) - 1))] * 1e3,
+            "period p90": periods[int(0.9 * (len(periods) - 1))] * 1e3 if periods
+            else float("nan"),
             "worker busy": _median_ms(busy), "worker idle": _median_ms(idle),
             "sample wait": _median_ms(sample_wait),
             "gpu tail": _median_ms(tail), "back": _median_ms(back),
@@ -130,3 +146,46 @@ def by_process(timelines: dict[str, list[Entry]]) -> tuple[list[Entry], list[Ent
     worker = next((t for t in timelines.values()
                    if any(p in WORKER["execute"] for p, _, _ in t)), [])
     return engine, worker
+
+
+def by_pace(engine: list[Entry], trim: float = 0.1) -> tuple[Callable, Callable]:
+    """(keep the slowest third of a batch's steady steps, keep the fastest third), for
+    `critical_path`: what the slow steps waited for that the fast ones did not."""
+    starts = [s for s, _ in _steady(_calls(engine, ENGINE["update"]), trim)]
+    steps = list(itertools.pairwise(starts))
+    order = sorted(range(len(steps)), key=lambda i: steps[i][1] - steps[i][0])
+    third = len(steps) // 3
+    slow, fast = set(order[len(steps) - third:]), set(order[:third])
+
+    def within(chosen: set[int]) -> Callable[[float], bool]:
+        def keep(t: float) -> bool:
+            i = bisect.bisect_right(starts, t) - 1
+            return i in chosen and t < steps[i][1]
+        return keep
+
+    return within(slow), within(fast)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Each batch of a profile's `--timelines` file: every leg over all its steady steps,
+    its slowest third and its fastest third."""
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("timelines", help="bench.step_profile --timelines FILE.json.gz")
+    args = parser.parse_args(argv)
+    with gzip.open(args.timelines, "rt") as f:
+        batches = json.load(f)
+    print("| batch | " + " | ".join(FIELDS) + " |")
+    print("|---|" + "---|" * len(FIELDS))
+    for batch in batches:
+        engine, worker = by_process({pid: [tuple(e) for e in entries]
+                                     for pid, entries in batch["processes"].items()})
+        slow, fast = by_pace(engine)
+        legs = [critical_path(engine, worker, keep=keep) for keep in (None, slow, fast)]
+        name = f"{batch['engine']} {batch['workload']} #{batch['repeat']}"
+        print(f"| {name}: all / slowest third / fastest third | " + " | ".join(
+            " / ".join(f"{leg[field]:.2f}" for leg in legs) for field in FIELDS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ asks for."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import threading
@@ -92,3 +93,25 @@ def test_timed_calls_are_kept_and_dumped_for_the_window_asked(tmp_path, monkeypa
     assert step_profile._dump_timeline(tmp_path, "first", 1234) == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "1234.json", "1234.timeline", step_profile.TIMELINE_WINDOW]
+
+
+def test_the_slow_steps_legs_are_read_apart_from_the_fast_ones(tmp_path, capsys):
+    engine, worker = _ring(60, slow_every=5)  # every fifth step 3 ms later
+    slow, fast = step_timeline.by_pace(engine)
+    on_slow = step_timeline.critical_path(engine, worker, keep=slow)
+    on_fast = step_timeline.critical_path(engine, worker, keep=fast)
+    assert on_fast["period"] == pytest.approx(3.0) and on_slow["period"] == pytest.approx(6.0)
+    # What the slow steps waited for: the worker idle (the step came later), nothing else.
+    assert on_fast["worker idle"] == pytest.approx(0.7)
+    assert on_slow["worker idle"] == pytest.approx(3.7)
+    for leg in ("worker busy", "gpu tail", "back", "dispatch"):
+        assert on_slow[leg] == pytest.approx(on_fast[leg]), leg
+    # From a profile's --timelines file, a row a batch.
+    path = tmp_path / "timelines.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump([{"engine": "dotllm", "workload": "free", "repeat": 0, "pinned": False,
+                    "processes": {"1": engine, "2": worker}}], f)
+    assert step_timeline.main([str(path)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(
+        "| dotllm free #0: all / slowest third / fastest third | 3.00 / 6.00 / 3.00 |")
