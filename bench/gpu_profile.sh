@@ -24,8 +24,14 @@ if [ -n "${PYSPY:-}" ]; then
 fi
 # Each repeat's line is kept as it ends (a device call's limit brings back what is under
 # $OUT, not a killed process's summary); PROFILE_TIMEOUT_S stops it before that limit.
-name=$(IFS=-; echo "$*")
-JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "${PROFILE_TIMEOUT_S:-540}" \
+# In a call that also set the machine up, DEADLINE (epoch seconds, taken at the call's
+# start) leaves the profile what the setup did not use.
+limit=${PROFILE_TIMEOUT_S:-540}
+if [ -n "${DEADLINE:-}" ]; then limit=$((DEADLINE - $(date +%s))); fi
+engines=()
+for arg in "$@"; do [[ $arg == -* ]] && break; engines+=("$arg"); done
+name=$(IFS=-; echo "${engines[*]}")
+JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "$limit" \
     python3 -m bench.step_profile --model "$model" \
     --engines "$@" --serve-arg=--load-format=dummy --out "$OUT/step-profile-$name.json" \
     --timelines "$OUT/timelines-$name.json.gz" \
