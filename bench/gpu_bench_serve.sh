@@ -20,7 +20,7 @@ model=$(python3 -m bench.full_size_model /tmp/llama-1.3b)
 # The device tool brings back at most 8 files a call: the servers' logs as one file, and
 # no plots (`bench.serve --report DIR` draws them here from results.jsonl).
 out="$OUT/${NAME:-serve}"
-trap 'rm -f "$out"/*.png; [ ! -d "$out/logs" ] || { tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"; }' EXIT
+trap 'rm -f "$out"/*.png; [ ! -d "$out/logs" ] || { tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"; }; keep_compile_caches' EXIT
 # Stopped (bench.serve stops its server, the trap still packs the logs) before the device
 # call's own limit kills everything and brings nothing back: BENCH_TIMEOUT_S.
 JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "${BENCH_TIMEOUT_S:-520}" \

@@ -41,3 +41,4 @@ if [ -n "${PYSPY:-}" ]; then
     wait
     gzip -f "$OUT/engine-core.pyspy.txt" 2>/dev/null || true
 fi
+keep_compile_caches

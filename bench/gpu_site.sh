@@ -22,3 +22,19 @@ site=$HOME/dotllm-site
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
     .gpu/wheels/*.whl 2>&1 | grep -v "WARNING: Target directory" || true
 export PYTHONPATH=$site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+# A fresh machine's first server start spends ~80 s compiling the model (torch.compile,
+# Triton) that later starts read from these caches: a script that served ends with
+# `keep_compile_caches` ($OUT/compile-caches.tgz, if under the 16 MiB a file that comes
+# back), and the caches carried as gpucarry/compile-caches.tgz are put in place here.
+compile_caches=("$HOME/.cache/vllm" "$HOME/.triton")
+[ ! -f .gpu/compile-caches.tgz ] || tar xzf .gpu/compile-caches.tgz -C /
+keep_compile_caches() {
+    local present=() dir
+    for dir in "${compile_caches[@]}"; do [ ! -d "$dir" ] || present+=("${dir#/}"); done
+    [ ${#present[@]} -gt 0 ] || return 0
+    tar czf /tmp/compile-caches.tgz -C / "${present[@]}"
+    local size
+    size=$(stat -c %s /tmp/compile-caches.tgz)
+    echo "compile caches: $((size / 1048576)) MiB (${present[*]})"
+    [ "$size" -ge 16777216 ] || cp /tmp/compile-caches.tgz "$OUT/"
+}
