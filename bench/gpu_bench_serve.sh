@@ -23,7 +23,7 @@ out="$OUT/${NAME:-serve}"
 trap 'rm -f "$out"/*.png; [ ! -d "$out/logs" ] || { tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"; }; keep_compile_caches' EXIT
 # Stopped (bench.serve stops its server, the trap still packs the logs) before the device
 # call's own limit kills everything and brings nothing back: BENCH_TIMEOUT_S.
-JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "${BENCH_TIMEOUT_S:-520}" \
+JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "$(call_left "${BENCH_TIMEOUT_S:-520}")" \
     python3 -m bench.serve --model "$model" \
     --serve-arg=--load-format=dummy --scenarios free enum-array long-string mix-20 mix-80 \
     schema schema-compact regex choice schema-mix unique --concurrency 1 16 64 256 --tokens 128 \

@@ -23,15 +23,11 @@ if [ -n "${PYSPY:-}" ]; then
          -o "$OUT/engine-core.pyspy.txt" > "$OUT/py-spy.log" 2>&1) &
 fi
 # Each repeat's line is kept as it ends (a device call's limit brings back what is under
-# $OUT, not a killed process's summary); PROFILE_TIMEOUT_S stops it before that limit.
-# In a call that also set the machine up, DEADLINE (epoch seconds, taken at the call's
-# start) leaves the profile what the setup did not use.
-limit=${PROFILE_TIMEOUT_S:-540}
-if [ -n "${DEADLINE:-}" ]; then limit=$((DEADLINE - $(date +%s))); fi
+# $OUT, not a killed process's summary); PROFILE_TIMEOUT_S (or DEADLINE) stops it first.
 engines=()
 for arg in "$@"; do [[ $arg == -* ]] && break; engines+=("$arg"); done
 name=$(IFS=-; echo "${engines[*]}")
-JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "$limit" \
+JSONSCHEMABENCH_DIR=$PWD/.gpu/data timeout "$(call_left "${PROFILE_TIMEOUT_S:-540}")" \
     python3 -m bench.step_profile --model "$model" \
     --engines "$@" --serve-arg=--load-format=dummy --out "$OUT/step-profile-$name.json" \
     --timelines "$OUT/timelines-$name.json.gz" \

@@ -22,6 +22,12 @@ site=$HOME/dotllm-site
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
     .gpu/wheels/*.whl 2>&1 | grep -v "WARNING: Target directory" || true
 export PYTHONPATH=$site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+# Seconds a script's main run may take: its own default ($1), or, in a call that also set
+# the machine up, what is left until DEADLINE (epoch seconds: the call's start plus a
+# little under its limit, e.g. `DEADLINE=$(( $(date +%s) + 570 )) bash bench/...`).
+call_left() {
+    if [ -n "${DEADLINE:-}" ]; then echo $((DEADLINE - $(date +%s))); else echo "$1"; fi
+}
 # A fresh machine's first server start spends ~80 s compiling the model (torch.compile,
 # Triton) that later starts read from these caches: a script that served ends with
 # `keep_compile_caches` ($OUT/compile-caches.tgz, if under the 16 MiB a file that comes
