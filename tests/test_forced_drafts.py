@@ -28,6 +28,8 @@ ACCEPTED = "vllm:spec_decode_num_accepted_tokens_total"
 OURS = "dotllm_forced_draft_tokens_total"
 FORCED = "dotllm_forced_tokens_total"
 GENERATED = "vllm:generation_tokens_total"
+TIER_START = "dotllm_constraint_tier_start_total"
+TIERS = ("index", "llguidance")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,17 @@ def _constraints() -> list[dict]:
             {"choice": ["approved", "rejected", "needs more information"]}]
 
 
+def _served(server, constraint: dict):
+    """A greedy answer and the tier it started on: a compile that timed out or died of its
+    memory cap on one server (a busy CI machine) leaves that constraint on llguidance
+    there, which tokenizes differently from the index."""
+    before = {tier: server.total(TIER_START, tier=tier) for tier in TIERS}
+    choice = complete_constrained(server, constraint, 0.0)
+    started = [tier for tier in TIERS if server.total(TIER_START, tier=tier) > before[tier]]
+    assert len(started) == 1, started
+    return choice, started[0]
+
+
 def test_greedy_answers_are_token_for_token_those_without_drafts(dotllm_server,
                                                                  drafting_server):
     constraints = _constraints()
@@ -66,11 +79,16 @@ def test_greedy_answers_are_token_for_token_those_without_drafts(dotllm_server,
             complete_constrained(server, constraint, 0.0)
         server.wait_for_compiles()
     before = {name: drafting_server.total(name) for name in (ACCEPTED, OURS)}
+    compared = 0
     for constraint in constraints:
-        plain = complete_constrained(dotllm_server, constraint, 0.0)
-        drafted = complete_constrained(drafting_server, constraint, 0.0)
+        plain, plain_tier = _served(dotllm_server, constraint)
+        drafted, drafted_tier = _served(drafting_server, constraint)
+        if plain_tier != drafted_tier:
+            continue  # not the same engine: the drafts are not what differs
+        compared += 1
         assert (drafted.text, drafted.finish_reason) == (plain.text, plain.finish_reason), \
-            constraint
+            (constraint, plain_tier)
+    assert compared >= len(constraints) - 1, compared
     for name in (ACCEPTED, OURS):
         assert _settled(drafting_server, name, before[name]) > before[name], name
 
