@@ -53,6 +53,7 @@ PROMPT = "Reply in JSON:"
 ITL = "vllm:inter_token_latency_seconds"
 TTFT = "vllm:time_to_first_token_seconds"
 STEPS = "vllm:iteration_tokens_total_count"
+GENERATED = "vllm:generation_tokens_total"
 WITHOUT_HOST = "dotllm_steps_sampled_without_host_total"
 SAT_OUT = "dotllm_steps_sat_out_total"
 QUANTILES = (0.5, 0.9, 0.99)
@@ -75,6 +76,11 @@ class Batch:
     client_itl_s: list[float]  # p50, p90, p99 of every gap of every request
     engine_itl_s: float  # vLLM's histogram: the mean step over the batch's tokens
     engine_ttft_s: float
+    # Tokens the engine sampled a step, its batch's mean width: requests reach the engine
+    # over time (the API server admits them one by one while it streams the first ones'
+    # tokens), so a batch of 256 may decode far fewer rows a step, and two batches of one
+    # scenario then compare steps of different widths.
+    rows_per_step: float = float("nan")
     # Share of the engine's steps sampled without waiting for the host (device states).
     steps_without_host: float = float("nan")
     # Steps requests the device did not hold sat out so that the batch did not wait.
@@ -159,6 +165,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         client_itl_s=[float(x) for x in np.quantile(gaps, QUANTILES)] if gaps else [],
         engine_itl_s=prometheus.mean_between(before, after, ITL),
         engine_ttft_s=prometheus.mean_between(before, after, TTFT),
+        rows_per_step=_fraction(prometheus.increase(before, after, GENERATED),
+                                prometheus.increase(before, after, STEPS)),
         steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
                                   prometheus.increase(before, after, STEPS)),
         steps_sat_out=prometheus.increase(before, after, SAT_OUT),
@@ -349,16 +357,17 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
     equal = [b for b in batches if b["scenario"] in STEP_COMPARED]
     if equal:
         ratios = step_ratios(batches)
-        rows = ["| engine | scenario | concurrency | step ms (engine) | x free (or twin) "
-                "| steps without host % | steps sat out | tok/s | TTFT ms (engine) "
-                "| client ITL p50 / p99 ms | errors |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| engine | scenario | concurrency | step ms (engine) | rows a step (engine) "
+                "| x free (or twin) | steps without host % | steps sat out | tok/s "
+                "| TTFT ms (engine) | client ITL p50 / p99 ms | errors |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (engine, scenario, c), group in _groups(equal, "engine", "scenario",
                                                      "concurrency").items():
             itl = [b["client_itl_s"] for b in group if b["client_itl_s"]]
             rows.append(
                 f"| {engine} | {scenario} | {c} "
                 f"| {spread([b['engine_itl_s'] for b in group], 1e3)} "
+                f"| {spread([b.get('rows_per_step', math.nan) for b in group], digits=0)} "
                 f"| {spread(ratios.get((engine, scenario, c), []))} "
                 f"| {spread([b.get('steps_without_host', math.nan) for b in group], 100, 0)} "
                 f"| {spread([b.get('steps_sat_out', 0.0) for b in group], digits=0)} "

@@ -114,28 +114,36 @@ def _unique_ttft(unique: list[dict], path: Path) -> Path | None:
 
 
 def _coverage(unique: list[dict], path: Path) -> Path | None:
-    """Per subset and engine (cold requests): served share, and valid share of all."""
+    """Per subset and engine (cold requests): the share of schemas served, and the share
+    of ended answers that validate (with random weights many run to max_tokens, so valid
+    of all would mostly count which answers ended)."""
     cold = [r for r in unique if r["phase"] == "cold"]
     if not cold:
         return None
     engines = list(dict.fromkeys(r["engine"] for r in cold))
     subsets = list(dict.fromkeys(r["subset"] for r in cold))
     width = 0.8 / len(engines)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(subsets), 3.0))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(1.5 + 3.0 * len(subsets), 3.0),
+                                      sharey=True)
     for i, engine in enumerate(engines):
-        served, valid = [], []
+        served, valid, labels = [], [], []
         for subset in subsets:
             rows = [r for r in cold if r["engine"] == engine and r["subset"] == subset]
+            ended = [r for r in rows if r["status"] == "ok" and r["ended"]]
             served.append(sum(r["status"] == "ok" for r in rows) / max(1, len(rows)))
-            valid.append(sum(bool(r["valid"]) for r in rows) / max(1, len(rows)))
+            valid.append(sum(bool(r["valid"]) for r in ended) / max(1, len(ended)))
+            labels.append(f"{sum(bool(r['valid']) for r in ended)}/{len(ended)}")
         x = np.arange(len(subsets)) + i * width
-        ax.bar(x, served, width, color=f"C{i}", alpha=0.35)
-        ax.bar(x, valid, width, color=f"C{i}", label=engine)
-    ax.set_xticks(np.arange(len(subsets)) + width * (len(engines) - 1) / 2, subsets, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("share of schemas")
-    ax.set_title("served (light) and ended valid (dark)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+        left.bar(x, served, width, color=f"C{i}", label=engine)
+        bars = right.bar(x, valid, width, color=f"C{i}", label=engine)
+        right.bar_label(bars, labels, fontsize=6)
+    for ax, title in ((left, "schemas served"), (right, "ended answers valid")):
+        ax.set_xticks(np.arange(len(subsets)) + width * (len(engines) - 1) / 2, subsets,
+                      fontsize=8)
+        ax.set_title(title, fontsize=9)
+    left.set_ylim(0, 1.3)
+    left.set_ylabel("share (cold requests)")
+    left.legend(fontsize=7, loc="upper center", ncol=len(engines))
     return _save(fig, path)
 
 

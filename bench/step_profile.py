@@ -119,8 +119,10 @@ def _timed(phase: str, method):
     @functools.wraps(method)
     def timed(*args, **kwargs):
         started = time.monotonic()
+        result = None
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
+            return result
         finally:
             ended = time.monotonic()
             with _lock:
@@ -128,9 +130,18 @@ def _timed(phase: str, method):
                 entry[0] += 1
                 entry[1] += ended - started
                 if on_timeline:
-                    _timeline.append((phase, started, ended))
+                    _timeline.append((phase, started, ended, *_shape(result)))
     timed.step_profile = phase
     return timed
+
+
+def _shape(scheduled) -> tuple[int, int] | tuple[()]:
+    """A step's (rows, tokens), from what `schedule` returned (vLLM's SchedulerOutput):
+    how wide the step was, and whether it also ran prompt tokens (more tokens than rows)."""
+    tokens = getattr(scheduled, "num_scheduled_tokens", None)
+    if not isinstance(tokens, dict):
+        return ()
+    return len(tokens), int(scheduled.total_num_scheduled_tokens)
 
 
 def _wrap_loaded(per_request: bool) -> None:
@@ -374,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "pinned": pinned, "processes": timelines})
             with gzip.open(args.timelines, "wt") as f:
                 json.dump(raw_timelines, f)
-        path = step_timeline.critical_path(*step_timeline.by_process(timelines))
+        engine_calls, worker_calls = step_timeline.by_process(timelines)
+        path = step_timeline.critical_path(engine_calls, worker_calls)
+        full, at_full = step_timeline.at_full_width(engine_calls)
+        rows = [r for r, _ in step_timeline.widths(engine_calls)]
         where = placement(before, after, steps)
         for process in where.values():
             process["steal_ms_per_step"] = steal_ms_per_step(
@@ -384,7 +398,12 @@ def main(argv: list[str] | None = None) -> int:
                         "errors": len(batch.errors), "phases_ms": phases,
                         "steps_without_host": batch.steps_without_host,
                         "steps_sat_out": batch.steps_sat_out, "placement": where,
-                        "critical_path_ms": path})
+                        "critical_path_ms": path,
+                        "rows_a_step": statistics.median(rows) if rows else math.nan,
+                        "widest": max(rows, default=0), "steps_at_full_width": at_full,
+                        "period_at_full_width_ms": step_timeline.critical_path(
+                            engine_calls, worker_calls, trim=0.0, keep=full)["period"]
+                        if at_full else math.nan})
         print(json.dumps(results[-1]), flush=True)
         return batch
 
@@ -454,6 +473,13 @@ def table(results: list[dict]) -> str:
              "| steps sampled without the host | " + " | ".join(
                  f"{median(c, lambda r: r.get('steps_without_host', math.nan)):.0%}"
                  for c in columns) + " |"]
+    lines.append("| rows a step: median (widest) | " + " | ".join(
+        f"{median(c, lambda r: r.get('rows_a_step', math.nan)):.0f} "
+        f"({median(c, lambda r: r.get('widest', 0)):.0f})" for c in columns) + " |")
+    lines.append("| timeline: period at full width (steps) | " + " | ".join(
+        f"{median(c, lambda r: r.get('period_at_full_width_ms', math.nan)):.2f} "
+        f"({median(c, lambda r: r.get('steps_at_full_width', 0)):.0f})" for c in columns)
+        + " |")
     for leg in step_timeline.FIELDS:
         lines.append(f"| timeline: {leg} | " + " | ".join(
             f"{median(c, lambda r, k=leg: r.get('critical_path_ms', {}).get(k, math.nan)):.2f}"

@@ -22,8 +22,11 @@ paths: the worker's own host work, or the ring worker -> GPU -> engine core -> w
     dispatch      = execute_model(t+2) start - schedule(t+2) end (the message queue)
 
 `python -m bench.step_timeline FILE.json.gz` reads a profile's raw timelines (its
-`--timelines`): each batch's legs over all its steady steps, its slowest third and its
-fastest third (what the slow steps waited for that the fast ones did not).
+`--timelines`): each batch's legs over all its steady steps, its slowest third, its
+fastest third (what the slow steps waited for that the fast ones did not), and the steps
+that ran the batch's full width and decoded only (`at_full_width`: where requests reach the
+engine over time, the others run fewer rows or prompt tokens, and batches of one workload
+then differ in what their steps did).
 
 Each is matched by time (the latest event of the other process before it), except the gpu
 tail, which pairs a worker's k-th sampling with its k-th output (one each, in order: a
@@ -41,7 +44,9 @@ import json
 import statistics
 from collections.abc import Callable, Iterable
 
-Entry = tuple[str, float, float]  # (phase, start, end), seconds
+# (phase, start, end), seconds; `schedule`'s also (rows, tokens): the step's width, and
+# its tokens (more than its rows where prompt tokens ran in it).
+Entry = tuple[str, float, float] | tuple[str, float, float, int, int]
 
 ENGINE = {"schedule": "schedule", "update": "update_from_output",
           "bitmask": "get_grammar_bitmask"}
@@ -53,7 +58,7 @@ FIELDS = ("period", "period p90", "worker busy", "worker idle", "sample wait", "
 
 
 def _calls(entries: Iterable[Entry], *phases: str) -> list[tuple[float, float]]:
-    return sorted((start, end) for phase, start, end in entries if phase in phases)
+    return sorted((e[1], e[2]) for e in entries if e[0] in phases)
 
 
 def _latest_before(times: list[float], t: float) -> float | None:
@@ -142,9 +147,9 @@ def by_process(timelines: dict[str, list[Entry]]) -> tuple[list[Entry], list[Ent
     """(the engine core's entries, the worker's) of a server's processes' timelines: the
     one that schedules, and the one that runs the model (the first, with several)."""
     engine = next((t for t in timelines.values()
-                   if any(p == ENGINE["schedule"] for p, _, _ in t)), [])
+                   if any(e[0] == ENGINE["schedule"] for e in t)), [])
     worker = next((t for t in timelines.values()
-                   if any(p in WORKER["execute"] for p, _, _ in t)), [])
+                   if any(e[0] in WORKER["execute"] for e in t)), [])
     return engine, worker
 
 
@@ -166,6 +171,32 @@ def by_pace(engine: list[Entry], trim: float = 0.1) -> tuple[Callable, Callable]
     return within(slow), within(fast)
 
 
+def widths(engine: list[Entry]) -> list[tuple[int, int]]:
+    """Each step's (rows, tokens), in order; empty for a profile that did not record them."""
+    steps = sorted(e for e in engine if e[0] == ENGINE["schedule"])
+    return [(e[3], e[4]) for e in steps] if all(len(e) == 5 for e in steps) else []
+
+
+def at_full_width(engine: list[Entry], around: int = 2) -> tuple[Callable, int]:
+    """(keep the steps at the batch's full width, how many): a batch's requests reach the
+    engine over time (its API server admits them one by one while it streams the first
+    ones' tokens), so many of its steps run fewer rows than the batch has, or prompt
+    tokens too. Kept: the steps that decoded the batch's widest set of rows and nothing
+    else, with their `around` neighbours on either side doing the same (a step's legs
+    span its neighbours). The k-th `update_from_output` is the k-th step's (in order)."""
+    shapes = widths(engine)
+    starts = [s for s, _ in _calls(engine, ENGINE["update"])]
+    decode = [rows if rows == tokens else 0 for rows, tokens in shapes]
+    widest = max(decode, default=0)
+    full = {i for i in range(around, min(len(decode), len(starts)) - around)
+            if widest and all(w == widest for w in decode[i - around:i + around + 1])}
+
+    def keep(t: float) -> bool:
+        i = bisect.bisect_right(starts, t) - 1
+        return i in full and i + 1 < len(starts)
+    return keep, len(full)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Each batch of a profile's `--timelines` file: every leg over all its steady steps,
     its slowest third and its fastest third."""
@@ -174,16 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with gzip.open(args.timelines, "rt") as f:
         batches = json.load(f)
-    print("| batch | " + " | ".join(FIELDS) + " |")
-    print("|---|" + "---|" * len(FIELDS))
+    print("| batch | rows a step: median (widest), steps at it | " + " | ".join(FIELDS)
+          + " |")
+    print("|---|---|" + "---|" * len(FIELDS))
     for batch in batches:
         engine, worker = by_process({pid: [tuple(e) for e in entries]
                                      for pid, entries in batch["processes"].items()})
         slow, fast = by_pace(engine)
+        full, at_full = at_full_width(engine)
         legs = [critical_path(engine, worker, keep=keep) for keep in (None, slow, fast)]
+        legs.append(critical_path(engine, worker, trim=0.0, keep=full) if at_full
+                    else dict.fromkeys(FIELDS, float("nan")))
+        rows = [r for r, _ in widths(engine)]
+        shape = (f"{statistics.median(rows):.0f} ({max(rows)}), {at_full}" if rows
+                 else "-")
         name = f"{batch['engine']} {batch['workload']} #{batch['repeat']}"
-        print(f"| {name}: all / slowest third / fastest third | " + " | ".join(
-            " / ".join(f"{leg[field]:.2f}" for leg in legs) for field in FIELDS) + " |")
+        print(f"| {name}: all / slowest third / fastest third / full width | {shape} | "
+              + " | ".join(" / ".join(f"{leg[field]:.2f}" for leg in legs)
+                           for field in FIELDS) + " |")
     return 0
 
 

@@ -198,6 +198,7 @@ def test_a_short_sitting_against_stock_vllm_writes_results_tables_and_plots(tmp_
         assert b["engine"] == "dotllm" or not any(b["unenforced"])
         if b["scenario"] in scenarios.EQUAL_WORK:
             assert b["tokens"] == [12] * b["concurrency"] and not b["errors"]
+            assert 0 < b["rows_per_step"] <= b["concurrency"]
             assert b["client_itl_s"][0] <= b["client_itl_s"][2]
         elif b["scenario"] == "schema-mix-free":  # as long as its mix's answers, no longer
             mix, = [m for m in batches if m["scenario"] == "schema-mix" and all(

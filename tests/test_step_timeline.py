@@ -9,6 +9,7 @@ import json
 import math
 import threading
 import time
+import types
 
 import pytest
 
@@ -17,20 +18,21 @@ from bench import step_profile, step_timeline
 MS = 1e-3
 
 
-def _ring(steps: int, slow_every: int = 0) -> tuple[list, list]:
+def _ring(steps: int, slow_every: int = 0, shapes=None) -> tuple[list, list]:
     """A steady batch queue of two, in ms from each step's base: the engine core schedules
     at 0-0.7; the worker executes at 0.8-2.4 and samples at 2.45-3.15; the output thread
     has the tokens at 4.05; the engine core accepts them from 4.25. A step is 3 ms, every
-    `slow_every`-th one 6 (it starts later: the worker waits the longer)."""
+    `slow_every`-th one 6 (it starts later: the worker waits the longer). `shapes`: each
+    step's (rows, tokens), kept with its schedule."""
     engine, worker = [], []
     base = 0.0
     for k in range(steps):
         base += 6.0 if slow_every and k % slow_every == 0 else 3.0
 
-        def at(phase, start, end, into, base=base):
-            into.append((phase, (base + start) * MS, (base + end) * MS))
+        def at(phase, start, end, into, base=base, *shape):
+            into.append((phase, (base + start) * MS, (base + end) * MS, *shape))
 
-        at("schedule", 0, 0.7, engine)
+        at("schedule", 0, 0.7, engine, base, *(shapes[k] if shapes else ()))
         at("execute_model (V2)", 0.8, 2.4, worker)
         at("sample_tokens (V2)", 2.45, 3.15, worker)
         at("sampled tokens on the host (V2)", 3.2, 4.05, worker)
@@ -113,5 +115,37 @@ def test_the_slow_steps_legs_are_read_apart_from_the_fast_ones(tmp_path, capsys)
                     "processes": {"1": engine, "2": worker}}], f)
     assert step_timeline.main([str(path)]) == 0
     row = capsys.readouterr().out.splitlines()[-1]
-    assert row.startswith(
-        "| dotllm free #0: all / slowest third / fastest third | 3.00 / 6.00 / 3.00 |")
+    assert row.startswith("| dotllm free #0: all / slowest third / fastest third / full "
+                          "width | - | 3.00 / 6.00 / 3.00 / nan |")
+
+
+def test_the_steps_at_the_batchs_full_width_are_read_apart(tmp_path, capsys):
+    # Requests arriving over time: 20 steps that take in prompts as the batch widens,
+    # 30 at its full 16 rows decoding only, then 10 as it drains; every third step slower.
+    shapes = ([(1 + k // 2, 1 + k // 2 + 7) for k in range(20)] + [(16, 16)] * 30
+              + [(16 - k, 16 - k) for k in range(1, 11)])
+    engine, worker = _ring(60, slow_every=3, shapes=shapes)
+    assert step_timeline.widths(engine) == shapes
+    full, at_full = step_timeline.at_full_width(engine)
+    assert at_full == 30 - 4  # two neighbours either side at full width too
+    legs = step_timeline.critical_path(engine, worker, trim=0.0, keep=full)
+    every = step_timeline.critical_path(engine, worker)
+    assert legs["period"] == pytest.approx(3.0) and legs["period p90"] == pytest.approx(6.0)
+    assert every["period"] == pytest.approx(3.0)
+    # A profile without the shapes has no full-width view.
+    assert step_timeline.at_full_width(_ring(60)[0])[1] == 0
+    path = tmp_path / "timelines.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump([{"engine": "dotllm", "workload": "free", "repeat": 0, "pinned": False,
+                    "processes": {"1": engine, "2": worker}}], f)
+    assert step_timeline.main([str(path)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| dotllm free #0: all / slowest third / fastest third / full "
+                          "width | 16 (16), 26 | 3.00 / 6.00 / 3.00 / 3.00 |")
+
+
+def test_a_profiled_schedule_keeps_its_steps_width():
+    scheduled = types.SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 1, "c": 9},
+                                      total_num_scheduled_tokens=11)
+    assert step_profile._shape(scheduled) == (3, 11)
+    assert step_profile._shape(None) == ()  # (a call that raised)
