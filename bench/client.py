@@ -1,6 +1,7 @@
-"""One streamed completion as a benchmark sees it: when the first token came, the gaps
-between the next ones, how it ended, and whether the server refused it (a 400, before the
-stream or inside it, is the server's answer to the request, not a failure to measure)."""
+"""One completion as a benchmark sees it: when the first token came and the gaps between
+the next ones (streamed), how it ended, and whether the server refused it (a 400, before
+the stream or inside it, is the server's answer to the request, not a failure to
+measure)."""
 
 from __future__ import annotations
 
@@ -44,17 +45,20 @@ async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         yield pending.removesuffix("\r")
 
 
-async def stream_completion(client: httpx.AsyncClient, payload: dict) -> Reply:
-    """POSTs `payload` to /v1/completions with streaming and usage on. A connection that
-    breaks before the response starts is tried again (at 256 streams opened at once a
-    local connection is now and then reset before the server reads the request; the
-    request never ran): `Reply.retries` counts them."""
-    payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+async def complete(client: httpx.AsyncClient, payload: dict, stream: bool = True) -> Reply:
+    """POSTs `payload` to /v1/completions, streamed with usage on; or, without `stream`, as
+    one response (no TTFT nor gaps then: the API server formats no chunk a token, which
+    at 256 requests is what paces their admission). A connection that breaks before the
+    response starts is tried again (at 256 streams opened at once a local connection is
+    now and then reset before the server reads the request; the request never ran):
+    `Reply.retries` counts them."""
+    payload = ({**payload, "stream": True, "stream_options": {"include_usage": True}}
+               if stream else {**payload, "stream": False})
     for retries in range(CONNECT_ATTEMPTS):
         started = time.perf_counter()
         try:
             async with client.stream("POST", "/v1/completions", json=payload) as response:
-                reply = await _read(response, started)
+                reply = await (_read if stream else _read_whole)(response, started)
         except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
             if retries == CONNECT_ATTEMPTS - 1:
                 raise
@@ -65,11 +69,29 @@ async def stream_completion(client: httpx.AsyncClient, payload: dict) -> Reply:
     raise AssertionError("unreachable")
 
 
+async def _refused(response: httpx.Response) -> Reply:
+    body = (await response.aread())[:300].decode(errors="replace")
+    return Reply("400" if response.status_code == 400 else "error",
+                 error=f"{response.status_code}: {body}")
+
+
+async def _read_whole(response: httpx.Response, started: float) -> Reply:
+    if response.status_code != 200:
+        return await _refused(response)
+    answer = json.loads(await response.aread())
+    choice = answer["choices"][0]
+    reply = Reply("ok", e2e_s=time.perf_counter() - started, text=choice.get("text") or "",
+                  tokens=answer["usage"]["completion_tokens"],
+                  finish=choice.get("finish_reason"),
+                  unenforced=list((choice.get("unenforced") or {}).get("keywords", [])))
+    if not reply.text:
+        return Reply("error", error=f"no text came back (finish_reason {reply.finish})")
+    return reply
+
+
 async def _read(response: httpx.Response, started: float) -> Reply:
     if response.status_code != 200:
-        body = (await response.aread())[:300].decode(errors="replace")
-        return Reply("400" if response.status_code == 400 else "error",
-                     error=f"{response.status_code}: {body}")
+        return await _refused(response)
     first = last = None
     reply = Reply("ok")
     try:

@@ -46,7 +46,7 @@ import httpx
 import numpy as np
 
 from bench import prometheus, scenarios, servers
-from bench.client import Reply, stream_completion
+from bench.client import Reply, complete
 from bench.scenarios import DOCUMENTS, EQUAL_WORK, STEP_COMPARED
 
 PROMPT = "Reply in JSON:"
@@ -86,6 +86,7 @@ class Batch:
     # Steps requests the device did not hold sat out so that the batch did not wait.
     steps_sat_out: float = 0.0
     arrival_s: float = 0.0  # the requests started evenly over this window (0: at once)
+    streamed: bool = True  # else one response a request: no client TTFT nor ITL
     errors: list[str] = field(default_factory=list)
     note: str = ""
     kind: str = "batch"
@@ -134,7 +135,8 @@ def _verdict(reply: Reply, request: scenarios.Request) -> bool | None:
 async def run_batch(base_url: str, model: str, engine: str, scenario: str, concurrency: int,
                     tokens: int, max_tokens: int, repeat: int, note: str = "",
                     temperature: float = 1.0, arrival_s: float = 0.0,
-                    requests: list[scenarios.Request] | None = None) -> Batch:
+                    requests: list[scenarios.Request] | None = None,
+                    stream: bool = True) -> Batch:
     """One batch: `requests`, or `concurrency` of `scenario`'s."""
     if requests is None:
         requests = scenarios.batch(scenario, concurrency, tokens)
@@ -142,8 +144,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
 
     async def arriving(i: int, request: scenarios.Request) -> Reply:
         await asyncio.sleep(i * arrival_s / concurrency)
-        return await stream_completion(client, _payload(
-            model, request.body, request.steps or max_tokens, temperature))
+        return await complete(client, _payload(
+            model, request.body, request.steps or max_tokens, temperature), stream)
 
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
         before = prometheus.samples((await client.get("/metrics")).text)
@@ -170,7 +172,8 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
         steps_without_host=_fraction(prometheus.increase(before, after, WITHOUT_HOST),
                                   prometheus.increase(before, after, STEPS)),
         steps_sat_out=prometheus.increase(before, after, SAT_OUT),
-        arrival_s=arrival_s, errors=errors, note=note, retries=sum(r.retries for r in replies),
+        arrival_s=arrival_s, streamed=stream, errors=errors, note=note,
+        retries=sum(r.retries for r in replies),
         unenforced=[bool(r.unenforced) for r in replies])
 
 
@@ -189,7 +192,7 @@ async def run_unique(base_url: str, model: str, engine: str, subsets: list[str],
         request = scenarios.Request({"structured_outputs": {"json": case.schema}},
                                     scenarios.schema_check(case.schema))
         async with gate:
-            reply = await stream_completion(
+            reply = await complete(
                 client, _payload(model, request.body, max_tokens, temperature))
         progress(1)
         return UniqueReply(engine, case.subset, case.id, phase, reply.status, reply.ttft_s,
@@ -211,7 +214,7 @@ async def warm(base_url: str, model: str, batch_scenarios: list[str], tokens: in
         for scenario in batch_scenarios:
             requests = (mix if scenario == scenarios.SCHEMA_MIX
                         else scenarios.batch(scenario, 1, tokens)[:1])
-            await asyncio.gather(*(stream_completion(client, _payload(model, r.body, tokens))
+            await asyncio.gather(*(complete(client, _payload(model, r.body, tokens))
                                    for r in requests))
     await servers.compiles_done(base_url)
 
@@ -250,7 +253,7 @@ def measure(base_url: str, engine: str, args, batch_scenarios: list[str], unique
     def run(scenario: str, c: int, repeat: int, requests=None) -> Batch:
         batch = asyncio.run(run_batch(base_url, model, engine, scenario, c, args.tokens,
                                       args.max_tokens, repeat, note, args.temperature,
-                                      args.arrival_s, requests))
+                                      args.arrival_s, requests, not args.no_stream))
         out.write(json.dumps(asdict(batch)) + "\n")
         out.flush()
         progress(len(batch.tokens))
@@ -376,8 +379,11 @@ def summary(batches: list[dict], unique: list[dict]) -> str:
                 f"| {spread([q[0] for q in itl], 1e3)} / {spread([q[2] for q in itl], 1e3)} "
                 f"| {sum(len(b['errors']) for b in group)} |")
         arrival = equal[0].get("arrival_s", 0.0)
+        streamed = {b.get("streamed", True) for b in equal}
         parts += ["### Equal work: the cost of a step"
-                  + (f" (requests arriving evenly over {arrival:g} s)" if arrival else ""),
+                  + (f" (requests arriving evenly over {arrival:g} s)" if arrival else "")
+                  + (" (not streamed)" if streamed == {False} else
+                     " (some batches not streamed)" if False in streamed else ""),
                   "", *rows, ""]
     documents = [b for b in batches if b["scenario"] in (*DOCUMENTS, scenarios.SCHEMA_MIX)]
     if documents:
@@ -460,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrival-s", type=float, default=0.0,
                         help="start a batch's requests evenly over this many seconds "
                         "(default: all at once)")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="the batches' requests answered in one response each, not "
+                        "streamed: at 256 requests the API server's chunk a token a "
+                        "request paces their admission, so a streamed batch decodes far "
+                        "fewer rows a step (no client TTFT nor ITL then: the engine's)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="0: greedy, the same answers wherever the engine is exact (equal "
                         "work between DotLLM with and without forced drafts)")

@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model")
     parser.add_argument("--serve-arg", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("step-profile.json"))
+    parser.add_argument("--no-stream", action="store_true",
+                        help="each request answered in one response (bench.serve's)")
     parser.add_argument("--per-request-phases", action="store_true",
                         help="also time the grammars' per-request calls (slows the step)")
     parser.add_argument("--timelines", type=Path,
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         batch = asyncio.run(serve.run_batch(
             url, model, engine, workload, args.concurrency, args.tokens, args.max_tokens,
-            repeat, requests=requests))
+            repeat, requests=requests, stream=not args.no_stream))
         ended = time.monotonic()
         time.sleep(1.0)
         after, steal_after = read_processes(profile_dir), cpu_steal()

@@ -62,11 +62,11 @@ EVENT = ('data: {"choices": [{"text": "hi", "finish_reason": "stop"}], '
          '"usage": {"completion_tokens": 1}}\n\n')
 
 
-def _stream_with(handler) -> client.Reply:
+def _stream_with(handler, stream: bool = True) -> client.Reply:
     async def go():
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler),
                                      base_url="http://bench") as c:
-            return await client.stream_completion(c, {"prompt": "p"})
+            return await client.complete(c, {"prompt": "p"}, stream)
     return asyncio.run(go())
 
 
@@ -114,6 +114,25 @@ def test_an_invalid_answer_the_server_said_it_might_write_is_counted_apart():
             {"valid": False, "unenforced": False}]
     assert serve._valid_share(rows) == "1/3 (33 %), 1 invalid as reported"
     assert serve._valid_share(rows[:1]) == "1/1 (100 %)"
+
+
+def test_an_answer_not_streamed_is_read_whole_without_a_first_token_time():
+    sent = []
+
+    def answer(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={
+            "choices": [{"text": "[1]", "finish_reason": "length", "unenforced": {
+                "keywords": ["not at /items"], "valid": True}}],
+            "usage": {"completion_tokens": 3}})
+
+    reply = _stream_with(answer, stream=False)
+    assert sent[0]["stream"] is False and "stream_options" not in sent[0]
+    assert (reply.status, reply.text, reply.tokens, reply.finish) == ("ok", "[1]", 3, "length")
+    assert reply.unenforced == ["not at /items"] and reply.e2e_s > 0
+    assert math.isnan(reply.ttft_s) and reply.gaps_s == []
+    refused = _stream_with(lambda r: httpx.Response(400, text="no such field"), stream=False)
+    assert refused.status == "400" and "no such field" in refused.error
 
 
 class _Stream(httpx.AsyncByteStream):
