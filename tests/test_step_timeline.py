@@ -40,6 +40,16 @@ def _ring(steps: int, slow_every: int = 0, shapes=None) -> tuple[list, list]:
     return engine, worker
 
 
+def _report_row(tmp_path, capsys, engine: list, worker: list) -> str:
+    """bench.step_timeline's row for a profile's --timelines file of one batch."""
+    path = tmp_path / "timelines.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump([{"engine": "dotllm", "workload": "free", "repeat": 0, "pinned": False,
+                    "processes": {"1": engine, "2": worker}}], f)
+    assert step_timeline.main([str(path)]) == 0
+    return capsys.readouterr().out.splitlines()[-1]
+
+
 def test_each_leg_of_a_steady_ring_is_read_where_it_was_put():
     engine, worker = _ring(50, slow_every=5)
     path = step_timeline.critical_path(engine, worker)
@@ -109,12 +119,7 @@ def test_the_slow_steps_legs_are_read_apart_from_the_fast_ones(tmp_path, capsys)
     for leg in ("worker busy", "gpu tail", "back", "dispatch"):
         assert on_slow[leg] == pytest.approx(on_fast[leg]), leg
     # From a profile's --timelines file, a row a batch.
-    path = tmp_path / "timelines.json.gz"
-    with gzip.open(path, "wt") as f:
-        json.dump([{"engine": "dotllm", "workload": "free", "repeat": 0, "pinned": False,
-                    "processes": {"1": engine, "2": worker}}], f)
-    assert step_timeline.main([str(path)]) == 0
-    row = capsys.readouterr().out.splitlines()[-1]
+    row = _report_row(tmp_path, capsys, engine, worker)
     assert row.startswith("| dotllm free #0: all / slowest third / fastest third / full "
                           "width | - | 3.00 / 6.00 / 3.00 / nan |")
 
@@ -134,12 +139,7 @@ def test_the_steps_at_the_batchs_full_width_are_read_apart(tmp_path, capsys):
     assert every["period"] == pytest.approx(3.0)
     # A profile without the shapes has no full-width view.
     assert step_timeline.at_full_width(_ring(60)[0])[1] == 0
-    path = tmp_path / "timelines.json.gz"
-    with gzip.open(path, "wt") as f:
-        json.dump([{"engine": "dotllm", "workload": "free", "repeat": 0, "pinned": False,
-                    "processes": {"1": engine, "2": worker}}], f)
-    assert step_timeline.main([str(path)]) == 0
-    row = capsys.readouterr().out.splitlines()[-1]
+    row = _report_row(tmp_path, capsys, engine, worker)
     assert row.startswith("| dotllm free #0: all / slowest third / fastest third / full "
                           "width | 16 (16), 26 | 3.00 / 6.00 / 3.00 / 3.00 |")
 
