@@ -42,11 +42,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 
 from bench import prometheus, scenarios, servers
-from bench.client import Reply, complete
+from bench.client import Reply, complete, get_text, session
 from bench.scenarios import DOCUMENTS, EQUAL_WORK, STEP_COMPARED
 
 PROMPT = "Reply in JSON:"
@@ -140,19 +141,17 @@ async def run_batch(base_url: str, model: str, engine: str, scenario: str, concu
     """One batch: `requests`, or `concurrency` of `scenario`'s."""
     if requests is None:
         requests = scenarios.batch(scenario, concurrency, tokens)
-    limits = httpx.Limits(max_connections=concurrency + 4)
-
     async def arriving(i: int, request: scenarios.Request) -> Reply:
         await asyncio.sleep(i * arrival_s / concurrency)
         return await complete(client, _payload(
             model, request.body, request.steps or max_tokens, temperature), stream)
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
-        before = prometheus.samples((await client.get("/metrics")).text)
+    async with session(base_url) as client:
+        before = prometheus.samples(await get_text(client, "/metrics"))
         started = time.perf_counter()
         replies = await asyncio.gather(*(arriving(i, r) for i, r in enumerate(requests)))
         wall = time.perf_counter() - started
-        after = prometheus.samples((await client.get("/metrics")).text)
+        after = prometheus.samples(await get_text(client, "/metrics"))
     errors = [r.error for r in replies if r.error]
     errors += [f"ran {reply.tokens} steps, not {r.steps}"
                for reply, r in zip(replies, requests, strict=True)
@@ -186,7 +185,6 @@ async def run_unique(base_url: str, model: str, engine: str, subsets: list[str],
 
     cases = [case for subset in subsets for case in load(subset, sample, seed)]
     gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4)
 
     async def one(client, case) -> UniqueReply:
         request = scenarios.Request({"structured_outputs": {"json": case.schema}},
@@ -200,7 +198,7 @@ async def run_unique(base_url: str, model: str, engine: str, subsets: list[str],
                            _verdict(reply, request), reply.error,
                            unenforced=bool(reply.unenforced))
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
+    async with session(base_url) as client:
         out = await asyncio.gather(*(one(client, case) for case in cases))
     await servers.compiles_done(base_url)
     return out
@@ -210,7 +208,7 @@ async def warm(base_url: str, model: str, batch_scenarios: list[str], tokens: in
                mix: list[scenarios.Request] = ()) -> None:
     """One request per scenario (each of the schema mix's schemas), then until the compiles
     they started are over: what a warm server serves."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=1800) as client:
+    async with session(base_url) as client:
         for scenario in batch_scenarios:
             requests = (mix if scenario == scenarios.SCHEMA_MIX
                         else scenarios.batch(scenario, 1, tokens)[:1])
@@ -533,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                                        Path(tempfile.mkdtemp(dir=tmp)), compact=compact)
                 try:
                     measure(server.url, engine, args, chosen, with_unique, out, progress, note)
-                except httpx.TransportError as e:
+                except (httpx.TransportError, aiohttp.ClientError) as e:
                     # The server went away mid-batch: say so, keep its log, go on with the
                     # next engine (its results so far are written).
                     failed.append(f"{engine}: {e!r} (log: {server.log.name})")

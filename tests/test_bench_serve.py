@@ -9,8 +9,10 @@ import asyncio
 import json
 import math
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from bench import client, overlap, prometheus, scenarios, serve
 
@@ -63,41 +65,69 @@ EVENT = ('data: {"choices": [{"text": "hi", "finish_reason": "stop"}], '
 
 
 def _stream_with(handler, stream: bool = True) -> client.Reply:
+    """`client.complete` against a local server answering with `handler` (aiohttp.web)."""
     async def go():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler),
-                                     base_url="http://bench") as c:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        async with TestServer(app) as server, client.session(str(server.make_url(""))) as c:
             return await client.complete(c, {"prompt": "p"}, stream)
     return asyncio.run(go())
 
 
+def _answer(text: str, status: int = 200):
+    async def handler(request):
+        return web.Response(status=status, text=text)
+    return handler
+
+
+async def _reset(request):
+    """The connection closed before any response (as a local socket reset is seen)."""
+    request.transport.close()
+    return web.Response()
+
+
 def test_a_connection_reset_before_the_response_is_tried_again():
     # At 256 streams opened at once on the H200 one connection now and then broke before
-    # the server answered (httpx.ReadError), which ended the whole sitting.
+    # the server answered, which ended the whole sitting.
     calls = []
 
-    def handler(request):
+    async def handler(request):
         calls.append(request)
         if len(calls) < 3:
-            raise httpx.ReadError("reset")
-        return httpx.Response(200, text=EVENT + "data: [DONE]\n\n")
+            return await _reset(request)
+        return web.Response(text=EVENT + "data: [DONE]\n\n")
 
     reply = _stream_with(handler)
     assert (reply.status, reply.text, reply.tokens, reply.retries) == ("ok", "hi", 1, 2)
-
-    def always(request):
-        raise httpx.ConnectError("refused")
-
-    with pytest.raises(httpx.ConnectError):  # a server that is gone ends the batch
-        _stream_with(always)
+    with pytest.raises(aiohttp.ClientConnectionError):  # a server that is gone ends it
+        _stream_with(_reset)
 
 
 def test_a_stream_cut_after_it_started_is_the_servers_answer():
-    async def cut():
-        yield EVENT.encode()
-        raise httpx.ReadError("gone")
+    async def cut(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(EVENT.encode())
+        await asyncio.sleep(0.05)
+        request.transport.close()
+        return response
 
-    reply = _stream_with(lambda request: httpx.Response(200, stream=_Stream(cut())))
+    reply = _stream_with(cut)
     assert reply.status == "error" and "stream cut" in reply.error and reply.retries == 0
+
+
+def test_a_streamed_chunk_may_end_inside_a_character():
+    async def split(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        body = EVENT.replace("hi", "h\u00e9").encode() + b"data: [DONE]\n\n"
+        cut = body.index("\u00e9".encode()) + 1
+        for part in (body[:cut], body[cut:]):
+            await response.write(part)
+            await asyncio.sleep(0.02)
+        return response
+
+    assert _stream_with(split).text == "h\u00e9"
 
 
 def test_an_invalid_answer_the_server_said_it_might_write_is_counted_apart():
@@ -107,9 +137,9 @@ def test_an_invalid_answer_the_server_said_it_might_write_is_counted_apart():
     told = ('data: {"choices": [{"text": "{}", "finish_reason": "stop", "unenforced": '
             '{"keywords": ["not at /properties/a"], "valid": false}}], '
             '"usage": {"completion_tokens": 2}}\n\n')
-    reply = _stream_with(lambda request: httpx.Response(200, text=told + "data: [DONE]\n\n"))
+    reply = _stream_with(_answer(told + "data: [DONE]\n\n"))
     assert reply.unenforced == ["not at /properties/a"]
-    assert _stream_with(lambda r: httpx.Response(200, text=EVENT)).unenforced == []
+    assert _stream_with(_answer(EVENT)).unenforced == []
     rows = [{"valid": True, "unenforced": True}, {"valid": False, "unenforced": True},
             {"valid": False, "unenforced": False}]
     assert serve._valid_share(rows) == "1/3 (33 %), 1 invalid as reported"
@@ -119,9 +149,9 @@ def test_an_invalid_answer_the_server_said_it_might_write_is_counted_apart():
 def test_an_answer_not_streamed_is_read_whole_without_a_first_token_time():
     sent = []
 
-    def answer(request):
-        sent.append(json.loads(request.content))
-        return httpx.Response(200, json={
+    async def answer(request):
+        sent.append(await request.json())
+        return web.json_response({
             "choices": [{"text": "[1]", "finish_reason": "length", "unenforced": {
                 "keywords": ["not at /items"], "valid": True}}],
             "usage": {"completion_tokens": 3}})
@@ -131,17 +161,8 @@ def test_an_answer_not_streamed_is_read_whole_without_a_first_token_time():
     assert (reply.status, reply.text, reply.tokens, reply.finish) == ("ok", "[1]", 3, "length")
     assert reply.unenforced == ["not at /items"] and reply.e2e_s > 0
     assert math.isnan(reply.ttft_s) and reply.gaps_s == []
-    refused = _stream_with(lambda r: httpx.Response(400, text="no such field"), stream=False)
+    refused = _stream_with(_answer("no such field", 400), stream=False)
     assert refused.status == "400" and "no such field" in refused.error
-
-
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, chunks):
-        self._chunks = chunks
-
-    async def __aiter__(self):
-        async for chunk in self._chunks:
-            yield chunk
 
 
 def test_every_equal_work_request_runs_the_same_steps():
