@@ -77,10 +77,10 @@ class Batch:
     client_itl_s: list[float]  # p50, p90, p99 of every gap of every request
     engine_itl_s: float  # vLLM's histogram: the mean step over the batch's tokens
     engine_ttft_s: float
-    # Tokens the engine sampled a step, its batch's mean width: requests reach the engine
-    # over time (the API server admits them one by one while it streams the first ones'
-    # tokens), so a batch of 256 may decode far fewer rows a step, and two batches of one
-    # scenario then compare steps of different widths.
+    # Tokens the engine sampled a step, its batch's mean width: where requests reach the
+    # engine over time (a slow client: bench.client's doc; or the API server), a batch of
+    # 256 decodes fewer rows a step, and two batches of one scenario then compare steps of
+    # different widths.
     rows_per_step: float = float("nan")
     # Share of the engine's steps sampled without waiting for the host (device states).
     steps_without_host: float = float("nan")
@@ -466,9 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all at once)")
     parser.add_argument("--no-stream", action="store_true",
                         help="the batches' requests answered in one response each, not "
-                        "streamed: at 256 requests the API server's chunk a token a "
-                        "request paces their admission, so a streamed batch decodes far "
-                        "fewer rows a step (no client TTFT nor ITL then: the engine's)")
+                        "streamed: no chunk a token a request for the API server to "
+                        "format (no client TTFT nor ITL then: the engine's)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="0: greedy, the same answers wherever the engine is exact (equal "
                         "work between DotLLM with and without forced drafts)")

@@ -23,12 +23,11 @@ work, the GPU, the engine core's accept and schedule, the messages between), as
 (real schemas, warm, each answer until complete), followed by its free twin of the same
 lengths: where a batch that changes every step spends what the enum array does not.
 
-Each `schedule` call also keeps the step's rows and tokens: a batch of 256 sent at once
-reaches the engine over seconds (its API server admits requests one by one while it
-streams tokens to those already running), so its steps may run far fewer rows than 256
-and prompt tokens besides. The report gives the rows a step and the period of the steps
-that ran the batch's full width and decoded only; `--no-stream` asks for one response a
-request, which the API server admits faster.
+Each `schedule` call also keeps the step's rows and tokens: where a batch of 256 sent at
+once reaches the engine over time (on a GPU, with the benchmark's former httpx client,
+over seconds: bench.client's doc), its steps run fewer rows than 256 and prompt tokens
+besides. The report gives the rows a step and the period of the steps that ran the
+batch's full width and decoded only; `--no-stream` asks for one response a request.
 
 With each process's totals go where the OS ran it: the CPU its main thread was on at
 each write, and its involuntary context switches (other work took its CPU). On an H100

@@ -178,10 +178,9 @@ def widths(engine: list[Entry]) -> list[tuple[int, int]]:
 
 
 def at_full_width(engine: list[Entry], around: int = 2) -> tuple[Callable, int]:
-    """(keep the steps at the batch's full width, how many): a batch's requests reach the
-    engine over time (its API server admits them one by one while it streams the first
-    ones' tokens), so many of its steps run fewer rows than the batch has, or prompt
-    tokens too. Kept: the steps that decoded the batch's widest set of rows and nothing
+    """(keep the steps at the batch's full width, how many): where a batch's requests
+    reach the engine over time, many of its steps run fewer rows than the batch has, or
+    prompt tokens too. Kept: the steps that decoded the batch's widest set of rows and nothing
     else, with their `around` neighbours on either side doing the same (a step's legs
     span its neighbours). The k-th `update_from_output` is the k-th step's (in order)."""
     shapes = widths(engine)
