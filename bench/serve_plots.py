@@ -131,8 +131,9 @@ def _coverage(unique: list[dict], path: Path) -> Path | None:
             rows = [r for r in cold if r["engine"] == engine and r["subset"] == subset]
             ended = [r for r in rows if r["status"] == "ok" and r["ended"]]
             served.append(sum(r["status"] == "ok" for r in rows) / max(1, len(rows)))
-            valid.append(sum(bool(r["valid"]) for r in ended) / max(1, len(ended)))
-            labels.append(f"{sum(bool(r['valid']) for r in ended)}/{len(ended)}")
+            good = sum(bool(r["valid"]) for r in ended)
+            valid.append(good / max(1, len(ended)))
+            labels.append(f"{good}/{len(ended)}")
         x = np.arange(len(subsets)) + i * width
         left.bar(x, served, width, color=f"C{i}", label=engine)
         bars = right.bar(x, valid, width, color=f"C{i}", label=engine)

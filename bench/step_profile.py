@@ -121,6 +121,7 @@ TIMELINE_WINDOW = "timeline-window"  # the driver's ask: "<id> <from> <to>", tim
 
 def _timed(phase: str, method):
     on_timeline = phase in TIMELINE_PHASES
+    shaped = phase == step_timeline.ENGINE["schedule"]
 
     @functools.wraps(method)
     def timed(*args, **kwargs):
@@ -136,7 +137,8 @@ def _timed(phase: str, method):
                 entry[0] += 1
                 entry[1] += ended - started
                 if on_timeline:
-                    _timeline.append((phase, started, ended, *_shape(result)))
+                    _timeline.append((phase, started, ended,
+                                      *(_shape(result) if shaped else ())))
     timed.step_profile = phase
     return timed
 
