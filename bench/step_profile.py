@@ -397,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(raw_timelines, f)
         engine_calls, worker_calls = step_timeline.by_process(timelines)
         path = step_timeline.critical_path(engine_calls, worker_calls)
-        full, at_full = step_timeline.at_full_width(engine_calls)
-        rows = [r for r, _ in step_timeline.widths(engine_calls)]
+        rows, at_full, on_full = step_timeline.full_width(engine_calls, worker_calls)
         where = placement(before, after, steps)
         for process in where.values():
             process["steal_ms_per_step"] = steal_ms_per_step(
@@ -411,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                         "critical_path_ms": path,
                         "rows_a_step": statistics.median(rows) if rows else math.nan,
                         "widest": max(rows, default=0), "steps_at_full_width": at_full,
-                        "period_at_full_width_ms": step_timeline.critical_path(
-                            engine_calls, worker_calls, trim=0.0, keep=full)["period"]
-                        if at_full else math.nan})
+                        "period_at_full_width_ms": on_full["period"]})
         print(json.dumps(results[-1]), flush=True)
         return batch
 

@@ -196,6 +196,15 @@ def at_full_width(engine: list[Entry], around: int = 2) -> tuple[Callable, int]:
     return keep, len(full)
 
 
+def full_width(engine: list[Entry], worker: list[Entry]) -> tuple[list[int], int, dict]:
+    """(each step's rows, how many steps ran at the batch's full width, their legs: nan
+    where none did)."""
+    keep, steps = at_full_width(engine)
+    legs = (critical_path(engine, worker, trim=0.0, keep=keep) if steps
+            else dict.fromkeys(FIELDS, float("nan")))
+    return [rows for rows, _ in widths(engine)], steps, legs
+
+
 def main(argv: list[str] | None = None) -> int:
     """Each batch of a profile's `--timelines` file: every leg over all its steady steps,
     its slowest third and its fastest third."""
@@ -211,11 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         engine, worker = by_process({pid: [tuple(e) for e in entries]
                                      for pid, entries in batch["processes"].items()})
         slow, fast = by_pace(engine)
-        full, at_full = at_full_width(engine)
+        rows, at_full, on_full = full_width(engine, worker)
         legs = [critical_path(engine, worker, keep=keep) for keep in (None, slow, fast)]
-        legs.append(critical_path(engine, worker, trim=0.0, keep=full) if at_full
-                    else dict.fromkeys(FIELDS, float("nan")))
-        rows = [r for r, _ in widths(engine)]
+        legs.append(on_full)
         shape = (f"{statistics.median(rows):.0f} ({max(rows)}), {at_full}" if rows
                  else "-")
         name = f"{batch['engine']} {batch['workload']} #{batch['repeat']}"
